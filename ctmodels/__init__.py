@@ -1,0 +1,22 @@
+"""ctmodels: continuous-time models and implicit layers on JAX.
+
+Latent ODEs, FFJORD, SVAEs and DEQs over one solver registry (`ctmodels.solvers`) and
+one gradient engine (`integrate`, `fixed_point`, `root_find`, `steady_state`).
+"""
+
+import importlib.metadata
+
+from . import solvers as solvers
+from ._errors import RESULTS as RESULTS, SolverError as SolverError
+from ._fixed_point import (
+    FixedPointSolution as FixedPointSolution,
+    fixed_point as fixed_point,
+    root_find as root_find,
+)
+from ._integrate import Solution as Solution, integrate as integrate
+from ._steady_state import steady_state as steady_state
+
+try:
+    __version__ = importlib.metadata.version("ctmodels")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"

@@ -1,0 +1,213 @@
+"""Result codes shared by every entry point, and the readable errors built from them.
+
+Errors come in three tiers (see DESIGN.md):
+
+1. a `ValueError` at trace time for a bad argument, saying what to do instead;
+2. `eqx.error_if` for value-dependent checks under `jit` (unsorted times, ...);
+3. a solver failure stored as a [`ctmodels.RESULTS`][] code; with `throw=True` it is
+   raised as one [`ctmodels.SolverError`][] naming the solver, where it stopped, why,
+   and what to try next.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+
+
+class RESULTS(eqxi.Enumeration):
+    """Why a solve ended. `ctmodels.RESULTS[code]` gives the message."""
+
+    successful = ""
+    max_steps_reached = "the maximum number of steps was reached"
+    dt_min_reached = "the step size fell below its minimum (step size underflow)"
+    max_steps_rejected = "too many consecutive steps were rejected"
+    implicit_failure = "the implicit stepper's nonlinear solve failed to converge"
+    divergence = "the iteration diverged"
+    nonfinite = "the solution became NaN or infinite"
+    stagnation = (
+        "the iteration stopped making progress at floating-point precision before "
+        "meeting the tolerance"
+    )
+    singular = "a linear solve met a singular (or numerically singular) matrix"
+    linear_solve_failed = "a linear solve failed to converge"
+    internal_error = "an internal error occurred in the solver"
+
+
+class SolverError(RuntimeError):
+    """Raised by an entry point called with `throw=True` when its solver fails.
+
+    Attributes: `result` (the [`ctmodels.RESULTS`][] code), `solver` (its name) and
+    `entry` (`"integrate"`, `"fixed_point"`, ...).
+    """
+
+    def __init__(self, message: str, *, result=None, solver: str = "", entry: str = ""):
+        super().__init__(message)
+        self.result = result
+        self.solver = solver
+        self.entry = entry
+
+
+_OPTX_MAP = (
+    (optx.RESULTS.nonlinear_max_steps_reached, RESULTS.max_steps_reached),
+    (optx.RESULTS.nonlinear_divergence, RESULTS.divergence),
+    (optx.RESULTS.nonfinite, RESULTS.nonfinite),
+    (optx.RESULTS.singular, RESULTS.singular),
+    (optx.RESULTS.breakdown, RESULTS.linear_solve_failed),
+    (optx.RESULTS.stagnation, RESULTS.linear_solve_failed),
+    (optx.RESULTS.conlim, RESULTS.linear_solve_failed),
+    (optx.RESULTS.nonfinite_input, RESULTS.nonfinite),
+    (optx.RESULTS.max_steps_reached, RESULTS.linear_solve_failed),
+)
+
+_DIFFRAX_MAP = (
+    (diffrax.RESULTS.max_steps_reached, RESULTS.max_steps_reached),
+    (diffrax.RESULTS.dt_min_reached, RESULTS.dt_min_reached),
+    (diffrax.RESULTS.max_steps_rejected, RESULTS.max_steps_rejected),
+    (diffrax.RESULTS.internal_error, RESULTS.internal_error),
+    (diffrax.RESULTS.nonlinear_max_steps_reached, RESULTS.implicit_failure),
+    (diffrax.RESULTS.nonlinear_divergence, RESULTS.implicit_failure),
+    (diffrax.RESULTS.nonfinite, RESULTS.nonfinite),
+    (diffrax.RESULTS.singular, RESULTS.singular),
+    (diffrax.RESULTS.breakdown, RESULTS.linear_solve_failed),
+    (diffrax.RESULTS.stagnation, RESULTS.linear_solve_failed),
+    (diffrax.RESULTS.conlim, RESULTS.linear_solve_failed),
+    (diffrax.RESULTS.nonfinite_input, RESULTS.nonfinite),
+)
+
+
+def _translate(result, table) -> RESULTS:
+    out = RESULTS.successful
+    for theirs, ours in table:
+        out = RESULTS.where(result == theirs, ours, out)
+    return out
+
+
+def from_optimistix(result) -> RESULTS:
+    """Map an `optimistix.RESULTS` code onto ours (jit-safe)."""
+    return _translate(result, _OPTX_MAP)
+
+
+def from_diffrax(result) -> RESULTS:
+    """Map a `diffrax.RESULTS` code onto ours (jit-safe). An event is a success."""
+    return _translate(result, _DIFFRAX_MAP)
+
+
+# What to try next, per entry point and result. `{...}` fields are filled from context.
+_HINTS = {
+    "integrate": {
+        "max_steps_reached": (
+            "if the problem is stiff, use an implicit solver (solver='kvaerno5'); "
+            "otherwise raise max_steps (now {max_steps}) or loosen rtol/atol"
+        ),
+        "dt_min_reached": (
+            "use an implicit solver (solver='kvaerno5'), loosen rtol/atol, or check "
+            "the vector field for a blow-up near that time"
+        ),
+        "max_steps_rejected": "loosen rtol/atol or use an implicit solver",
+        "implicit_failure": (
+            "give a smaller dt0, or a root finder with more steps, e.g. "
+            "solver=ctmodels.solvers.get('{solver}', root_finder=optimistix.Newton("
+            "rtol=1e-8, atol=1e-8))"
+        ),
+        "nonfinite": (
+            "check the vector field for NaN/inf at these states (division by zero, "
+            "log of a negative) or a finite-time blow-up; tighten rtol/atol or use "
+            "an implicit solver"
+        ),
+        "singular": "the implicit stepper's Jacobian is singular; try solver='kvaerno5'",
+        "linear_solve_failed": "try another implicit solver, e.g. solver='kvaerno5'",
+        "internal_error": "report this with the problem that triggers it",
+    },
+    "fixed_point": {
+        "max_steps_reached": (
+            "solver='anderson' or solver='broyden' (or 'newton' for small "
+            "problems), raise max_steps (now {max_steps}), or give a better initial "
+            "guess"
+        ),
+        "divergence": (
+            "the map may not be contractive here: use solver='damped' or "
+            "solver='anderson' with a smaller beta, or a better initial guess"
+        ),
+        "nonfinite": (
+            "check fn for NaN/inf at these inputs; use a damped solver or a better "
+            "initial guess"
+        ),
+        "stagnation": (
+            "loosen rtol/atol (now rtol={rtol}, atol={atol}); {dtype} resolves about "
+            "{eps:.1e} relative error, or enable float64 with "
+            "jax.config.update('jax_enable_x64', True)"
+        ),
+        "singular": (
+            "Newton's Jacobian is singular here: use solver='anderson' or "
+            "solver='broyden', or a different initial guess"
+        ),
+        "linear_solve_failed": "use solver='anderson' or another linear solver",
+        "internal_error": "report this with the problem that triggers it",
+    },
+}
+_HINTS["root_find"] = _HINTS["fixed_point"]
+_HINTS["steady_state"] = {**_HINTS["integrate"], **_HINTS["fixed_point"]}
+
+
+def explain(entry: str, solver: str, code: str, where: str = "", **context) -> str:
+    """Build the one readable failure message."""
+    why = getattr(RESULTS, code)
+    msg = f"ctmodels.{entry} with solver {solver!r} failed"
+    if where:
+        msg += f" {where}"
+    msg += f": {RESULTS[why]}."
+    hint = _HINTS.get(entry, {}).get(code)
+    if hint:
+        ctx = dict(solver=solver, max_steps="?", rtol="?", atol="?", dtype="?", eps=0.0)
+        ctx.update(context)
+        msg += " Try: " + hint.format(**ctx) + "."
+    msg += " (Pass throw=False to get the result code instead of an error.)"
+    return msg
+
+
+CODES = tuple(name for name in RESULTS._name_to_item)  # pyright: ignore
+
+
+def result_name(result) -> str:
+    """The name (`"max_steps_reached"`, ...) of a concrete result code."""
+    value = int(np.asarray(result._value))
+    for name in CODES:
+        if int(np.asarray(getattr(RESULTS, name)._value)) == value:
+            return name
+    raise ValueError(f"unknown result code {value}")
+
+
+def is_traced(*trees) -> bool:
+    """True when any leaf is a JAX tracer (we are inside jit/vmap/grad)."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def raise_if_failed_traced(result: RESULTS, x, entry: str, solver: str, **context):
+    """Under jit: attach a runtime error (static message per result code) to `x`."""
+    msgs = [explain(entry, solver, code, **context) for code in CODES]
+    index = result._value
+    pred = result != RESULTS.successful
+    return eqx.branched_error_if(x, pred, index, msgs)
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def dtype_eps(tree) -> tuple[str, float]:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype")]
+    dtype = jnp.result_type(*leaves) if leaves else jnp.float32
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        dtype = jnp.float32
+    return jnp.dtype(dtype).name, float(jnp.finfo(dtype).eps)

@@ -1,0 +1,310 @@
+"""`ctmodels.fixed_point` and `ctmodels.root_find`: nonlinear solves through the
+registry, implicit gradients, and stagnation detection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+from jaxtyping import Array, Bool, Int, PyTree
+
+from . import _errors
+from ._errors import RESULTS, SolverError
+from .solvers import _registry
+from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL, ImplicitAdjoint
+
+# A solve whose iterates move by no more than this many ulps (relative to the iterate's
+# size) for `_PATIENCE` consecutive steps, without meeting the tolerance, has stagnated.
+_ULPS = 16.0
+_PATIENCE = 5
+# Iterates that grow this many times beyond the problem's initial scale (|z0| plus the
+# first step) have diverged.
+_BLOWUP = 1e6
+
+
+class FixedPointSolution(eqx.Module):
+    """The result of [`ctmodels.fixed_point`][] / [`ctmodels.root_find`][].
+
+    **Attributes:**
+
+    - `value`: the fixed point `z* = fn(z*)` (or root `fn(y*) = 0`).
+    - `stats`: `num_steps` (iterations), `residual` (max-abs of `fn(z*) - z*`, or of
+        `fn(y*)` for a root), `relative_residual` (its 2-norm over that of `z*`),
+        `stagnated` (bool) and `max_steps`.
+    - `result`: a [`ctmodels.RESULTS`][] code.
+    """
+
+    value: PyTree[Array]
+    stats: dict[str, Any]
+    result: RESULTS
+
+
+class _GuardState(eqx.Module):
+    inner: Any
+    stalled: Int[Array, ""]
+    stagnated: Bool[Array, ""]
+    scale: Array
+    first: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+
+
+def _guard_init(self, fn, y, args, options, f_struct, aux_struct, tags):
+    inner = self.solver.init(fn, y, args, options, f_struct, aux_struct, tags)
+    false = jnp.array(False)
+    return _GuardState(inner, jnp.array(0), false, _max_abs(y), jnp.array(True), false)
+
+
+def _max_abs(tree) -> Array:
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(tree) if x.size]
+    return jnp.max(jnp.stack(leaves)) if leaves else jnp.array(0.0)
+
+
+def _guard_step(self, fn, y, args, options, state, tags):
+    new_y, inner, aux = self.solver.step(fn, y, args, options, state.inner, tags)
+    change = _max_abs(jax.tree.map(lambda a, b: a - b, new_y, y))
+    size = _max_abs(new_y)
+    eps = jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(new_y))).eps
+    tiny = jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(new_y))).tiny
+    small = change <= _ULPS * eps * size + tiny
+    stalled = jnp.where(small, state.stalled + 1, 0)
+    stagnated = state.stagnated | (stalled >= _PATIENCE)
+    scale = jnp.where(state.first, state.scale + change, state.scale)
+    diverged = state.diverged | (size > _BLOWUP * scale)
+    new_state = _GuardState(inner, stalled, stagnated, scale, jnp.array(False), diverged)
+    return new_y, new_state, aux
+
+
+def _guard_terminate(self, fn, y, args, options, state, tags):
+    done, result = self.solver.terminate(fn, y, args, options, state.inner, tags)
+    return done | state.stagnated | state.diverged, result
+
+
+class _GuardedRootFinder(optx.AbstractRootFinder):
+    """Wraps any root finder; stops and flags a solve stuck at roundoff level."""
+
+    solver: optx.AbstractRootFinder
+
+    @property
+    def rtol(self):
+        return self.solver.rtol
+
+    @property
+    def atol(self):
+        return self.solver.atol
+
+    @property
+    def norm(self):
+        return self.solver.norm
+
+    init = _guard_init
+    step = _guard_step
+    terminate = _guard_terminate
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return self.solver.postprocess(
+            fn, y, aux, args, options, state.inner, tags, result
+        )
+
+
+class _GuardedFixedPoint(optx.AbstractFixedPointSolver):
+    """Wraps any fixed-point solver; stops and flags a solve stuck at roundoff."""
+
+    solver: optx.AbstractFixedPointSolver
+
+    @property
+    def rtol(self):
+        return self.solver.rtol
+
+    @property
+    def atol(self):
+        return self.solver.atol
+
+    @property
+    def norm(self):
+        return self.solver.norm
+
+    init = _guard_init
+    step = _guard_step
+    terminate = _guard_terminate
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return self.solver.postprocess(
+            fn, y, aux, args, options, state.inner, tags, result
+        )
+
+
+def _stop_gradient(tree):
+    return jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree
+    )
+
+
+def _resolve_solver(solver, kind, rtol, atol):
+    value, name = _registry.resolve(solver, kind, rtol=rtol, atol=atol)
+    allowed = (optx.AbstractRootFinder,)
+    if kind == "fixed_point":
+        allowed = (optx.AbstractFixedPointSolver, optx.AbstractRootFinder)
+    if not isinstance(value, allowed):
+        raise ValueError(
+            f"solver must be a registry name of kind {kind!r} or an Optimistix "
+            f"{'fixed-point solver or ' if kind == 'fixed_point' else ''}root finder, "
+            f"got {type(value).__name__}."
+        )
+    if isinstance(value, optx.AbstractRootFinder):
+        return _GuardedRootFinder(value), name
+    return _GuardedFixedPoint(value), name
+
+
+def resolve_nonlinear_adjoint(adjoint):
+    """Registry name / value -> an Optimistix adjoint."""
+    if isinstance(adjoint, str):
+        adjoint, _ = _registry.resolve(adjoint, "adjoint")
+    if isinstance(adjoint, ImplicitAdjoint):
+        return adjoint.to_optimistix()
+    if isinstance(adjoint, diffrax.RecursiveCheckpointAdjoint):
+        return optx.RecursiveCheckpointAdjoint(checkpoints=adjoint.checkpoints)
+    if isinstance(adjoint, optx.AbstractAdjoint):
+        return adjoint
+    raise ValueError(
+        "A fixed-point or root solve is differentiated with adjoint='implicit' "
+        "(implicit function theorem, default) or adjoint='checkpoint' (backprop "
+        f"through the unrolled iterations), not {type(adjoint).__name__}."
+    )
+
+
+def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, throw):
+    if not callable(fn):
+        raise ValueError(f"fn must be a callable fn(z, args), got {type(fn).__name__}.")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
+    if not jax.tree_util.tree_leaves(y0):
+        raise ValueError(f"The initial guess of {entry} has no arrays.")
+    out_struct = jax.eval_shape(lambda: fn(y0, args))
+    in_struct = jax.eval_shape(lambda: y0)
+    if eqx.tree_equal(in_struct, out_struct) is not True:
+        raise ValueError(
+            f"fn must return a pytree with the same structure, shapes and dtypes as "
+            f"its input z; got input {in_struct} and output {out_struct}."
+        )
+    solver_v, name = _resolve_solver(solver, kind, rtol, atol)
+    adjoint_v = resolve_nonlinear_adjoint(adjoint)
+    call = optx.fixed_point if kind == "fixed_point" else optx.root_find
+    sol = call(
+        fn, solver_v, y0, args, max_steps=max_steps, adjoint=adjoint_v, throw=False
+    )
+    value = sol.value
+    stagnated = sol.state.stagnated
+    result = _errors.from_optimistix(sol.result)
+    ok = result == RESULTS.successful
+    result = RESULTS.where(ok & sol.state.diverged, RESULTS.divergence, result)
+    result = RESULTS.where(ok & stagnated, RESULTS.stagnation, result)
+    z = jax.lax.stop_gradient(value)
+    fz = fn(z, _stop_gradient(args))
+    resid = jax.tree.map(lambda a, b: a - b, fz, z) if kind == "fixed_point" else fz
+    num = jnp.sqrt(sum(jnp.sum(jnp.abs(r) ** 2) for r in jax.tree_util.tree_leaves(resid)))
+    den = jnp.sqrt(sum(jnp.sum(jnp.abs(r) ** 2) for r in jax.tree_util.tree_leaves(z)))
+    stats = {
+        "num_steps": sol.stats["num_steps"],
+        "residual": _max_abs(resid),
+        "relative_residual": num / (den + jnp.finfo(den.dtype).tiny),
+        "stagnated": stagnated,
+        "max_steps": max_steps,
+    }
+    if throw:
+        dtype, eps = _errors.dtype_eps(y0)
+        ctx = dict(max_steps=max_steps, rtol=rtol, atol=atol, dtype=dtype, eps=eps)
+        if not isinstance(solver, str):
+            ctx.update(rtol=solver_v.rtol, atol=solver_v.atol)
+        if _errors.is_traced(value, result):
+            value = _errors.raise_if_failed_traced(result, value, entry, name, **ctx)
+        elif not bool(result == RESULTS.successful):
+            code = _errors.result_name(result)
+            where = (
+                f"after {int(stats['num_steps'])} iterations (residual "
+                f"{float(stats['residual']):.3g}, relative "
+                f"{float(stats['relative_residual']):.3g})"
+            )
+            raise SolverError(
+                _errors.explain(entry, name, code, where, **ctx),
+                result=result,
+                solver=name,
+                entry=entry,
+            )
+    return FixedPointSolution(value=value, stats=stats, result=result)
+
+
+def fixed_point(
+    fn: Callable[[PyTree[Array], Any], PyTree[Array]],
+    z0: PyTree[Array],
+    args: PyTree[Any] = None,
+    *,
+    solver: str | optx.AbstractFixedPointSolver | optx.AbstractRootFinder = "anderson",
+    adjoint: str | optx.AbstractAdjoint | ImplicitAdjoint = "implicit",
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    max_steps: int = 256,
+    throw: bool = True,
+) -> FixedPointSolution:
+    """Find `z*` with `fn(z*, args) = z*`, starting from `z0`.
+
+    jit-, vmap- and grad-safe; with `adjoint="implicit"` the gradient with respect to
+    `args` comes from the implicit function theorem (one linear solve, no storage of
+    the iterations).
+
+    **Arguments:**
+
+    - `fn`: `fn(z, args) -> z`, returning a pytree with the structure of `z`.
+    - `z0`: the initial guess.
+    - `args`: parameters of `fn`; differentiate with respect to them.
+    - `solver`: a registry name of kind `fixed_point` (`"anderson"` default,
+        `"broyden"`, `"iteration"`, `"damped"`, `"newton"`, `"chord"`) or an
+        Optimistix fixed-point solver or root finder.
+    - `adjoint`: `"implicit"` (default) or `"checkpoint"` (differentiate the unrolled
+        iterations), or an adjoint value.
+    - `rtol`, `atol`: tolerances of a solver given by name. The solve stops when
+        `|fn(z) - z| <= atol + rtol * |z|` elementwise.
+    - `max_steps`: the most iterations.
+    - `throw`: raise a [`ctmodels.SolverError`][] on failure, or return the code.
+
+    **Returns:** a [`ctmodels.FixedPointSolution`][].
+
+    A tolerance tighter than the dtype can reach is detected: the solve stops once the
+    iterates stop moving (at roundoff level) and reports `RESULTS.stagnation`.
+
+    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+    return _solve(
+        "fixed_point", fn, z0, args, solver, "fixed_point", adjoint, rtol, atol,
+        max_steps, throw,
+    )  # fmt: skip
+
+
+def root_find(
+    fn: Callable[[PyTree[Array], Any], PyTree[Array]],
+    y0: PyTree[Array],
+    args: PyTree[Any] = None,
+    *,
+    solver: str | optx.AbstractRootFinder = "newton",
+    adjoint: str | optx.AbstractAdjoint | ImplicitAdjoint = "implicit",
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    max_steps: int = 256,
+    throw: bool = True,
+) -> FixedPointSolution:
+    """Find `y*` with `fn(y*, args) = 0`, starting from `y0`.
+
+    Same contract as [`ctmodels.fixed_point`][]; `solver` is a registry name of kind
+    `root` (`"newton"` default, `"chord"`, `"anderson"`, `"broyden"`) or an Optimistix
+    root finder. Anderson iterates `y <- y + beta * fn(y)`, so it suits `fn` whose
+    Jacobian has eigenvalues with negative real part (e.g. a stable vector field).
+    """
+    return _solve(
+        "root_find", fn, y0, args, solver, "root", adjoint, rtol, atol, max_steps,
+        throw,
+    )  # fmt: skip

@@ -1,0 +1,300 @@
+"""`ctmodels.integrate`: solve an ODE through the registry, with readable failures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, PyTree
+
+from . import _errors
+from ._errors import RESULTS, SolverError
+from .solvers import _registry
+from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL, ImplicitAdjoint
+
+
+class Solution(eqx.Module):
+    """The result of [`ctmodels.integrate`][].
+
+    **Attributes:**
+
+    - `ts`: the requested times.
+    - `ys`: the state at each of `ts` (a pytree like `y0` with a leading time axis).
+    - `stats`: `num_steps` (attempted), `num_accepted_steps`, `num_rejected_steps`,
+        `num_fn_evals` (vector-field evaluations of the forward solve, counted from the
+        stepper's stages; `-1` where the count is not known in advance, e.g. implicit
+        steppers whose Newton iterations vary) and `max_steps`.
+    - `result`: a [`ctmodels.RESULTS`][] code; `RESULTS.successful` on success.
+    """
+
+    ts: Array
+    ys: PyTree[Array]
+    stats: dict[str, Any]
+    result: RESULTS
+
+
+def _evals_per_step(solver) -> int | None:
+    """Vector-field evaluations per attempted step of an explicit stepper."""
+    if isinstance(solver, diffrax.AbstractImplicitSolver):
+        return None
+    if isinstance(solver, diffrax.Euler):
+        return 1
+    tableau = getattr(solver, "tableau", None)
+    if isinstance(tableau, diffrax.ButcherTableau):
+        stages = len(tableau.c) + 1
+        return stages - 1 if tableau.fsal else stages
+    if isinstance(solver, diffrax.ReversibleHeun | diffrax.LeapfrogMidpoint):
+        return 1
+    return None
+
+
+def _fill_root_finder_tols(solver, rtol, atol):
+    """Give an implicit stepper's root finder our tolerances where it defers to the
+    (absent) adaptive controller, so implicit steppers also work with fixed steps."""
+    if not isinstance(solver, diffrax.AbstractImplicitSolver):
+        return solver
+    from diffrax._root_finder import use_stepsize_tol
+
+    rf = solver.root_finder
+    vals = {"rtol": rtol, "atol": atol, "norm": optx.rms_norm}
+    missing = [a for a in vals if getattr(rf, a, None) is use_stepsize_tol]
+    if not missing:
+        return solver
+    return eqx.tree_at(
+        lambda s: tuple(getattr(s.root_finder, a) for a in missing),
+        solver,
+        tuple(vals[a] for a in missing),
+    )
+
+
+def resolve_adjoint(adjoint, entry: str):
+    """Registry name / value -> a Diffrax adjoint."""
+    adj, name = _registry.resolve(adjoint, "adjoint")
+    if isinstance(adj, ImplicitAdjoint):
+        if entry == "integrate":
+            raise ValueError(
+                "adjoint='implicit' differentiates a fixed point or steady state, not "
+                "a trajectory. For ctmodels.integrate use 'checkpoint' (default), "
+                "'backsolve', 'direct' or 'forward'; for equilibria use "
+                "ctmodels.steady_state."
+            )
+        adj = adj.to_diffrax()
+    if not isinstance(adj, diffrax.AbstractAdjoint):
+        raise ValueError(
+            f"adjoint must be a registry name of kind 'adjoint' or a "
+            f"diffrax.AbstractAdjoint, got {type(adj).__name__}."
+        )
+    return adj, name
+
+
+def resolve_ode(solver, vector_field, controller, rtol, atol, dt0):
+    """Registry names / values -> (terms, solver, controller, name)."""
+    solver, name = _registry.resolve(solver, "ode")
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise ValueError(
+            f"solver must be a registry name of kind 'ode' or a diffrax.AbstractSolver, "
+            f"got {type(solver).__name__}."
+        )
+    imex = isinstance(solver, diffrax.KenCarp3 | diffrax.KenCarp4 | diffrax.KenCarp5)
+    imex = imex or isinstance(solver, diffrax.Sil3)
+    if isinstance(vector_field, tuple | list):
+        if not imex or len(vector_field) != 2:
+            raise ValueError(
+                "A pair of vector fields (explicit, implicit) needs an IMEX solver "
+                "('kencarp3', 'kencarp4', 'kencarp5', 'sil3'); pass one callable "
+                f"for solver {name!r}."
+            )
+        terms = diffrax.MultiTerm(*(diffrax.ODETerm(f) for f in vector_field))
+    elif callable(vector_field):
+        term = diffrax.ODETerm(vector_field)
+        if imex:
+            zero = diffrax.ODETerm(lambda t, y, args: jax.tree.map(jnp.zeros_like, y))
+            terms = diffrax.MultiTerm(zero, term)
+        else:
+            terms = term
+    else:
+        raise ValueError(
+            f"vector_field must be a callable f(t, y, args), got "
+            f"{type(vector_field).__name__}."
+        )
+
+    adaptive_solver = isinstance(solver, diffrax.AbstractAdaptiveSolver)
+    if controller is None:
+        controller = "pid" if (adaptive_solver and dt0 is None) else "constant"
+    if isinstance(controller, str):
+        ctrl_entry = _registry.entry(controller, "controller")
+        opts = {"rtol": rtol, "atol": atol} if ctrl_entry.tags.get("adaptive") else {}
+        controller = _registry.get(ctrl_entry.name, **opts)
+    if not isinstance(controller, diffrax.AbstractStepSizeController):
+        raise ValueError(
+            "controller must be 'constant', 'pid' or a "
+            f"diffrax.AbstractStepSizeController, got {type(controller).__name__}."
+        )
+    if isinstance(controller, diffrax.AbstractAdaptiveStepSizeController):
+        if not adaptive_solver:
+            raise ValueError(
+                f"Solver {name!r} has no error estimate, so it cannot take adaptive "
+                "steps: pass dt0=... (fixed steps) or choose an adaptive solver such "
+                "as 'tsit5'."
+            )
+    else:
+        if dt0 is None:
+            raise ValueError(
+                f"Solver {name!r} with a constant step size needs dt0 (the step "
+                "size); pass dt0=..., or use an adaptive solver with controller='pid'."
+            )
+        solver = _fill_root_finder_tols(solver, rtol, atol)
+    return terms, solver, controller, name
+
+
+def check_times(ts, where: str = "ts"):
+    """Validate a 1-D, finite, strictly monotonic array of times. Eager: ValueError;
+    traced: a runtime error with the same message."""
+    ts = jnp.asarray(ts)
+    if ts.ndim != 1:
+        raise ValueError(f"{where} must be a 1-D array of times, got shape {ts.shape}.")
+    if ts.shape[0] < 2:
+        raise ValueError(
+            f"{where} needs at least two times (the start and an output time), got "
+            f"{ts.shape[0]}."
+        )
+    if not jnp.issubdtype(ts.dtype, jnp.floating):
+        ts = ts.astype(jnp.result_type(float))
+    msg = (
+        f"{where} must be finite and strictly monotonic (increasing, or decreasing to "
+        "integrate backwards in time), without duplicates; sort the times and drop "
+        "repeats (np.unique) first."
+    )
+    if not _errors.is_traced(ts):
+        arr = np.asarray(ts)
+        d = np.diff(arr)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise ValueError(f"{where}[{bad}] is {arr[bad]}. " + msg)
+        if not (np.all(d > 0) or np.all(d < 0)):
+            raise ValueError(msg + f" Got {where}={arr!r}.")
+        return ts
+    d = jnp.diff(ts)
+    ok = jnp.all(jnp.isfinite(ts)) & (jnp.all(d > 0) | jnp.all(d < 0))
+    return eqx.error_if(ts, ~ok, msg)
+
+
+def integrate(
+    vector_field: Callable[..., PyTree[Array]] | tuple[Callable, Callable],
+    y0: PyTree[ArrayLike],
+    ts: ArrayLike,
+    args: PyTree[Any] = None,
+    *,
+    solver: str | diffrax.AbstractSolver = "tsit5",
+    adjoint: str | diffrax.AbstractAdjoint = "checkpoint",
+    controller: str | diffrax.AbstractStepSizeController | None = None,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    dt0: float | None = None,
+    max_steps: int = 4096,
+    throw: bool = True,
+) -> Solution:
+    """Solve `dy/dt = vector_field(t, y, args)` from `y(ts[0]) = y0`; return y at `ts`.
+
+    jit-, vmap- and grad-safe. Gradients follow `adjoint`.
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args) -> dy/dt` (Diffrax's convention), returning a
+        pytree like `y`. For the IMEX solvers (`kencarp*`, `sil3`) a pair
+        `(explicit, implicit)` is also accepted.
+    - `y0`: the initial state at `ts[0]`, any pytree of arrays.
+    - `ts`: 1-D, strictly increasing (or strictly decreasing to go back in time).
+    - `args`: passed to `vector_field`; differentiate with respect to it.
+    - `solver`: a registry name of kind `ode` (see `ctmodels solvers --kind ode`) or a
+        `diffrax.AbstractSolver`. Default `"tsit5"`; use `"kvaerno5"` for stiff ODEs.
+    - `adjoint`: `"checkpoint"` (default), `"backsolve"`, `"direct"`, `"forward"`, or a
+        `diffrax.AbstractAdjoint`.
+    - `controller`: `"pid"` (default for adaptive steppers when `dt0` is None),
+        `"constant"` (default when `dt0` is given or the stepper has no error
+        estimate), or a `diffrax.AbstractStepSizeController`.
+    - `rtol`, `atol`: tolerances of a controller given by name (and of an implicit
+        stepper's Newton iteration). Defaults `1e-6`, `1e-8`.
+    - `dt0`: the initial (or, with a constant controller, the fixed) step size.
+    - `max_steps`: the most steps the solver may take.
+    - `throw`: raise a [`ctmodels.SolverError`][] on failure (default); if `False`,
+        return with `result` set and the unreached `ys` filled with `inf`.
+
+    **Returns:** a [`ctmodels.Solution`][] with `ts`, `ys`, `stats`, `result`.
+
+    Reference: Kidger, "On Neural Differential Equations", PhD thesis, 2021
+    (Diffrax); Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential
+    Equations", NeurIPS 2018.
+    """
+    ts = check_times(ts)
+    terms, solver_v, controller_v, name = resolve_ode(
+        solver, vector_field, controller, rtol, atol, dt0
+    )
+    adjoint_v, _ = resolve_adjoint(adjoint, "integrate")
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    if dt0 is not None:  # the sign of the step follows the direction of ts
+        dt0 = jnp.abs(dt0) * jnp.sign(ts[-1] - ts[0])
+
+    sol = diffrax.diffeqsolve(
+        terms,
+        solver_v,
+        t0=ts[0],
+        t1=ts[-1],
+        dt0=dt0,
+        y0=y0,
+        args=args,
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=controller_v,
+        adjoint=adjoint_v,
+        max_steps=max_steps,
+        throw=False,
+    )
+    result = _errors.from_diffrax(sol.result)
+    per_step = _evals_per_step(solver_v)
+    num_steps = sol.stats["num_steps"]
+    evals = -1 if per_step is None else num_steps * per_step + 1
+    stats = {
+        "num_steps": num_steps,
+        "num_accepted_steps": sol.stats["num_accepted_steps"],
+        "num_rejected_steps": sol.stats["num_rejected_steps"],
+        "num_fn_evals": evals,
+        "max_steps": max_steps,
+    }
+    ys = sol.ys
+    if throw:
+        if _errors.is_traced(ys, result):
+            ys = _errors.raise_if_failed_traced(
+                result, ys, "integrate", name, max_steps=max_steps
+            )
+        else:
+            _raise_eager(result, sol.ts, ts, name, max_steps)
+    return Solution(ts=ts, ys=ys, stats=stats, result=result)
+
+
+def _raise_eager(result, saved_ts, ts, name, max_steps):
+    if bool(result == RESULTS.successful):
+        return
+    code = _errors.result_name(result)
+    reached = np.asarray(saved_ts)
+    finite = np.flatnonzero(np.isfinite(reached))
+    req = np.asarray(ts)
+    if finite.size == 0:
+        where = f"before reaching t={req[0]:g}"
+    elif finite[-1] + 1 < req.size:
+        k = finite[-1]
+        where = f"between t={req[k]:g} (last time reached) and t={req[k + 1]:g}"
+    else:
+        where = f"near t={req[-1]:g}"
+    raise SolverError(
+        _errors.explain("integrate", name, code, where, max_steps=max_steps),
+        result=result,
+        solver=name,
+        entry="integrate",
+    )

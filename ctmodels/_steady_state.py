@@ -1,0 +1,134 @@
+"""`ctmodels.steady_state`: equilibria of an ODE by root-finding or by integration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, PyTree
+
+from . import _errors
+from ._errors import RESULTS, SolverError
+from ._fixed_point import FixedPointSolution, _max_abs, _solve, _stop_gradient
+from ._integrate import resolve_adjoint, resolve_ode
+from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
+
+
+def steady_state(
+    vector_field: Callable[..., PyTree[Array]],
+    y0: PyTree[Array],
+    args: PyTree[Any] = None,
+    *,
+    method: Literal["root", "integrate"] = "root",
+    solver: Any = None,
+    adjoint: Any = "implicit",
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+    max_steps: int | None = None,
+    throw: bool = True,
+) -> FixedPointSolution:
+    """The equilibrium `y*` with `vector_field(t, y*, args) = 0` reached from `y0`.
+
+    Both methods return the same value and, with `adjoint="implicit"` (default), the
+    same gradient with respect to `args` (the implicit function theorem at `y*`).
+
+    **Arguments:**
+
+    - `vector_field`: `f(t, y, args)`, autonomous (it is evaluated at `t = 0` by the
+        root method).
+    - `y0`: the initial state (for `"integrate"`) or initial guess (for `"root"`).
+    - `args`: parameters; differentiate with respect to them.
+    - `method`: `"root"` solves `f(y) = 0` (default solver `"newton"`, any registry
+        entry of kind `root`); `"integrate"` integrates from `y0` until
+        `|f(y)| <= atol + rtol * |y|` (default solver `"tsit5"`, any entry of kind
+        `ode`; use `"kvaerno5"` for stiff systems), stepping at tolerances ten times
+        tighter than that rule. Root-finding is faster but may
+        find another equilibrium than the one `y0` flows to; integration finds the
+        attracting equilibrium of `y0`'s basin.
+    - `adjoint`: `"implicit"` (default) or `"checkpoint"` (backprop through the
+        iterations / integration steps).
+    - `rtol`, `atol`: tolerances of the solve and of the stopping rule.
+    - `max_steps`: iterations (root, default 256) or integration steps (default 16384).
+    - `throw`: raise a [`ctmodels.SolverError`][] on failure, or return the code.
+
+    **Returns:** a [`ctmodels.FixedPointSolution`][] with `value`, `stats` (for
+    `"integrate"` also `t_final`, the time at which the state was steady) and `result`.
+    """
+    if method == "root":
+        fn = _Autonomous(vector_field)
+        return _solve(
+            "steady_state", fn, y0, args, solver or "newton", "root", adjoint, rtol,
+            atol, max_steps or 256, throw,
+        )  # fmt: skip
+    if method != "integrate":
+        raise ValueError(f"method must be 'root' or 'integrate', got {method!r}.")
+    max_steps = max_steps or 16384
+    # Integrate 10x tighter than the stopping rule: otherwise an explicit stepper held
+    # at its stability limit by a stiff equilibrium jitters by about the controller's
+    # tolerance and never meets |f(y)| <= atol + rtol |y|.
+    terms, solver_v, controller, name = resolve_ode(
+        solver or "tsit5", vector_field, None, rtol / 10, atol / 10, None
+    )
+    adjoint_v, _ = resolve_adjoint(adjoint, "steady_state")
+    y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
+    event = diffrax.Event(diffrax.steady_state_event(rtol=rtol, atol=atol))
+    sol = diffrax.diffeqsolve(
+        terms,
+        solver_v,
+        t0=0.0,
+        t1=jnp.inf,
+        dt0=None,
+        y0=y0,
+        args=args,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=controller,
+        event=event,
+        adjoint=adjoint_v,
+        max_steps=max_steps,
+        throw=False,
+    )
+    value = jax.tree.map(lambda y: y[0], sol.ys)
+    result = _errors.from_diffrax(sol.result)
+    resid = vector_field(0.0, jax.lax.stop_gradient(value), _stop_gradient(args))
+    stats = {
+        "num_steps": sol.stats["num_steps"],
+        "residual": _max_abs(resid),
+        "t_final": sol.ts[0],
+        "max_steps": max_steps,
+    }
+    if throw:
+        if _errors.is_traced(value, result):
+            value = _errors.raise_if_failed_traced(
+                result, value, "steady_state", name, max_steps=max_steps
+            )
+        elif not bool(result == RESULTS.successful):
+            code = _errors.result_name(result)
+            where = f"by t={float(np.asarray(sol.ts[0])):g} without reaching a steady state"
+            raise SolverError(
+                _errors.explain("steady_state", name, code, where, max_steps=max_steps),
+                result=result,
+                solver=name,
+                entry="steady_state",
+            )
+    return FixedPointSolution(value=value, stats=stats, result=result)
+
+
+class _Autonomous:
+    """`f(t, y, args)` as `g(y, args) = f(0, y, args)`; hashable by the wrapped field so
+    that repeated calls with the same vector field reuse the compiled solve."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __call__(self, y, args):
+        return self.f(0.0, y, args)
+
+    def __hash__(self):
+        return hash(self.f)
+
+    def __eq__(self, other):
+        return isinstance(other, _Autonomous) and other.f == self.f

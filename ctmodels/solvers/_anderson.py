@@ -1,0 +1,301 @@
+"""Anderson acceleration as an Optimistix root finder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, final
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+
+
+def _flat_size(tree) -> int:
+    return sum(int(x.size) for x in jtu.tree_leaves(tree))
+
+
+def _ravel_as(tree, dtype) -> Array:
+    """Flatten a pytree of arrays into one vector of `dtype`."""
+    leaves = [jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(tree)]
+    if not leaves:
+        return jnp.zeros((0,), dtype)
+    return jnp.concatenate(leaves)
+
+
+def _scaled_residual(norm, rtol, atol, residual, y) -> Scalar:
+    """`norm(|residual| / (atol + rtol * |y|))`, with `0/0 = 0`; no gradient."""
+    residual = lax.stop_gradient(residual)
+    y = lax.stop_gradient(y)
+    scale = atol + rtol * jnp.abs(y)
+    zero = residual == 0
+    ratio = jnp.where(zero, 0, jnp.abs(residual) / jnp.where(zero, 1, scale))
+    return norm(ratio)
+
+
+class _AndersonState(eqx.Module):
+    dy_hist: Float[Array, "m n"]
+    dr_hist: Float[Array, "m n"]
+    valid: Bool[Array, " m"]
+    index: Int[Array, ""]
+    y_prev: Float[Array, " n"]
+    r_prev: Float[Array, " n"]
+    has_prev: Bool[Array, ""]
+    error: Scalar
+    converged: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+    num_fallback: Int[Array, ""]
+
+
+@final
+class Anderson(optx.AbstractRootFinder):
+    r"""Anderson acceleration for the root-finding problem `g(y) = 0`.
+
+    This accelerates the (mixed) fixed-point iteration `y <- y + beta * g(y)`. Writing
+    `r_k = g(y_k)` and stacking the last `m` differences
+    `dY = [y_{i+1} - y_i]`, `dR = [r_{i+1} - r_i]` as columns, each step solves the
+    small regularised least-squares problem
+
+    `gamma = argmin_gamma |r_k - dR gamma|^2 + lambda |gamma|^2`
+
+    and takes `y_{k+1} = y_k + beta r_k - (dY + beta dR) gamma`. This is the
+    "type II" / difference form of Walker & Ni (2011).
+
+    When used through `optimistix.fixed_point(f, Anderson(...), y0)` the fixed-point
+    problem is converted to the root of `g(y) = f(y) - y`, so that this is exactly
+    classical Anderson acceleration of `f` with mixing parameter `beta`. As a root
+    finder for a general `g` it is an accelerated damped iteration `y <- y + beta g(y)`,
+    which suits `g` whose Jacobian has eigenvalues with negative real part (for
+    example a stable vector field), scaled such that `|1 + beta * eig| < 1`. The output
+    of `g` must have the same total number of elements as `y` (any pytree
+    structure).
+
+    **Implementation notes:**
+
+    - The iterate is flattened (so `y` may be any pytree of arrays) and the history is
+        kept in fixed-size ring buffers of shape `[memory, n]`: this works under `jit`,
+        `vmap` and `grad`. When the buffer is full the oldest difference is
+        overwritten.
+    - Each stored difference is normalised so that `|dR_i| = 1` (with `dY_i` scaled by
+        the same factor). This changes nothing mathematically, but it makes the
+        coefficient problem scale-invariant. The `memory x memory` normal equations
+        `(dR^T dR + lambda I) gamma = dR^T r_k` are then solved with
+        `lambda = max(regularization, 100 * eps) * trace(dR^T dR) / (number of stored
+        differences)`, i.e. a Tikhonov term *relative* to the size of the (normalised)
+        residual history, which bounds the condition number of the small system by
+        `1 + memory / max(regularization, 100 * eps)` at every scale -- so it does not
+        degrade the acceleration close to convergence. (`eps` is the machine epsilon of
+        the dtype; the floor only matters in low precision.)
+    - Safeguards: differences with `dR = 0` (e.g. a repeated iterate) are not stored;
+        unused slots of the buffer are masked out (their coefficient is exactly zero);
+        with no usable history, or if the small solve is not finite, the step falls
+        back to the plain mixed step `y_k + beta r_k`. The safe branches are selected
+        with the "double `where`" trick, so gradients through the unrolled iteration
+        (`optimistix.RecursiveCheckpointAdjoint`) contain no spurious NaNs.
+    - Termination: the solve stops at the first iterate with
+        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1`, and returns that iterate `y_k`
+        (so the returned value is the one which passed the test). If `g(y_k)` is not
+        finite, the solve stops with `RESULTS.nonlinear_divergence` and returns the
+        last iterate.
+    - The number of times the safeguard fell back to the plain step is reported in
+        `sol.stats["num_fallback"]`.
+
+    ??? cite "Reference"
+
+        ```bibtex
+        @article{walker2011anderson,
+            author={Walker, Homer F. and Ni, Peng},
+            title={Anderson Acceleration for Fixed-Point Iterations},
+            journal={SIAM Journal on Numerical Analysis},
+            volume={49},
+            number={4},
+            pages={1715--1735},
+            year={2011},
+            doi={10.1137/10079074X}
+        }
+        ```
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    memory: int = eqx.field(static=True, default=5)
+    beta: float = 1.0
+    regularization: float = 1e-8
+
+    def __check_init__(self):
+        if not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"`memory` must be a positive int, got {self.memory!r}.")
+
+    def init(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _AndersonState:
+        del fn, args, options, aux_struct, tags
+        y_flat, _ = jfu.ravel_pytree(y)
+        n = y_flat.size
+        if _flat_size(f_struct) != n:
+            raise ValueError(
+                "Anderson needs `fn(y, args)` to have as many elements as `y` (it "
+                f"iterates `y + beta * fn(y, args)`); got {_flat_size(f_struct)} and "
+                f"{n}."
+            )
+        dtype = y_flat.dtype
+        m = self.memory
+        zeros_hist = jnp.zeros((m, n), dtype)
+        return _AndersonState(
+            dy_hist=zeros_hist,
+            dr_hist=zeros_hist,
+            valid=jnp.zeros((m,), bool),
+            index=jnp.array(0),
+            y_prev=jnp.zeros((n,), dtype),
+            r_prev=jnp.zeros((n,), dtype),
+            has_prev=jnp.array(False),
+            error=jnp.array(jnp.inf, dtype),
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+            num_fallback=jnp.array(0),
+        )
+
+    def step(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        state: _AndersonState,
+        tags: frozenset[object],
+    ) -> tuple[PyTree[Array], _AndersonState, Any]:
+        del options, tags
+        r_tree, aux = fn(y, args)
+        y_flat, unravel = jfu.ravel_pytree(y)
+        dtype = y_flat.dtype
+        r_flat = _ravel_as(r_tree, dtype)
+        m = self.memory
+
+        # Termination test at the current iterate.
+        error = _scaled_residual(self.norm, self.rtol, self.atol, r_flat, y_flat)
+        error = jnp.asarray(error, dtype)
+        converged = error < 1
+        diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(r_flat))))
+
+        # Push the newest difference pair into the ring buffer (normalised, |dR| = 1).
+        dy = y_flat - state.y_prev
+        dr = r_flat - state.r_prev
+        sq = jnp.sum(dr * dr)
+        usable = state.has_prev & (sq > 0) & jnp.isfinite(sq)
+        inv = jnp.where(usable, lax.rsqrt(jnp.where(usable, sq, 1)), 0)
+        slot = state.index
+        dy_hist = state.dy_hist.at[slot].set(
+            jnp.where(usable, dy * inv, state.dy_hist[slot])
+        )
+        dr_hist = state.dr_hist.at[slot].set(
+            jnp.where(usable, dr * inv, state.dr_hist[slot])
+        )
+        valid = state.valid.at[slot].set(state.valid[slot] | usable)
+        index = jnp.where(usable, (slot + 1) % m, slot)
+
+        # Regularised normal equations for the mixing coefficients.
+        maskf = valid.astype(dtype)
+        gram = (dr_hist @ dr_hist.T) * maskf[:, None] * maskf[None, :]
+        rhs = (dr_hist @ r_flat) * maskf
+        num_valid = jnp.sum(maskf)
+        trace = jnp.trace(gram)
+        eps = jnp.finfo(dtype).eps
+        reg = jnp.maximum(jnp.asarray(self.regularization, dtype), 100 * eps)
+        lam = reg * trace / jnp.maximum(num_valid, 1)
+        good = (
+            (num_valid > 0)
+            & jnp.isfinite(trace)
+            & (lam > 0)
+            & jnp.all(jnp.isfinite(rhs))
+        )
+        eye = jnp.eye(m, dtype=dtype)
+        system = gram + jnp.diag(jnp.where(valid, lam, 1))
+        system = jnp.where(good, system, eye)
+        rhs = jnp.where(good, rhs, 0)
+        gamma = jnp.linalg.solve(system, rhs)
+        ok = good & jnp.all(jnp.isfinite(gamma))
+        gamma = jnp.where(ok, gamma * maskf, 0)
+
+        beta = jnp.asarray(self.beta, dtype)
+        new_y = y_flat + beta * r_flat - (dy_hist + beta * dr_hist).T @ gamma
+        new_y = jnp.where(converged | diverged, y_flat, new_y)
+        num_fallback = state.num_fallback + jnp.where(
+            state.has_prev & jnp.invert(ok), 1, 0
+        )
+
+        new_state = _AndersonState(
+            dy_hist=dy_hist,
+            dr_hist=dr_hist,
+            valid=valid,
+            index=index,
+            y_prev=y_flat,
+            r_prev=r_flat,
+            has_prev=jnp.array(True),
+            error=error,
+            converged=converged,
+            diverged=diverged,
+            num_fallback=num_fallback,
+        )
+        return unravel(new_y), new_state, aux
+
+    def terminate(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        state: _AndersonState,
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
+        del fn, y, args, options, tags
+        result = optx.RESULTS.where(
+            state.diverged,
+            optx.RESULTS.nonlinear_divergence,
+            optx.RESULTS.successful,
+        )
+        return state.converged | state.diverged, result
+
+    def postprocess(
+        self,
+        fn,
+        y: PyTree[Array],
+        aux: Any,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _AndersonState,
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[PyTree[Array], Any, dict[str, Any]]:
+        del fn, args, options, tags, result
+        return y, aux, {"num_fallback": state.num_fallback}
+
+    def __init_subclass__(cls, **kwargs):
+        raise TypeError("`Anderson` is final and may not be subclassed.")
+
+
+Anderson.__init__.__doc__ = """**Arguments:**
+
+- `rtol`: Relative tolerance for terminating the solve.
+- `atol`: Absolute tolerance for terminating the solve. The solve stops once
+    `norm(|g(y)| / (atol + rtol * |y|)) < 1`.
+- `norm`: The norm used in the termination criterion. Should be any function
+    `PyTree -> Scalar`, e.g. [`optimistix.max_norm`][] (the default),
+    [`optimistix.rms_norm`][] or [`optimistix.two_norm`][].
+- `memory`: The number `m` of past differences used to extrapolate (static).
+- `beta`: The mixing (damping) parameter of the underlying iteration
+    `y <- y + beta * g(y)`. `beta = 1` is undamped.
+- `regularization`: The Tikhonov parameter of the coefficient problem, relative to
+    the mean squared norm of the stored (normalised) residual differences.
+"""

@@ -1,0 +1,304 @@
+"""Limited-memory "good" Broyden as an Optimistix root finder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, final
+
+import equinox as eqx
+import jax
+import jax.flatten_util as jfu
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optimistix as optx
+from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
+
+
+def _flat_size(tree) -> int:
+    return sum(int(x.size) for x in jtu.tree_leaves(tree))
+
+
+def _ravel_as(tree, dtype) -> Array:
+    """Flatten a pytree of arrays into one vector of `dtype`."""
+    leaves = [jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(tree)]
+    if not leaves:
+        return jnp.zeros((0,), dtype)
+    return jnp.concatenate(leaves)
+
+
+def _scaled_residual(norm, rtol, atol, residual, y) -> Scalar:
+    """`norm(|residual| / (atol + rtol * |y|))`, with `0/0 = 0`; no gradient."""
+    residual = lax.stop_gradient(residual)
+    y = lax.stop_gradient(y)
+    scale = atol + rtol * jnp.abs(y)
+    zero = residual == 0
+    ratio = jnp.where(zero, 0, jnp.abs(residual) / jnp.where(zero, 1, scale))
+    return norm(ratio)
+
+
+def _safe_norm(x: Array) -> Scalar:
+    """Euclidean norm with a finite gradient at zero."""
+    sq = jnp.sum(x * x)
+    nonzero = sq > 0
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1)), 0)
+
+
+class _BroydenState(eqx.Module):
+    us: Float[Array, "m n"]
+    vs: Float[Array, "m n"]
+    index: Int[Array, ""]
+    y_prev: Float[Array, " n"]
+    g_prev: Float[Array, " n"]
+    has_prev: Bool[Array, ""]
+    error: Scalar
+    converged: Bool[Array, ""]
+    diverged: Bool[Array, ""]
+    num_skipped: Int[Array, ""]
+    num_fallback: Int[Array, ""]
+
+
+@final
+class Broyden(optx.AbstractRootFinder):
+    r"""Limited-memory "good" Broyden method for the root-finding problem `g(y) = 0`.
+
+    A quasi-Newton method which never forms a Jacobian: it maintains an approximation
+    of the *inverse* Jacobian as a low-rank correction of `-I`,
+
+    `B = -I + sum_i u_i v_i^T`,
+
+    with the `u_i`, `v_i` stored as two `[memory, n]` ring buffers. Each step is
+    `y_{k+1} = y_k - B g(y_k)`. After each step, with `s = y_{k+1} - y_k` and
+    `d = g(y_{k+1}) - g(y_k)`, Broyden's "good" update of the Jacobian, written for
+    the inverse through the Sherman--Morrison formula, is the rank-one correction
+
+    `B <- B + (s - B d) (B^T s)^T / (s^T B d)`,
+
+    i.e. `u = (s - B d) / (s^T B d)`, `v = B^T s`. This is the formulation used by Deep
+    Equilibrium Models. For `optimistix.fixed_point(f, Broyden(...), y0)` the root of
+    `g(y) = f(y) - y` is found, for which `-I` is the natural initial inverse Jacobian
+    (exact when `f` is constant), and the first step is the plain iteration
+    `y_1 = f(y_0)`. The output of `g` must have the same total number of elements as
+    `y` (any pytree structure).
+
+    **Implementation notes:**
+
+    - Memory policy: when all `memory` slots are in use, the *oldest* rank-one term is
+        overwritten (dropped), as in the reference DEQ implementation; the solve is not
+        restarted.
+    - Safeguards: an update whose denominator is negligible,
+        `|s^T B d| <= sqrt(eps) * |s| * |B d|` (including `s = 0`, e.g. a repeated
+        iterate), or not finite, is skipped (counted in `sol.stats["num_skipped"]`).
+        If the quasi-Newton step is not finite, the history is cleared and the plain
+        step `y + g(y)` is taken instead (counted in `sol.stats["num_fallback"]`).
+        Safe branches are selected with the "double `where`" trick, so gradients
+        through the unrolled iteration (`optimistix.RecursiveCheckpointAdjoint`)
+        contain no spurious NaNs.
+    - `max_step`, if given, caps the Euclidean length of each step at
+        `max_step * (1 + |y_k|)` (a simple trust-region style safeguard against the
+        wild first steps of a poor Jacobian approximation); by default steps are
+        not limited.
+    - Termination: the solve stops at the first iterate with
+        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1`, and returns that iterate `y_k`.
+        If `g(y_k)` is not finite, the solve stops with
+        `RESULTS.nonlinear_divergence` and returns the last iterate.
+
+    ??? cite "References"
+
+        ```bibtex
+        @article{broyden1965class,
+            author={Broyden, C. G.},
+            title={A Class of Methods for Solving Nonlinear Simultaneous Equations},
+            journal={Mathematics of Computation},
+            volume={19},
+            number={92},
+            pages={577--593},
+            year={1965},
+            doi={10.1090/S0025-5718-1965-0198670-6}
+        }
+
+        @inproceedings{bai2019deep,
+            author={Bai, Shaojie and Kolter, J. Zico and Koltun, Vladlen},
+            title={Deep Equilibrium Models},
+            booktitle={Advances in Neural Information Processing Systems},
+            volume={32},
+            year={2019}
+        }
+        ```
+    """
+
+    rtol: float
+    atol: float
+    norm: Callable[[PyTree], Scalar] = optx.max_norm
+    memory: int = eqx.field(static=True, default=20)
+    max_step: float | None = None
+
+    def __check_init__(self):
+        if not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"`memory` must be a positive int, got {self.memory!r}.")
+
+    def init(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        f_struct: PyTree[jax.ShapeDtypeStruct],
+        aux_struct: PyTree[jax.ShapeDtypeStruct],
+        tags: frozenset[object],
+    ) -> _BroydenState:
+        del fn, args, options, aux_struct, tags
+        y_flat, _ = jfu.ravel_pytree(y)
+        n = y_flat.size
+        if _flat_size(f_struct) != n:
+            raise ValueError(
+                "Broyden needs `fn(y, args)` to have as many elements as `y`; got "
+                f"{_flat_size(f_struct)} and {n}."
+            )
+        dtype = y_flat.dtype
+        zeros_hist = jnp.zeros((self.memory, n), dtype)
+        return _BroydenState(
+            us=zeros_hist,
+            vs=zeros_hist,
+            index=jnp.array(0),
+            y_prev=jnp.zeros((n,), dtype),
+            g_prev=jnp.zeros((n,), dtype),
+            has_prev=jnp.array(False),
+            error=jnp.array(jnp.inf, dtype),
+            converged=jnp.array(False),
+            diverged=jnp.array(False),
+            num_skipped=jnp.array(0),
+            num_fallback=jnp.array(0),
+        )
+
+    def step(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        state: _BroydenState,
+        tags: frozenset[object],
+    ) -> tuple[PyTree[Array], _BroydenState, Any]:
+        del options, tags
+        g_tree, aux = fn(y, args)
+        y_flat, unravel = jfu.ravel_pytree(y)
+        dtype = y_flat.dtype
+        g_flat = _ravel_as(g_tree, dtype)
+        m = self.memory
+        eps = jnp.finfo(dtype).eps
+
+        # Termination test at the current iterate.
+        error = _scaled_residual(self.norm, self.rtol, self.atol, g_flat, y_flat)
+        error = jnp.asarray(error, dtype)
+        converged = error < 1
+        diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(g_flat))))
+
+        # Rank-one "good" Broyden update of the inverse Jacobian B = -I + U^T V.
+        us, vs = state.us, state.vs
+        s = y_flat - state.y_prev
+        d = g_flat - state.g_prev
+        bd = -d + us.T @ (vs @ d)
+        bts = -s + vs.T @ (us @ s)
+        denom = jnp.dot(s, bd)
+        threshold = jnp.sqrt(eps) * _safe_norm(s) * _safe_norm(bd)
+        update = (
+            state.has_prev
+            & jnp.isfinite(denom)
+            & jnp.isfinite(threshold)
+            & (jnp.abs(denom) > threshold)
+        )
+        u = (s - bd) / jnp.where(update, denom, 1)
+        update = update & jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(bts))
+        full = state.index >= m
+        us = jnp.where(full, 0, us)
+        vs = jnp.where(full, 0, vs)
+        bd = jnp.where(full, -d, bd)
+        bts = jnp.where(full, -s, bts)
+        slot = jnp.where(full, 0, state.index)
+        us = us.at[slot].set(jnp.where(update, u, us[slot]))
+        vs = vs.at[slot].set(jnp.where(update, bts, vs[slot]))
+        index = jnp.where(update, slot + 1, slot)
+        num_skipped = state.num_skipped + jnp.where(
+            state.has_prev & jnp.invert(update), 1, 0
+        )
+
+        # Quasi-Newton step p = -B g, with the plain step as a fallback.
+        p = g_flat - us.T @ (vs @ g_flat)
+        ok = jnp.all(jnp.isfinite(p))
+        p = jnp.where(ok, p, g_flat)
+        us = jnp.where(ok, us, 0)
+        vs = jnp.where(ok, vs, 0)
+        index = jnp.where(ok, index, 0)
+        num_fallback = state.num_fallback + jnp.where(ok, 0, 1)
+        if self.max_step is not None:
+            limit = self.max_step * (1 + _safe_norm(lax.stop_gradient(y_flat)))
+            length = _safe_norm(p)
+            too_long = length > limit
+            p = p * jnp.where(too_long, limit / jnp.where(too_long, length, 1), 1)
+
+        new_y = jnp.where(converged | diverged, y_flat, y_flat + p)
+        new_state = _BroydenState(
+            us=us,
+            vs=vs,
+            index=index,
+            y_prev=y_flat,
+            g_prev=g_flat,
+            has_prev=jnp.array(True),
+            error=error,
+            converged=converged,
+            diverged=diverged,
+            num_skipped=num_skipped,
+            num_fallback=num_fallback,
+        )
+        return unravel(new_y), new_state, aux
+
+    def terminate(
+        self,
+        fn,
+        y: PyTree[Array],
+        args: PyTree,
+        options: dict[str, Any],
+        state: _BroydenState,
+        tags: frozenset[object],
+    ) -> tuple[Bool[Array, ""], optx.RESULTS]:
+        del fn, y, args, options, tags
+        result = optx.RESULTS.where(
+            state.diverged,
+            optx.RESULTS.nonlinear_divergence,
+            optx.RESULTS.successful,
+        )
+        return state.converged | state.diverged, result
+
+    def postprocess(
+        self,
+        fn,
+        y: PyTree[Array],
+        aux: Any,
+        args: PyTree,
+        options: dict[str, Any],
+        state: _BroydenState,
+        tags: frozenset[object],
+        result: optx.RESULTS,
+    ) -> tuple[PyTree[Array], Any, dict[str, Any]]:
+        del fn, args, options, tags, result
+        stats = {"num_skipped": state.num_skipped, "num_fallback": state.num_fallback}
+        return y, aux, stats
+
+    def __init_subclass__(cls, **kwargs):
+        raise TypeError("`Broyden` is final and may not be subclassed.")
+
+
+Broyden.__init__.__doc__ = """**Arguments:**
+
+- `rtol`: Relative tolerance for terminating the solve.
+- `atol`: Absolute tolerance for terminating the solve. The solve stops once
+    `norm(|g(y)| / (atol + rtol * |y|)) < 1`.
+- `norm`: The norm used in the termination criterion. Should be any function
+    `PyTree -> Scalar`, e.g. [`optimistix.max_norm`][] (the default),
+    [`optimistix.rms_norm`][] or [`optimistix.two_norm`][].
+- `memory`: The number of rank-one terms kept in the inverse-Jacobian approximation
+    (static). When full, the oldest term is dropped.
+- `max_step`: Optional cap on the step length, relative to `1 + |y|` (Euclidean). `None`
+    (the default) takes full quasi-Newton steps.
+"""

@@ -1,0 +1,288 @@
+"""The registry's built-in entries: Diffrax steppers, controllers, adjoints, Optimistix
+and ctmodels fixed-point/root solvers, and Lineax linear solvers."""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import lineax as lx
+import optimistix as optx
+
+from ._registry import get, register
+
+# Default tolerances of solvers built by name without explicit tolerances.
+DEFAULT_RTOL = 1e-6
+DEFAULT_ATOL = 1e-8
+
+
+class ImplicitAdjoint(eqx.Module):
+    """Differentiate a solve through the implicit function theorem.
+
+    One value for every entry point: [`ctmodels.steady_state`][] turns it into
+    `diffrax.ImplicitAdjoint`, [`ctmodels.fixed_point`][] and [`ctmodels.root_find`][]
+    into `optimistix.ImplicitAdjoint`. The backward pass solves one linear system
+    with `linear_solver` (a Lineax solver or a registry name of kind `linear`).
+
+    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019;
+    Blondel et al., "Efficient and modular implicit differentiation", NeurIPS 2022.
+    """
+
+    linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
+
+    def to_diffrax(self) -> diffrax.ImplicitAdjoint:
+        return diffrax.ImplicitAdjoint(linear_solver=self.linear_solver)
+
+    def to_optimistix(self) -> optx.ImplicitAdjoint:
+        return optx.ImplicitAdjoint(linear_solver=self.linear_solver)
+
+
+def _implicit_adjoint(linear_solver="auto", **options) -> ImplicitAdjoint:
+    if isinstance(linear_solver, str):
+        linear_solver = get(linear_solver, kind="linear", **options)
+    return ImplicitAdjoint(linear_solver=linear_solver)
+
+
+def _ode(cls, order, *, stiff=False, adaptive=True, imex=False, doc=""):
+    name = cls.__name__.lower()
+    if name == "impliciteuler":
+        name = "implicit_euler"
+    elif name == "reversibleheun":
+        name = "reversible_heun"
+    elif name == "leapfrogmidpoint":
+        name = "leapfrog_midpoint"
+    register(
+        name,
+        cls,
+        kind="ode",
+        tags={
+            "adaptive": adaptive,
+            "stiff": stiff,
+            "order": order,
+            "implicit_gradient": False,
+            "memory": None,
+            "imex": imex,
+        },
+        doc=doc,
+    )
+
+
+_ode(diffrax.Euler, 1, adaptive=False, doc="Explicit Euler; fixed steps (pass dt0).")
+_ode(diffrax.Heun, 2, doc="Heun's method, 2nd order with embedded Euler error estimate.")
+_ode(diffrax.Midpoint, 2, doc="Explicit midpoint, 2nd order, adaptive.")
+_ode(diffrax.Ralston, 2, doc="Ralston's 2nd-order method (minimal truncation error).")
+_ode(diffrax.Bosh3, 3, doc="Bogacki-Shampine 3(2); cheap at loose tolerances.")
+_ode(diffrax.Tsit5, 5, doc="Tsitouras 5(4); the default non-stiff solver.")
+_ode(diffrax.Dopri5, 5, doc="Dormand-Prince 5(4) (torchdiffeq's and scipy's RK45).")
+_ode(diffrax.Dopri8, 8, doc="Dormand-Prince 8(7); for tight tolerances.")
+_ode(
+    diffrax.ImplicitEuler, 1, stiff=True, doc="Implicit Euler; L-stable, for stiff ODEs."
+)
+_ode(diffrax.Kvaerno3, 3, stiff=True, doc="Kvaerno 3(2) ESDIRK; L-stable, stiff ODEs.")
+_ode(diffrax.Kvaerno4, 4, stiff=True, doc="Kvaerno 4(3) ESDIRK; L-stable, stiff ODEs.")
+_ode(diffrax.Kvaerno5, 5, stiff=True, doc="Kvaerno 5(4) ESDIRK; the default stiff solver.")
+def _newton_root_finder(cls):
+    """Diffrax's default VeryChord root finder fails to converge inside the KenCarp
+    steppers (diffrax 0.7.2: even dy/dt = -2y hits max_steps), so the IMEX entries
+    default to Newton with the controller's tolerances."""
+
+    def factory(**options):
+        options.setdefault(
+            "root_finder", diffrax.with_stepsize_controller_tols(optx.Newton)()
+        )
+        return cls(**options)
+
+    factory.__name__ = cls.__name__
+    return factory
+
+
+_imex_doc = (
+    "Kennedy-Carpenter {} IMEX; pass vector_field=(explicit, implicit), or one field "
+    "to treat it all implicitly."
+)
+_ode(_newton_root_finder(diffrax.KenCarp3), 3, stiff=True, imex=True, doc=_imex_doc.format("3(2)"))
+_ode(_newton_root_finder(diffrax.KenCarp4), 4, stiff=True, imex=True, doc=_imex_doc.format("4(3)"))
+_ode(_newton_root_finder(diffrax.KenCarp5), 5, stiff=True, imex=True, doc=_imex_doc.format("5(4)"))
+_ode(
+    diffrax.Sil3,
+    2,
+    stiff=True,
+    imex=True,
+    doc="SIL3 IMEX (3rd-order explicit / 2nd-order implicit part).",
+)
+_ode(
+    diffrax.ReversibleHeun,
+    2,
+    doc="Reversible Heun; algebraically reversible, exact backsolve gradients.",
+)
+_ode(
+    diffrax.LeapfrogMidpoint,
+    2,
+    adaptive=False,
+    doc="Leapfrog/midpoint two-step method; fixed steps, time-reversible.",
+)
+
+
+def _constant():
+    return diffrax.ConstantStepSize()
+
+
+def _pid(rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, **options):
+    return diffrax.PIDController(rtol=rtol, atol=atol, **options)
+
+
+register(
+    "constant",
+    _constant,
+    kind="controller",
+    tags={"adaptive": False},
+    doc="Fixed step size dt0.",
+)
+register(
+    "pid",
+    _pid,
+    kind="controller",
+    tags={"adaptive": True},
+    doc="Adaptive PI(D) controller on the embedded error estimate (rtol, atol).",
+)
+
+register(
+    "checkpoint",
+    diffrax.RecursiveCheckpointAdjoint,
+    kind="adjoint",
+    tags={"implicit_gradient": False, "memory": "O(log steps) checkpoints"},
+    doc="Discretise-then-optimise: backprop through the solver with checkpointing.",
+)
+register(
+    "backsolve",
+    diffrax.BacksolveAdjoint,
+    kind="adjoint",
+    tags={"implicit_gradient": False, "memory": "O(1)"},
+    doc="Continuous adjoint: solve the adjoint ODE backwards (Chen et al. 2018).",
+)
+register(
+    "direct",
+    diffrax.DirectAdjoint,
+    kind="adjoint",
+    tags={"implicit_gradient": False, "memory": "O(max_steps)"},
+    doc="Plain autodiff through the solve; supports forward and reverse mode.",
+)
+register(
+    "forward",
+    diffrax.ForwardMode,
+    kind="adjoint",
+    tags={"implicit_gradient": False, "memory": "O(1)"},
+    doc="Forward-mode autodiff (jax.jvp/jacfwd); good for few parameters.",
+)
+register(
+    "implicit",
+    _implicit_adjoint,
+    kind="adjoint",
+    tags={"implicit_gradient": True, "memory": "O(1)"},
+    doc="Implicit function theorem at a fixed point / steady state (one linear solve).",
+)
+
+
+def _fp(cls, **fixed):
+    def factory(rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, **options):
+        return cls(rtol=rtol, atol=atol, **{**fixed, **options})
+
+    return factory
+
+
+def _register_nonlinear():
+    from ._anderson import Anderson
+    from ._broyden import Broyden
+
+    register(
+        "iteration",
+        _fp(optx.FixedPointIteration),
+        kind="fixed_point",
+        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        doc="Plain fixed-point iteration z <- f(z).",
+    )
+    register(
+        "damped",
+        _fp(optx.FixedPointIteration, damp=0.5),
+        kind="fixed_point",
+        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        doc="Damped iteration z <- (1-d) f(z) + d z (damp=0.5 by default).",
+    )
+    register(
+        "newton",
+        _fp(optx.Newton),
+        kind=("fixed_point", "root"),
+        tags={"adaptive": False, "order": 2, "implicit_gradient": True},
+        doc="Newton's method with a dense Jacobian; quadratic, for small systems.",
+    )
+    register(
+        "chord",
+        _fp(optx.Chord),
+        kind=("fixed_point", "root"),
+        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        doc="Chord method: Newton with the Jacobian of the initial point.",
+    )
+    register(
+        "anderson",
+        _fp(Anderson),
+        kind=("fixed_point", "root"),
+        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        doc="Anderson acceleration (memory m, mixing beta, scaled Tikhonov term).",
+    )
+    register(
+        "broyden",
+        _fp(Broyden),
+        kind=("fixed_point", "root"),
+        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        doc="Limited-memory good Broyden quasi-Newton (Jacobian-free).",
+    )
+
+
+_register_nonlinear()
+
+
+def _iterative(cls, **fixed):
+    def factory(rtol=1e-6, atol=1e-6, **options):
+        return cls(rtol=rtol, atol=atol, **{**fixed, **options})
+
+    return factory
+
+
+register(
+    "auto",
+    lambda well_posed=None: lx.AutoLinearSolver(well_posed=well_posed),
+    kind="linear",
+    tags={"implicit_gradient": True},
+    doc="Lineax picks: LU for square, QR/SVD otherwise (dense).",
+)
+register(
+    "lu",
+    lx.LU,
+    kind="linear",
+    tags={"implicit_gradient": True},
+    doc="Dense LU; square, well-posed.",
+)
+register(
+    "qr",
+    lx.QR,
+    kind="linear",
+    tags={"implicit_gradient": True},
+    doc="Dense QR; least squares for non-square or rank-deficient systems.",
+)
+def _normal_cg(rtol=1e-6, atol=1e-6, **options):
+    return lx.Normal(lx.CG(rtol=rtol, atol=atol, **options))
+
+
+register(
+    "cg",
+    _normal_cg,
+    kind="linear",
+    tags={"implicit_gradient": True},
+    doc="Conjugate gradients on the normal equations (matrix-free).",
+)
+register(
+    "gmres",
+    _iterative(lx.GMRES),
+    kind="linear",
+    tags={"implicit_gradient": True},
+    doc="Restarted GMRES (matrix-free), for large nonsymmetric systems.",
+)
