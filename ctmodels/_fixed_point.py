@@ -35,7 +35,7 @@ class FixedPointSolution(eqx.Module):
     - `value`: the fixed point `z* = fn(z*)` (or root `fn(y*) = 0`).
     - `stats`: `num_steps` (iterations), `residual` (max-abs of `fn(z*) - z*`, or of
         `fn(y*)` for a root), `relative_residual` (its 2-norm over that of `z*`),
-        `stagnated` (bool) and `max_steps`.
+        `stagnated` and `diverged` (bools) and `max_steps`.
     - `result`: a [`ctmodels.RESULTS`][] code.
     """
 
@@ -214,6 +214,7 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
         "residual": _max_abs(resid),
         "relative_residual": num / (den + jnp.finfo(den.dtype).tiny),
         "stagnated": stagnated,
+        "diverged": sol.state.diverged,
         "max_steps": max_steps,
     }
     if throw:

@@ -96,11 +96,13 @@ class Anderson(optx.AbstractRootFinder):
         back to the plain mixed step `y_k + beta r_k`. The safe branches are selected
         with the "double `where`" trick, so gradients through the unrolled iteration
         (`optimistix.RecursiveCheckpointAdjoint`) contain no spurious NaNs.
-    - Termination: the solve stops at the first iterate with
-        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1`, and returns that iterate `y_k`
-        (so the returned value is the one which passed the test). If `g(y_k)` is not
+    - Termination: the solve stops once an iterate satisfies
+        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1` (the rule of
+        `optimistix.FixedPointIteration`, applied to the residual `g`), and -- like the
+        Optimistix solvers -- returns the step computed from it, `y_{k+1}`. (This
+        also gives the unrolled derivative one more iteration.) If `g(y_k)` is not
         finite, the solve stops with `RESULTS.nonlinear_divergence` and returns the
-        last iterate.
+        last (finite) iterate `y_k`.
     - The number of times the safeguard fell back to the plain step is reported in
         `sol.stats["num_fallback"]`.
 
@@ -230,7 +232,7 @@ class Anderson(optx.AbstractRootFinder):
 
         beta = jnp.asarray(self.beta, dtype)
         new_y = y_flat + beta * r_flat - (dy_hist + beta * dr_hist).T @ gamma
-        new_y = jnp.where(converged | diverged, y_flat, new_y)
+        new_y = jnp.where(diverged, y_flat, new_y)
         num_fallback = state.num_fallback + jnp.where(
             state.has_prev & jnp.invert(ok), 1, 0
         )

@@ -83,9 +83,13 @@ class Broyden(optx.AbstractRootFinder):
 
     **Implementation notes:**
 
-    - Memory policy: when all `memory` slots are in use, the *oldest* rank-one term is
-        overwritten (dropped), as in the reference DEQ implementation; the solve is not
-        restarted.
+    - Memory policy: *restart*. Once all `memory` slots are in use, the next update
+        first clears the history (back to `B = -I`) and then starts filling it again.
+        (Dropping only the oldest rank-one term instead, as some DEQ implementations
+        do, breaks the recursive structure of the update -- each `u_i`, `v_i` was
+        computed from the `B` that contained all older terms -- and in our tests
+        made the method diverge on slowly-contracting problems; restarting is the
+        classical limited-memory Broyden.)
     - Safeguards: an update whose denominator is negligible,
         `|s^T B d| <= sqrt(eps) * |s| * |B d|` (including `s = 0`, e.g. a repeated
         iterate), or not finite, is skipped (counted in `sol.stats["num_skipped"]`).
@@ -98,10 +102,12 @@ class Broyden(optx.AbstractRootFinder):
         `max_step * (1 + |y_k|)` (a simple trust-region style safeguard against the
         wild first steps of a poor Jacobian approximation); by default steps are
         not limited.
-    - Termination: the solve stops at the first iterate with
-        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1`, and returns that iterate `y_k`.
-        If `g(y_k)` is not finite, the solve stops with
-        `RESULTS.nonlinear_divergence` and returns the last iterate.
+    - Termination: the solve stops once an iterate satisfies
+        `norm(|g(y_k)| / (atol + rtol * |y_k|)) < 1` (the rule of
+        `optimistix.FixedPointIteration`, applied to the residual `g`), and -- like the
+        Optimistix solvers -- returns the step computed from it, `y_{k+1}`. If `g(y_k)`
+        is not finite, the solve stops with `RESULTS.nonlinear_divergence` and returns
+        the last (finite) iterate `y_k`.
 
     ??? cite "References"
 
@@ -194,8 +200,13 @@ class Broyden(optx.AbstractRootFinder):
         converged = error < 1
         diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(g_flat))))
 
+        # Limited memory: once all slots are used, restart from B = -I.
+        full = state.index >= m
+        us = jnp.where(full, 0, state.us)
+        vs = jnp.where(full, 0, state.vs)
+        slot = jnp.where(full, 0, state.index)
+
         # Rank-one "good" Broyden update of the inverse Jacobian B = -I + U^T V.
-        us, vs = state.us, state.vs
         s = y_flat - state.y_prev
         d = g_flat - state.g_prev
         bd = -d + us.T @ (vs @ d)
@@ -210,12 +221,6 @@ class Broyden(optx.AbstractRootFinder):
         )
         u = (s - bd) / jnp.where(update, denom, 1)
         update = update & jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(bts))
-        full = state.index >= m
-        us = jnp.where(full, 0, us)
-        vs = jnp.where(full, 0, vs)
-        bd = jnp.where(full, -d, bd)
-        bts = jnp.where(full, -s, bts)
-        slot = jnp.where(full, 0, state.index)
         us = us.at[slot].set(jnp.where(update, u, us[slot]))
         vs = vs.at[slot].set(jnp.where(update, bts, vs[slot]))
         index = jnp.where(update, slot + 1, slot)
@@ -237,7 +242,7 @@ class Broyden(optx.AbstractRootFinder):
             too_long = length > limit
             p = p * jnp.where(too_long, limit / jnp.where(too_long, length, 1), 1)
 
-        new_y = jnp.where(converged | diverged, y_flat, y_flat + p)
+        new_y = jnp.where(diverged, y_flat, y_flat + p)
         new_state = _BroydenState(
             us=us,
             vs=vs,
@@ -298,7 +303,7 @@ Broyden.__init__.__doc__ = """**Arguments:**
     `PyTree -> Scalar`, e.g. [`optimistix.max_norm`][] (the default),
     [`optimistix.rms_norm`][] or [`optimistix.two_norm`][].
 - `memory`: The number of rank-one terms kept in the inverse-Jacobian approximation
-    (static). When full, the oldest term is dropped.
+    (static). When full, the approximation restarts from `-I`.
 - `max_step`: Optional cap on the step length, relative to `1 + |y|` (Euclidean). `None`
     (the default) takes full quasi-Newton steps.
 """

@@ -197,42 +197,42 @@ def _register_nonlinear():
         "iteration",
         _fp(optx.FixedPointIteration),
         kind="fixed_point",
-        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        tags={"order": 1, "implicit_gradient": True},
         doc="Plain fixed-point iteration z <- f(z).",
     )
     register(
         "damped",
         _fp(optx.FixedPointIteration, damp=0.5),
         kind="fixed_point",
-        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        tags={"order": 1, "implicit_gradient": True},
         doc="Damped iteration z <- (1-d) f(z) + d z (damp=0.5 by default).",
     )
     register(
         "newton",
         _fp(optx.Newton),
         kind=("fixed_point", "root"),
-        tags={"adaptive": False, "order": 2, "implicit_gradient": True},
+        tags={"order": 2, "implicit_gradient": True},
         doc="Newton's method with a dense Jacobian; quadratic, for small systems.",
     )
     register(
         "chord",
         _fp(optx.Chord),
         kind=("fixed_point", "root"),
-        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        tags={"order": 1, "implicit_gradient": True},
         doc="Chord method: Newton with the Jacobian of the initial point.",
     )
     register(
         "anderson",
         _fp(Anderson),
         kind=("fixed_point", "root"),
-        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        tags={"order": 1, "implicit_gradient": True},
         doc="Anderson acceleration (memory m, mixing beta, scaled Tikhonov term).",
     )
     register(
         "broyden",
         _fp(Broyden),
         kind=("fixed_point", "root"),
-        tags={"adaptive": False, "order": 1, "implicit_gradient": True},
+        tags={"order": 1, "implicit_gradient": True},
         doc="Limited-memory good Broyden quasi-Newton (Jacobian-free).",
     )
 
