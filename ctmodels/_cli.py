@@ -43,15 +43,10 @@ def _fit(ns) -> int:
 
     from ._node_job import run_neural_ode
 
-    metrics = run_neural_ode(
-        data=ns.data,
-        out=ns.out,
-        epochs=ns.epochs,
-        seed=ns.seed,
-        solver=ns.solver,
-        adjoint=ns.adjoint,
-        progress=not ns.quiet,
-    )
+    options = dict(seed=ns.seed, solver=ns.solver, adjoint=ns.adjoint)
+    if ns.epochs is not None:
+        options["epochs"] = ns.epochs
+    metrics = run_neural_ode(data=ns.data, out=ns.out, progress=not ns.quiet, **options)
     print(json.dumps(metrics, indent=1, default=str))
     return 0
 
@@ -64,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctmodels",
         description="Continuous-time models and implicit layers on JAX.",
     )
-    parser.add_argument("--version", action="version", version=f"ctmodels {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"ctmodels {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -105,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--solver", default="tsit5", help="ODE solver registry name")
     p.add_argument(
-        "--adjoint", default="checkpoint", help="adjoint registry name (default checkpoint)"
+        "--adjoint",
+        default="checkpoint",
+        help="adjoint registry name (default checkpoint)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_fit)

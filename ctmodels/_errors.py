@@ -123,7 +123,7 @@ _HINTS = {
             "log of a negative) or a finite-time blow-up; tighten rtol/atol or use "
             "an implicit solver"
         ),
-        "singular": "the implicit stepper's Jacobian is singular; try solver='kvaerno5'",
+        "singular": "the implicit stepper's Jacobian is singular; use 'kvaerno5'",
         "linear_solve_failed": "try another implicit solver, e.g. solver='kvaerno5'",
         "internal_error": "report this with the problem that triggers it",
     },

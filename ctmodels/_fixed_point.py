@@ -75,7 +75,9 @@ def _guard_step(self, fn, y, args, options, state, tags):
     stagnated = state.stagnated | (stalled >= _PATIENCE)
     scale = jnp.where(state.first, state.scale + change, state.scale)
     diverged = state.diverged | (size > _BLOWUP * scale)
-    new_state = _GuardState(inner, stalled, stagnated, scale, jnp.array(False), diverged)
+    new_state = _GuardState(
+        inner, stalled, stagnated, scale, jnp.array(False), diverged
+    )
     return new_y, new_state, aux
 
 
@@ -207,7 +209,9 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
     z = jax.lax.stop_gradient(value)
     fz = fn(z, _stop_gradient(args))
     resid = jax.tree.map(lambda a, b: a - b, fz, z) if kind == "fixed_point" else fz
-    num = jnp.sqrt(sum(jnp.sum(jnp.abs(r) ** 2) for r in jax.tree_util.tree_leaves(resid)))
+    num = jnp.sqrt(
+        sum(jnp.sum(jnp.abs(r) ** 2) for r in jax.tree_util.tree_leaves(resid))
+    )
     den = jnp.sqrt(sum(jnp.sum(jnp.abs(r) ** 2) for r in jax.tree_util.tree_leaves(z)))
     stats = {
         "num_steps": sol.stats["num_steps"],

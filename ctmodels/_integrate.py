@@ -98,8 +98,8 @@ def resolve_ode(solver, vector_field, controller, rtol, atol, dt0):
     solver, name = _registry.resolve(solver, "ode")
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ValueError(
-            f"solver must be a registry name of kind 'ode' or a diffrax.AbstractSolver, "
-            f"got {type(solver).__name__}."
+            "solver must be a registry name of kind 'ode' or a "
+            f"diffrax.AbstractSolver, got {type(solver).__name__}."
         )
     imex = isinstance(solver, diffrax.KenCarp3 | diffrax.KenCarp4 | diffrax.KenCarp5)
     imex = imex or isinstance(solver, diffrax.Sil3)

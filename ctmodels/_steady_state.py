@@ -107,7 +107,9 @@ def steady_state(
             )
         elif not bool(result == RESULTS.successful):
             code = _errors.result_name(result)
-            where = f"by t={float(np.asarray(sol.ts[0])):g} without reaching a steady state"
+            where = (
+                f"by t={float(np.asarray(sol.ts[0])):g} without reaching a steady state"
+            )
             raise SolverError(
                 _errors.explain("steady_state", name, code, where, max_steps=max_steps),
                 result=result,

@@ -53,7 +53,15 @@ def test_every_entry_builds_a_value_of_its_kind(kind, name):
 def test_available_table():
     table = solvers.available()
     assert isinstance(table, pd.DataFrame)
-    for col in ["name", "kind", "adaptive", "stiff", "order", "implicit_gradient", "doc"]:
+    for col in [
+        "name",
+        "kind",
+        "adaptive",
+        "stiff",
+        "order",
+        "implicit_gradient",
+        "doc",
+    ]:
         assert col in table.columns
     # one row per (entry, kind): a root finder that also solves fixed points appears
     # twice

@@ -67,7 +67,9 @@ def _ode(cls, order, *, stiff=False, adaptive=True, imex=False, doc=""):
 
 
 _ode(diffrax.Euler, 1, adaptive=False, doc="Explicit Euler; fixed steps (pass dt0).")
-_ode(diffrax.Heun, 2, doc="Heun's method, 2nd order with embedded Euler error estimate.")
+_ode(
+    diffrax.Heun, 2, doc="Heun's method, 2nd order with embedded Euler error estimate."
+)
 _ode(diffrax.Midpoint, 2, doc="Explicit midpoint, 2nd order, adaptive.")
 _ode(diffrax.Ralston, 2, doc="Ralston's 2nd-order method (minimal truncation error).")
 _ode(diffrax.Bosh3, 3, doc="Bogacki-Shampine 3(2); cheap at loose tolerances.")
@@ -75,11 +77,21 @@ _ode(diffrax.Tsit5, 5, doc="Tsitouras 5(4); the default non-stiff solver.")
 _ode(diffrax.Dopri5, 5, doc="Dormand-Prince 5(4) (torchdiffeq's and scipy's RK45).")
 _ode(diffrax.Dopri8, 8, doc="Dormand-Prince 8(7); for tight tolerances.")
 _ode(
-    diffrax.ImplicitEuler, 1, stiff=True, doc="Implicit Euler; L-stable, for stiff ODEs."
+    diffrax.ImplicitEuler,
+    1,
+    stiff=True,
+    doc="Implicit Euler; L-stable, for stiff ODEs.",
 )
 _ode(diffrax.Kvaerno3, 3, stiff=True, doc="Kvaerno 3(2) ESDIRK; L-stable, stiff ODEs.")
 _ode(diffrax.Kvaerno4, 4, stiff=True, doc="Kvaerno 4(3) ESDIRK; L-stable, stiff ODEs.")
-_ode(diffrax.Kvaerno5, 5, stiff=True, doc="Kvaerno 5(4) ESDIRK; the default stiff solver.")
+_ode(
+    diffrax.Kvaerno5,
+    5,
+    stiff=True,
+    doc="Kvaerno 5(4) ESDIRK; the default stiff solver.",
+)
+
+
 def _newton_root_finder(cls):
     """Diffrax's default VeryChord root finder fails to converge inside the KenCarp
     steppers (diffrax 0.7.2: even dy/dt = -2y hits max_steps), so the IMEX entries
@@ -99,9 +111,27 @@ _imex_doc = (
     "Kennedy-Carpenter {} IMEX; pass vector_field=(explicit, implicit), or one field "
     "to treat it all implicitly."
 )
-_ode(_newton_root_finder(diffrax.KenCarp3), 3, stiff=True, imex=True, doc=_imex_doc.format("3(2)"))
-_ode(_newton_root_finder(diffrax.KenCarp4), 4, stiff=True, imex=True, doc=_imex_doc.format("4(3)"))
-_ode(_newton_root_finder(diffrax.KenCarp5), 5, stiff=True, imex=True, doc=_imex_doc.format("5(4)"))
+_ode(
+    _newton_root_finder(diffrax.KenCarp3),
+    3,
+    stiff=True,
+    imex=True,
+    doc=_imex_doc.format("3(2)"),
+)
+_ode(
+    _newton_root_finder(diffrax.KenCarp4),
+    4,
+    stiff=True,
+    imex=True,
+    doc=_imex_doc.format("4(3)"),
+)
+_ode(
+    _newton_root_finder(diffrax.KenCarp5),
+    5,
+    stiff=True,
+    imex=True,
+    doc=_imex_doc.format("5(4)"),
+)
 _ode(
     diffrax.Sil3,
     2,
@@ -268,6 +298,8 @@ register(
     tags={"implicit_gradient": True},
     doc="Dense QR; least squares for non-square or rank-deficient systems.",
 )
+
+
 def _normal_cg(rtol=1e-6, atol=1e-6, **options):
     return lx.Normal(lx.CG(rtol=rtol, atol=atol, **options))
 

@@ -57,7 +57,9 @@ def register(
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     for k in kinds:
         if k not in KINDS:
-            raise ValueError(f"Unknown solver kind {k!r}; kinds are {', '.join(KINDS)}.")
+            raise ValueError(
+                f"Unknown solver kind {k!r}; kinds are {', '.join(KINDS)}."
+            )
     if not isinstance(name, str) or not name:
         raise ValueError("A solver name must be a non-empty string.")
     if not callable(factory):
@@ -90,7 +92,9 @@ def entry(name: str, kind: str | None = None) -> Entry:
 
 def _lookup(name: str, kind: str | None) -> Entry:
     if not isinstance(name, str):
-        raise ValueError(f"Expected a solver name (a string), got {type(name).__name__}.")
+        raise ValueError(
+            f"Expected a solver name (a string), got {type(name).__name__}."
+        )
     key = name.strip().lower()
     e = _REGISTRY.get(key)
     if e is None:
@@ -125,7 +129,9 @@ def get(name: str, *, kind: str | None = None, **options) -> Any:
     try:
         return e.factory(**options)
     except TypeError as err:
-        raise ValueError(f"Bad options {sorted(options)} for solver {name!r}: {err}") from err
+        raise ValueError(
+            f"Bad options {sorted(options)} for solver {name!r}: {err}"
+        ) from err
 
 
 def available(kind: str | None = None) -> pd.DataFrame:
