@@ -16,7 +16,8 @@ from jaxtyping import Array, Bool, Int, PyTree
 from . import _errors
 from ._errors import RESULTS, SolverError
 from .solvers import _registry
-from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL, ImplicitAdjoint
+from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
+from .solvers._implicit import ImplicitAdjoint
 
 # A solve whose iterates move by no more than this many ulps (relative to the iterate's
 # size) for `_PATIENCE` consecutive steps, without meeting the tolerance, has stagnated.

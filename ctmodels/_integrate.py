@@ -16,7 +16,8 @@ from jaxtyping import Array, ArrayLike, PyTree
 from . import _errors
 from ._errors import RESULTS, SolverError
 from .solvers import _registry
-from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL, ImplicitAdjoint
+from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
+from .solvers._implicit import ImplicitAdjoint
 
 
 class Solution(eqx.Module):

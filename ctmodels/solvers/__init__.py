@@ -7,7 +7,11 @@ own (the parametrized test-suite covers registered entries automatically).
 
 from ._anderson import Anderson as Anderson
 from ._broyden import Broyden as Broyden
-from ._builtin import ImplicitAdjoint as ImplicitAdjoint
+from ._implicit import (
+    BackwardMonitor as BackwardMonitor,
+    CheckedLinearSolver as CheckedLinearSolver,
+    ImplicitAdjoint as ImplicitAdjoint,
+)
 from ._registry import (
     KINDS as KINDS,
     available as available,

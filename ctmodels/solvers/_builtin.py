@@ -4,10 +4,10 @@ and ctmodels fixed-point/root solvers, and Lineax linear solvers."""
 from __future__ import annotations
 
 import diffrax
-import equinox as eqx
 import lineax as lx
 import optimistix as optx
 
+from ._implicit import ImplicitAdjoint
 from ._registry import get, register
 
 # Default tolerances of solvers built by name without explicit tolerances.
@@ -15,31 +15,12 @@ DEFAULT_RTOL = 1e-6
 DEFAULT_ATOL = 1e-8
 
 
-class ImplicitAdjoint(eqx.Module):
-    """Differentiate a solve through the implicit function theorem.
-
-    One value for every entry point: [`ctmodels.steady_state`][] turns it into
-    `diffrax.ImplicitAdjoint`, [`ctmodels.fixed_point`][] and [`ctmodels.root_find`][]
-    into `optimistix.ImplicitAdjoint`. The backward pass solves one linear system
-    with `linear_solver` (a Lineax solver or a registry name of kind `linear`).
-
-    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019;
-    Blondel et al., "Efficient and modular implicit differentiation", NeurIPS 2022.
-    """
-
-    linear_solver: lx.AbstractLinearSolver = lx.AutoLinearSolver(well_posed=None)
-
-    def to_diffrax(self) -> diffrax.ImplicitAdjoint:
-        return diffrax.ImplicitAdjoint(linear_solver=self.linear_solver)
-
-    def to_optimistix(self) -> optx.ImplicitAdjoint:
-        return optx.ImplicitAdjoint(linear_solver=self.linear_solver)
-
-
-def _implicit_adjoint(linear_solver="auto", **options) -> ImplicitAdjoint:
+def _implicit_adjoint(
+    linear_solver="auto", *, backward_tol=1e-2, on_backward=None, **options
+) -> ImplicitAdjoint:
     if isinstance(linear_solver, str):
         linear_solver = get(linear_solver, kind="linear", **options)
-    return ImplicitAdjoint(linear_solver=linear_solver)
+    return ImplicitAdjoint(linear_solver, backward_tol, on_backward)
 
 
 def _ode(cls, order, *, stiff=False, adaptive=True, imex=False, doc=""):
