@@ -23,9 +23,11 @@ from .solvers._implicit import ImplicitAdjoint
 # size) for `_PATIENCE` consecutive steps, without meeting the tolerance, has stagnated.
 _ULPS = 16.0
 _PATIENCE = 5
-# Iterates that grow this many times beyond the problem's initial scale (|z0| plus the
-# first step) have diverged.
-_BLOWUP = 1e6
+# Steps that grow for `_GROWING` consecutive iterations to `_BLOWUP` times the smallest
+# step seen mean the iteration has diverged. (A single huge step is not divergence: an
+# accelerated solver may jump straight to a fixed point far from z0.)
+_GROWING = 8
+_BLOWUP = 100.0
 
 
 class FixedPointSolution(eqx.Module):
@@ -49,15 +51,22 @@ class _GuardState(eqx.Module):
     inner: Any
     stalled: Int[Array, ""]
     stagnated: Bool[Array, ""]
-    scale: Array
-    first: Bool[Array, ""]
+    prev_change: Array
+    min_change: Array
+    growing: Int[Array, ""]
     diverged: Bool[Array, ""]
 
 
 def _guard_init(self, fn, y, args, options, f_struct, aux_struct, tags):
     inner = self.solver.init(fn, y, args, options, f_struct, aux_struct, tags)
-    false = jnp.array(False)
-    return _GuardState(inner, jnp.array(0), false, _max_abs(y), jnp.array(True), false)
+    if isinstance(self.solver, optx.FixedPointIteration):
+        # optimistix 0.1.0 initialises this state as a float64 `inf` under x64 while
+        # its step produces the iterate's dtype, so float32 solves fail to trace.
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(y))
+        inner = jax.tree.map(lambda x: x.astype(dtype), inner)
+    false, zero = jnp.array(False), jnp.array(0)
+    inf = jnp.array(jnp.inf, jnp.result_type(*jax.tree_util.tree_leaves(y)))
+    return _GuardState(inner, zero, false, inf, inf, zero, false)
 
 
 def _max_abs(tree) -> Array:
@@ -74,10 +83,13 @@ def _guard_step(self, fn, y, args, options, state, tags):
     small = change <= _ULPS * eps * size + tiny
     stalled = jnp.where(small, state.stalled + 1, 0)
     stagnated = state.stagnated | (stalled >= _PATIENCE)
-    scale = jnp.where(state.first, state.scale + change, state.scale)
-    diverged = state.diverged | (size > _BLOWUP * scale)
+    growing = jnp.where(change > state.prev_change, state.growing + 1, 0)
+    min_change = jnp.minimum(state.min_change, change)
+    diverged = state.diverged | (
+        (growing >= _GROWING) & (change > _BLOWUP * min_change)
+    )
     new_state = _GuardState(
-        inner, stalled, stagnated, scale, jnp.array(False), diverged
+        inner, stalled, stagnated, change, min_change, growing, diverged
     )
     return new_y, new_state, aux
 

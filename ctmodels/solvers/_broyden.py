@@ -67,10 +67,12 @@ class Broyden(optx.AbstractRootFinder):
 
     `B = -I + sum_i u_i v_i^T`,
 
-    with the `u_i`, `v_i` stored as two `[memory, n]` ring buffers. Each step is
-    `y_{k+1} = y_k - B g(y_k)`. After each step, with `s = y_{k+1} - y_k` and
-    `d = g(y_{k+1}) - g(y_k)`, Broyden's "good" update of the Jacobian, written for
-    the inverse through the Sherman--Morrison formula, is the rank-one correction
+    with the `u_i`, `v_i` stored as the rows of two fixed-size `[memory, n]` buffers
+    (`y` may be any pytree of arrays: it is flattened; the solver works under `jit`
+    and `vmap`). Each step is `y_{k+1} = y_k - B g(y_k)`. After each step, with
+    `s = y_{k+1} - y_k` and `d = g(y_{k+1}) - g(y_k)`, Broyden's "good" update of the
+    Jacobian, written for the inverse through the Sherman--Morrison formula, is the
+    rank-one correction
 
     `B <- B + (s - B d) (B^T s)^T / (s^T B d)`,
 
