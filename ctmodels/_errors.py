@@ -155,17 +155,19 @@ _HINTS = {
     },
 }
 _HINTS["root_find"] = _HINTS["fixed_point"]
-_HINTS["steady_state"] = {**_HINTS["integrate"], **_HINTS["fixed_point"]}
+_HINTS["steady_state"] = _HINTS["fixed_point"]
 
 
-def explain(entry: str, solver: str, code: str, where: str = "", **context) -> str:
-    """Build the one readable failure message."""
+def explain(
+    entry: str, solver: str, code: str, where: str = "", hints: str = "", **context
+) -> str:
+    """Build the one readable failure message (`hints`: whose hints, default entry)."""
     why = getattr(RESULTS, code)
     msg = f"ctmodels.{entry} with solver {solver!r} failed"
     if where:
         msg += f" {where}"
     msg += f": {RESULTS[why]}."
-    hint = _HINTS.get(entry, {}).get(code)
+    hint = _HINTS.get(hints or entry, {}).get(code)
     if hint:
         ctx = dict(solver=solver, max_steps="?", rtol="?", atol="?", dtype="?", eps=0.0)
         ctx.update(context)
@@ -192,9 +194,11 @@ def is_traced(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-def raise_if_failed_traced(result: RESULTS, x, entry: str, solver: str, **context):
+def raise_if_failed_traced(
+    result: RESULTS, x, entry: str, solver: str, hints: str = "", **context
+):
     """Under jit: attach a runtime error (static message per result code) to `x`."""
-    msgs = [explain(entry, solver, code, **context) for code in CODES]
+    msgs = [explain(entry, solver, code, hints=hints, **context) for code in CODES]
     index = result._value
     pred = result != RESULTS.successful
     return eqx.branched_error_if(x, pred, index, msgs)

@@ -40,19 +40,26 @@ class Solution(eqx.Module):
     result: RESULTS
 
 
-def _evals_per_step(solver) -> int | None:
-    """Vector-field evaluations per attempted step of an explicit stepper."""
+def _evals_per_step(solver) -> tuple[int, int] | None:
+    """(vector-field evaluations per attempted step, evaluations at the start) of an
+    explicit stepper; None where the count varies (implicit steppers)."""
     if isinstance(solver, diffrax.AbstractImplicitSolver):
         return None
-    if isinstance(solver, diffrax.Euler):
-        return 1
+    if isinstance(solver, diffrax.Euler | diffrax.LeapfrogMidpoint):
+        return 1, 0
+    if isinstance(solver, diffrax.ReversibleHeun):
+        return 1, 1
     tableau = getattr(solver, "tableau", None)
     if isinstance(tableau, diffrax.ButcherTableau):
         stages = len(tableau.c) + 1
-        return stages - 1 if tableau.fsal else stages
-    if isinstance(solver, diffrax.ReversibleHeun | diffrax.LeapfrogMidpoint):
-        return 1
+        return (stages - 1, 1) if tableau.fsal else (stages, 0)
     return None
+
+
+def _zero_field(t, y, args):
+    """The explicit part of an IMEX solve given one (implicit) vector field; module
+    level so repeated calls hit Diffrax's compilation cache."""
+    return jax.tree.map(jnp.zeros_like, y)
 
 
 def _fill_root_finder_tols(solver, rtol, atol):
@@ -115,7 +122,7 @@ def resolve_ode(solver, vector_field, controller, rtol, atol, dt0):
     elif callable(vector_field):
         term = diffrax.ODETerm(vector_field)
         if imex:
-            zero = diffrax.ODETerm(lambda t, y, args: jax.tree.map(jnp.zeros_like, y))
+            zero = diffrax.ODETerm(_zero_field)
             terms = diffrax.MultiTerm(zero, term)
         else:
             terms = term
@@ -258,9 +265,23 @@ def integrate(
         throw=False,
     )
     result = _errors.from_diffrax(sol.result)
+    # A constant-step solve cannot reject a step, so Diffrax reports success even when
+    # the vector field returned NaN: flag non-finite states at the reached times.
+    reached = jnp.isfinite(sol.ts)
+    finite = jnp.all(
+        jnp.stack(
+            [
+                jnp.all(jnp.isfinite(y.reshape(y.shape[0], -1)) | ~reached[:, None])
+                for y in jax.tree_util.tree_leaves(sol.ys)
+            ]
+        )
+    )
+    result = RESULTS.where(
+        (result == RESULTS.successful) & ~finite, RESULTS.nonfinite, result
+    )
     per_step = _evals_per_step(solver_v)
     num_steps = sol.stats["num_steps"]
-    evals = -1 if per_step is None else num_steps * per_step + 1
+    evals = -1 if per_step is None else num_steps * per_step[0] + per_step[1]
     stats = {
         "num_steps": num_steps,
         "num_accepted_steps": sol.stats["num_accepted_steps"],
@@ -275,16 +296,20 @@ def integrate(
                 result, ys, "integrate", name, max_steps=max_steps
             )
         else:
-            _raise_eager(result, sol.ts, ts, name, max_steps)
+            _raise_eager(result, sol.ts, sol.ys, ts, name, max_steps)
     return Solution(ts=ts, ys=ys, stats=stats, result=result)
 
 
-def _raise_eager(result, saved_ts, ts, name, max_steps):
+def _raise_eager(result, saved_ts, ys, ts, name, max_steps):
     if bool(result == RESULTS.successful):
         return
     code = _errors.result_name(result)
-    reached = np.asarray(saved_ts)
-    finite = np.flatnonzero(np.isfinite(reached))
+    ok = np.isfinite(np.asarray(saved_ts))
+    for y in jax.tree_util.tree_leaves(ys):
+        y = np.asarray(y)
+        ok &= np.all(np.isfinite(y.reshape(y.shape[0], -1)), axis=1)
+    # the times reached with a finite state: a prefix of ts
+    finite = np.flatnonzero(np.cumprod(ok))
     req = np.asarray(ts)
     if finite.size == 0:
         where = f"before reaching t={req[0]:g}"

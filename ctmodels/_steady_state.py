@@ -9,13 +9,16 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optimistix as optx
 from jaxtyping import Array, PyTree
 
 from . import _errors
 from ._errors import RESULTS, SolverError
 from ._fixed_point import FixedPointSolution, _max_abs, _solve, _stop_gradient
 from ._integrate import resolve_adjoint, resolve_ode
+from .solvers import _registry
 from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
+from .solvers._implicit import ImplicitAdjoint
 
 
 def steady_state(
@@ -73,7 +76,20 @@ def steady_state(
     terms, solver_v, controller, name = resolve_ode(
         solver or "tsit5", vector_field, None, rtol / 10, atol / 10, None
     )
-    adjoint_v, _ = resolve_adjoint(adjoint, "steady_state")
+    if isinstance(adjoint, str):
+        adjoint, _ = _registry.resolve(adjoint, "adjoint")
+    if isinstance(adjoint, diffrax.ImplicitAdjoint):
+        adjoint = ImplicitAdjoint(adjoint.linear_solver)
+    implicit = isinstance(adjoint, ImplicitAdjoint)
+    if implicit:
+        # Integrate without tracking gradients, then attach the implicit-function-
+        # theorem gradient at the equilibrium with the same code as method="root", so
+        # both routes give the same gradient (and every linear solver works).
+        adjoint_v = diffrax.RecursiveCheckpointAdjoint()
+        solve_args = _stop_gradient(args)
+    else:
+        adjoint_v, _ = resolve_adjoint(adjoint, "steady_state")
+        solve_args = args
     y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
     event = diffrax.Event(diffrax.steady_state_event(rtol=rtol, atol=atol))
     sol = diffrax.diffeqsolve(
@@ -82,8 +98,8 @@ def steady_state(
         t0=0.0,
         t1=jnp.inf,
         dt0=None,
-        y0=y0,
-        args=args,
+        y0=y0 if not implicit else jax.lax.stop_gradient(y0),
+        args=solve_args,
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=controller,
         event=event,
@@ -92,6 +108,16 @@ def steady_state(
         throw=False,
     )
     value = jax.tree.map(lambda y: y[0], sol.ys)
+    if implicit:
+        value = optx.root_find(
+            _Autonomous(vector_field),
+            _AlreadySolved(rtol=rtol, atol=atol),
+            value,
+            args,
+            adjoint=adjoint.to_optimistix(),
+            max_steps=1,
+            throw=False,
+        ).value
     result = _errors.from_diffrax(sol.result)
     resid = vector_field(0.0, jax.lax.stop_gradient(value), _stop_gradient(args))
     stats = {
@@ -103,20 +129,49 @@ def steady_state(
     if throw:
         if _errors.is_traced(value, result):
             value = _errors.raise_if_failed_traced(
-                result, value, "steady_state", name, max_steps=max_steps
-            )
+                result, value, "steady_state", name, hints="integrate",
+                max_steps=max_steps,
+            )  # fmt: skip
         elif not bool(result == RESULTS.successful):
             code = _errors.result_name(result)
             where = (
                 f"by t={float(np.asarray(sol.ts[0])):g} without reaching a steady state"
             )
             raise SolverError(
-                _errors.explain("steady_state", name, code, where, max_steps=max_steps),
+                _errors.explain(
+                    "steady_state",
+                    name,
+                    code,
+                    where,
+                    hints="integrate",
+                    max_steps=max_steps,
+                ),  # fmt: skip
                 result=result,
                 solver=name,
                 entry="steady_state",
             )
     return FixedPointSolution(value=value, stats=stats, result=result)
+
+
+class _AlreadySolved(optx.AbstractRootFinder):
+    """A root finder that accepts its initial guess as the root: used to attach the
+    implicit gradient to an equilibrium found by integration."""
+
+    rtol: float
+    atol: float
+    norm: Callable = optx.max_norm
+
+    def init(self, fn, y, args, options, f_struct, aux_struct, tags):
+        return None
+
+    def step(self, fn, y, args, options, state, tags):
+        return y, state, None
+
+    def terminate(self, fn, y, args, options, state, tags):
+        return jnp.array(True), optx.RESULTS.successful
+
+    def postprocess(self, fn, y, aux, args, options, state, tags, result):
+        return y, aux, {}
 
 
 class _Autonomous:
