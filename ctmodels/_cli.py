@@ -117,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
-    return ns.func(ns)
+    from ._errors import SolverError
+
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError, SolverError) as err:
+        # bad input: one readable line, not a traceback
+        print(f"ctmodels {ns.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

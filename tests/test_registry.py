@@ -148,3 +148,17 @@ def test_console_script_help():
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "--kind" in proc.stdout
+
+
+def test_cli_bad_input_is_one_readable_line(capsys):
+    assert cli_main(["datasets", "show", "pbcseqq"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'pbcseq'" in err and "Traceback" not in err
+
+
+def test_cli_datasets_list_and_card(capsys):
+    assert cli_main(["datasets"]) == 0
+    assert "pbcseq" in capsys.readouterr().out
+    assert cli_main(["datasets", "show", "pbcseq"]) == 0
+    out = capsys.readouterr().out
+    assert "License" in out or "license" in out

@@ -4,4 +4,9 @@ The files and their data cards live in the top-level `datasets/` folder of the s
 tree (shipped inside the wheel as `ctmodels/_data_files`).
 """
 
-from ._load import available as available, load as load, names as names
+from ._load import (
+    available as available,
+    card as card,
+    load as load,
+    names as names,
+)

@@ -278,3 +278,10 @@ def available() -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def card(name: str) -> str:
+    """The data card (Markdown: source, license, citation, preprocessing, shape,
+    missingness) of a bundled dataset."""
+    entry = _entry(name)
+    return _find(Path(entry.filename).stem + ".md").read_text()
