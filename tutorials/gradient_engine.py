@@ -21,11 +21,11 @@ jax.config.update("jax_enable_x64", True)
 
 
 def main():
-    # 1. The registry ----------------------------------------------------------------
+    # 1. The registry
     table = ctmodels.solvers.available("fixed_point")
     print("fixed-point solvers:", ", ".join(table["name"]))
 
-    # 2. integrate under four adjoints --------------------------------------------------
+    # 2. integrate under four adjoints
     A = jnp.array([[-0.5, 1.0], [-1.0, -0.5]])
     y0 = jnp.array([1.0, 0.0])
     ts = jnp.array([0.0, 2.0])
@@ -47,7 +47,7 @@ def main():
     print(f"d/ds via {'forward':10s}: {g:+.10f}")
     np.testing.assert_allclose(g, exact, rtol=1e-7)
 
-    # 3. A fixed point with implicit gradients ----------------------------------------
+    # 3. A fixed point with implicit gradients
     key_w, key_x = jax.random.split(jax.random.PRNGKey(0))
     W = jax.random.normal(key_w, (16, 16))
     W = 0.9 * W / jnp.linalg.norm(W, 2)
@@ -72,7 +72,7 @@ def main():
           f"relative residual {monitor.last['relative_residual']:.1e}")  # fmt: skip
     assert err < 1e-7
 
-    # 4. Steady states two ways -------------------------------------------------------
+    # 4. Steady states two ways
     def field(t, y, a):
         return a - y**3  # equilibrium y* = a^(1/3)
 
@@ -80,16 +80,16 @@ def main():
     for method in ["root", "integrate"]:
         value = ctmodels.steady_state(field, jnp.ones(2), a, method=method).value
         grad = jax.grad(
-            lambda a: ctmodels.steady_state(
-                field, jnp.ones(2), a, method=method
+            lambda a, m: ctmodels.steady_state(
+                field, jnp.ones(2), a, method=m
             ).value.sum()
-        )(a)
+        )(a, method)
         print(f"steady state by {method:9s}: {np.round(value, 6)}, "
               f"d/da {np.round(grad, 6)}")  # fmt: skip
         np.testing.assert_allclose(value, a ** (1 / 3), rtol=1e-5)
         np.testing.assert_allclose(grad, 1 / (3 * a ** (2 / 3)), rtol=1e-4)
 
-    # 5. A failure you can read -------------------------------------------------------
+    # 5. A failure you can read
     stiff = lambda t, y, args: -1000.0 * (y - jnp.cos(t))  # noqa: E731
     try:
         ctmodels.integrate(
