@@ -19,10 +19,12 @@ from .solvers import _registry
 from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
 from .solvers._implicit import ImplicitAdjoint
 
-# A solve whose iterates move by no more than this many ulps (relative to the iterate's
-# size) for `_PATIENCE` consecutive steps, without meeting the tolerance, has stagnated.
-_ULPS = 16.0
-_PATIENCE = 5
+# A solve whose steps are at roundoff level (within `_ULPS` ulps of the iterate's size)
+# and have not set a new smallest step for `_PATIENCE` iterations, without meeting the
+# tolerance, has stagnated. (A slowly converging solve sets a new smallest step every
+# iteration, however small its steps, so it is never flagged.)
+_ULPS = 64.0
+_PATIENCE = 10
 # Steps that grow for `_GROWING` consecutive iterations to `_BLOWUP` times the smallest
 # step seen mean the iteration has diverged. (A single huge step is not divergence: an
 # accelerated solver may jump straight to a fixed point far from z0; and a convergent
@@ -82,7 +84,8 @@ def _guard_step(self, fn, y, args, options, state, tags):
     eps = jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(new_y))).eps
     tiny = jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(new_y))).tiny
     small = change <= _ULPS * eps * size + tiny
-    stalled = jnp.where(small, state.stalled + 1, 0)
+    improved = change < state.min_change
+    stalled = jnp.where(small & ~improved, state.stalled + 1, 0)
     stagnated = state.stagnated | (stalled >= _PATIENCE)
     growing = jnp.where(change > state.prev_change, state.growing + 1, 0)
     min_change = jnp.minimum(state.min_change, change)

@@ -232,7 +232,7 @@ class Anderson(optx.AbstractRootFinder):
 
         beta = jnp.asarray(self.beta, dtype)
         new_y = y_flat + beta * r_flat - (dy_hist + beta * dr_hist).T @ gamma
-        new_y = jnp.where(diverged, y_flat, new_y)
+        new_y = jnp.where(converged | diverged, y_flat, new_y)
         num_fallback = state.num_fallback + jnp.where(
             state.has_prev & jnp.invert(ok), 1, 0
         )

@@ -244,7 +244,7 @@ class Broyden(optx.AbstractRootFinder):
             too_long = length > limit
             p = p * jnp.where(too_long, limit / jnp.where(too_long, length, 1), 1)
 
-        new_y = jnp.where(diverged, y_flat, y_flat + p)
+        new_y = jnp.where(converged | diverged, y_flat, y_flat + p)
         new_state = _BroydenState(
             us=us,
             vs=vs,
