@@ -179,10 +179,15 @@ def _resolve_solver(solver, kind, rtol, atol):
     return _GuardedFixedPoint(value), name
 
 
-def resolve_nonlinear_adjoint(adjoint):
-    """Registry name / value -> an Optimistix adjoint."""
+def resolve_nonlinear_adjoint(adjoint, kind: str = "root"):
+    """Registry name / value -> an Optimistix adjoint. For fixed points the name
+    "implicit" means a matrix-free backward solve ("anderson_linear"): the DEQ
+    setting, where forming the Jacobian costs one JVP per state dimension."""
     if isinstance(adjoint, str):
-        adjoint, _ = _registry.resolve(adjoint, "adjoint")
+        options = {}
+        if kind == "fixed_point" and adjoint.strip().lower() == "implicit":
+            options["linear_solver"] = "anderson_linear"
+        adjoint, _ = _registry.resolve(adjoint, "adjoint", **options)
     if isinstance(adjoint, ImplicitAdjoint):
         return adjoint.to_optimistix()
     if isinstance(adjoint, diffrax.RecursiveCheckpointAdjoint):
@@ -212,7 +217,7 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
             f"its input z; got input {in_struct} and output {out_struct}."
         )
     solver_v, name = _resolve_solver(solver, kind, rtol, atol)
-    adjoint_v = resolve_nonlinear_adjoint(adjoint)
+    adjoint_v = resolve_nonlinear_adjoint(adjoint, kind)
     call = optx.fixed_point if kind == "fixed_point" else optx.root_find
     sol = call(
         fn, solver_v, y0, args, max_steps=max_steps, adjoint=adjoint_v, throw=False

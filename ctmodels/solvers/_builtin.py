@@ -7,7 +7,7 @@ import diffrax
 import lineax as lx
 import optimistix as optx
 
-from ._implicit import ImplicitAdjoint
+from ._implicit import AndersonLinearSolver, ImplicitAdjoint
 from ._registry import get, register
 
 # Default tolerances of solvers built by name without explicit tolerances.
@@ -296,6 +296,14 @@ def _normal_cg(rtol=1e-6, atol=1e-6, **options):
     return lx.Normal(lx.CG(rtol=rtol, atol=atol, **options))
 
 
+register(
+    "anderson_linear",
+    AndersonLinearSolver,
+    kind="linear",
+    tags={"implicit_gradient": True, "memory": "O(m n)"},
+    doc="Matrix-free Anderson-accelerated x <- x + (Ax - b); the default backward "
+    "solve of fixed_point (contractive maps).",
+)
 register(
     "cg",
     _normal_cg,

@@ -8,6 +8,7 @@ from typing import Any
 import diffrax
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
@@ -48,6 +49,10 @@ class CheckedLinearSolver(lx.AbstractLinearSolver):
                 rel,
             )
         bad = ~jnp.isfinite(rel) | (rel > self.tol)
+        # Our residual check is the arbiter: an inner solver that flags a tolerance
+        # quirk (e.g. lineax GMRES "stagnation" at a residual we accept) should not
+        # turn a usable solve into an opaque error, and a bad one raises ours below.
+        result = lx.RESULTS.where(bad, result, lx.RESULTS.successful)
         x = eqx.error_if(
             x,
             bad,
@@ -73,6 +78,68 @@ class CheckedLinearSolver(lx.AbstractLinearSolver):
 
     def assume_full_rank(self):
         return self.inner.assume_full_rank()
+
+
+class AndersonLinearSolver(lx.AbstractLinearSolver):
+    """Matrix-free solve of `A x = b` by Anderson-accelerated iteration
+    `x <- x + (A x - b)`: one operator application (a JVP or VJP) per iteration, no
+    Jacobian is ever formed.
+
+    In the implicit backward pass of a fixed point `z* = f(z*)` the operator is
+    `A = df/dz - I`, so this iterates the adjoint fixed point `x <- J^T x - b` as
+    torchdeq and the DEQ papers do, accelerated; it converges when `J` is a
+    contraction (spectral radius below 1), i.e. for any DEQ whose forward map
+    contracts. For stiff steady states (eigenvalues of `df/dy` far left of -2) use a
+    direct solver (`"auto"`, `"lu"`) or `"gmres"`.
+
+    **Arguments:** `rtol` (relative residual target `|A x - b| <= rtol |b|`),
+    `max_steps`, `memory` (Anderson history).
+    """
+
+    rtol: float = 1e-6
+    max_steps: int = eqx.field(static=True, default=500)
+    memory: int = eqx.field(static=True, default=5)
+
+    def init(self, operator, options):
+        return operator
+
+    def compute(self, state, vector, options):
+        from ._anderson import Anderson
+
+        operator = state
+        flat_b, _ = jax.flatten_util.ravel_pytree(vector)
+        scale = jnp.max(jnp.abs(flat_b))
+        # elementwise |g| <= atol with atol = rtol * max|b| (a max-norm relative test)
+        atol = self.rtol * jnp.where(scale > 0, scale, 1.0)
+        solver = Anderson(rtol=0.0, atol=atol, memory=self.memory)
+
+        def residual(x, args):
+            op, b = args
+            return jax.tree.map(lambda a, c: a - c, op.mv(x), b)
+
+        sol = optx.root_find(
+            residual,
+            solver,
+            jax.tree.map(jnp.negative, vector),
+            (operator, vector),
+            max_steps=self.max_steps,
+            adjoint=optx.RecursiveCheckpointAdjoint(),
+            throw=False,
+        )
+        ok = sol.result == optx.RESULTS.successful
+        result = lx.RESULTS.where(
+            ok, lx.RESULTS.successful, lx.RESULTS.max_steps_reached
+        )
+        return sol.value, result, {"num_steps": sol.stats["num_steps"]}
+
+    def transpose(self, state, options):
+        return state.T, options
+
+    def conj(self, state, options):
+        return lx.conj(state), options
+
+    def assume_full_rank(self):
+        return True
 
 
 class BackwardMonitor:
