@@ -202,17 +202,24 @@ class Broyden(optx.AbstractRootFinder):
         converged = error < 1
         diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(g_flat))))
 
-        # Limited memory: once all slots are used, restart from B = -I.
+        # Limited memory: once all slots are used, restart from B = -I. Slots at or
+        # beyond the live count are masked out of every product rather than zeroed,
+        # so a restart costs nothing (no pass over the [m, n] buffers).
         full = state.index >= m
-        us = jnp.where(full, 0, state.us)
-        vs = jnp.where(full, 0, state.vs)
         slot = jnp.where(full, 0, state.index)
+        us, vs = state.us, state.vs
+        slots = jnp.arange(m)
+
+        def apply(mat_a, mat_b, x, count):
+            # sum over live slots i < count of mat_a[i] * (mat_b[i] . x)
+            coef = jnp.where(slots < count, mat_b @ x, 0)
+            return mat_a.T @ coef
 
         # Rank-one "good" Broyden update of the inverse Jacobian B = -I + U^T V.
         s = y_flat - state.y_prev
         d = g_flat - state.g_prev
-        bd = -d + us.T @ (vs @ d)
-        bts = -s + vs.T @ (us @ s)
+        bd = -d + apply(us, vs, d, slot)
+        bts = -s + apply(vs, us, s, slot)
         denom = jnp.dot(s, bd)
         threshold = jnp.sqrt(eps) * _safe_norm(s) * _safe_norm(bd)
         update = (
@@ -230,12 +237,10 @@ class Broyden(optx.AbstractRootFinder):
             state.has_prev & jnp.invert(update), 1, 0
         )
 
-        # Quasi-Newton step p = -B g, with the plain step as a fallback.
-        p = g_flat - us.T @ (vs @ g_flat)
+        # Quasi-Newton step p = -B g, with the plain step (and a restart) as fallback.
+        p = g_flat - apply(us, vs, g_flat, index)
         ok = jnp.all(jnp.isfinite(p))
         p = jnp.where(ok, p, g_flat)
-        us = jnp.where(ok, us, 0)
-        vs = jnp.where(ok, vs, 0)
         index = jnp.where(ok, index, 0)
         num_fallback = state.num_fallback + jnp.where(ok, 0, 1)
         if self.max_step is not None:
