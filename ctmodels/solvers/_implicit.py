@@ -101,7 +101,9 @@ class AndersonLinearSolver(lx.AbstractLinearSolver):
     memory: int = eqx.field(static=True, default=5)
 
     def init(self, operator, options):
-        return operator
+        # Linearise once (jax.linearize): every iteration then costs one application
+        # of the stored linear map instead of re-tracing the function's JVP/VJP.
+        return lx.linearise(operator)
 
     def compute(self, state, vector, options):
         from ._anderson import Anderson
