@@ -1,0 +1,16 @@
+"""`ctmodels.data`: irregular time series in and out (xarray, pandas), batching, tasks.
+
+This is the only part of ctmodels (besides `ctmodels.datasets`, which builds
+`xarray.Dataset`s) that imports xarray and pandas.
+"""
+
+from ._batch import (
+    Batch as Batch,
+    batches as batches,
+    bucket_length as bucket_length,
+    extrapolation_task as extrapolation_task,
+    interpolation_task as interpolation_task,
+    make_batch as make_batch,
+    num_batches as num_batches,
+)
+from ._timeseries import Metadata as Metadata, TimeSeries as TimeSeries

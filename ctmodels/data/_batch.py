@@ -1,0 +1,287 @@
+"""Device-side batches of irregular series, bucketed shapes, and the two standard tasks.
+
+Two layouts (Rubanova, Chen & Duvenaud 2019 use the second):
+
+- `"padded"`: each row holds one series' own valid times, compacted to the front and
+  padded at the end (padding repeats the last valid time; `time_mask` is False there).
+- `"union"`: all valid times of the batch merged into one sorted grid shared by every
+  row (`times[b]` is the same for every `b`); `time_mask[b, j]` says whether grid time
+  `j` is one of series `b`'s own times, `mask` which channels it observed there. One ODE
+  solve then serves the whole batch.
+
+Shapes are bucketed so that `jit` compiles once per bucket, not once per batch: the
+batch dimension is always `batch_size` (a short last batch is padded with rows of
+weight 0) and the time dimension is rounded up (`time_bucket`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._timeseries import TimeSeries
+
+
+class Batch(eqx.Module):
+    """A batch of `B` series on `T` time positions with `C` channels (JAX arrays).
+
+    - `times` `[B, T]`: non-decreasing in each row (in the union layout every row is
+      the same grid).
+    - `values` `[B, T, C]`: 0 where not observed.
+    - `mask` `[B, T, C]`: the observations the model is given (its context).
+    - `target_mask` `[B, T, C]`: the observations the loss scores. Equal to `mask` for
+      reconstruction; the hidden points for interpolation; the future points for
+      extrapolation (see `interpolation_task`, `extrapolation_task`).
+    - `time_mask` `[B, T]`: positions that are real times of that series (padding is
+      False); predictions are wanted at every such position.
+    - `weight` `[B]`: 1 for real series, 0 for rows that pad a short last batch.
+    - `index` `[B]`: each row's series index in the source (-1 for padding rows).
+    - `position` `[B, T]`: each position's index along the source's time axis (-1 where
+      the position is not one of that series' times).
+    - `static` `[B, K]` and `labels` `[B]`, or None.
+    - `layout`: `"padded"` or `"union"` (static).
+    """
+
+    times: Float[Array, "B T"]
+    values: Float[Array, "B T C"]
+    mask: Bool[Array, "B T C"]
+    target_mask: Bool[Array, "B T C"]
+    time_mask: Bool[Array, "B T"]
+    weight: Float[Array, " B"]
+    index: Int[Array, " B"]
+    position: Int[Array, "B T"]
+    static: Float[Array, "B K"] | None
+    labels: Int[Array, " B"] | None
+    layout: str = eqx.field(static=True, default="padded")
+
+    @property
+    def batch_size(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def num_times(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def num_channels(self) -> int:
+        return self.values.shape[2]
+
+
+def bucket_length(n: int, time_bucket: int | str | None = "pow2") -> int:
+    """Round a time length up to its bucket: `"pow2"` (the next power of two, at least
+    8), an int `k` (the next multiple of `k`), or None (no rounding)."""
+    n = max(int(n), 1)
+    if time_bucket is None:
+        return n
+    if time_bucket == "pow2":
+        return max(8, 1 << (n - 1).bit_length())
+    if isinstance(time_bucket, (int, np.integer)) and time_bucket > 0:
+        return int(-(-n // time_bucket) * time_bucket)
+    raise ValueError(
+        f"time_bucket must be 'pow2', a positive int or None, got {time_bucket!r}."
+    )
+
+
+def _pad_rows(x: np.ndarray | None, rows: int, fill) -> np.ndarray | None:
+    if x is None or x.shape[0] == rows:
+        return x
+    pad = np.full((rows - x.shape[0],) + x.shape[1:], fill, dtype=x.dtype)
+    return np.concatenate([x, pad], axis=0)
+
+
+def make_batch(
+    ts: TimeSeries,
+    *,
+    index=None,
+    layout: Literal["padded", "union"] = "padded",
+    batch_size: int | None = None,
+    time_bucket: int | str | None = "pow2",
+    dtype=None,
+) -> Batch:
+    """Turn a (small) `TimeSeries` into one `Batch` in the given layout.
+
+    **Arguments:**
+
+    - `ts`: the series of this batch.
+    - `index`: their indices in the full source (default `0..S-1`), kept in
+      `Batch.index` to map predictions back.
+    - `layout`: `"padded"` or `"union"` (see the module docstring).
+    - `batch_size`: pad to this many rows (weight 0); default `len(ts)`.
+    - `time_bucket`: how to round the time length (see `bucket_length`).
+    - `dtype`: float dtype of times/values; default JAX's default float dtype.
+    """
+    S, T, C = ts.values.shape
+    batch_size = S if batch_size is None else int(batch_size)
+    if batch_size < S:
+        raise ValueError(f"batch_size={batch_size} is smaller than {S} series.")
+    index = np.arange(S) if index is None else np.asarray(index)
+    if dtype is None:
+        dtype = jnp.zeros(()).dtype  # float32 unless jax_enable_x64
+    if layout == "padded":
+        lengths = ts.time_mask.sum(axis=1)
+        Tb = bucket_length(lengths.max(), time_bucket)
+        # compact valid positions to the front, keeping their order
+        order = np.argsort(~ts.time_mask, axis=1, kind="stable")
+        take = order[:, : min(Tb, T)]
+        if Tb > T:
+            take = np.concatenate([take, np.repeat(take[:, -1:], Tb - T, axis=1)], 1)
+        rows = np.arange(S)[:, None]
+        valid = np.arange(Tb)[None, :] < lengths[:, None]
+        last = np.take_along_axis(take, np.maximum(lengths - 1, 0)[:, None], axis=1)
+        take = np.where(valid, take, last)
+        times = ts.times[rows, take]
+        values = np.where(valid[..., None], ts.values[rows, take], 0.0)
+        mask = valid[..., None] & ts.mask[rows, take]
+        time_mask = valid
+        position = np.where(valid, take, -1)
+    elif layout == "union":
+        grid = np.unique(ts.times[ts.time_mask])
+        Tb = bucket_length(len(grid), time_bucket)
+        j = np.searchsorted(grid, ts.times)  # [S, T]: grid index of each position
+        times = np.full((S, Tb), grid[-1])
+        times[:, : len(grid)] = grid
+        values = np.zeros((S, Tb, C))
+        mask = np.zeros((S, Tb, C), bool)
+        time_mask = np.zeros((S, Tb), bool)
+        position = np.full((S, Tb), -1, np.int64)
+        s, t = np.nonzero(ts.time_mask)
+        values[s, j[s, t]] = ts.values[s, t]
+        mask[s, j[s, t]] = ts.mask[s, t]
+        time_mask[s, j[s, t]] = True
+        position[s, j[s, t]] = t
+    else:
+        raise ValueError(f"layout must be 'padded' or 'union', got {layout!r}.")
+
+    weight = np.ones(S)
+    if batch_size > S:
+        # padding rows: the last row's grid (union) or a constant time (padded)
+        pad_row = times[-1:] if layout == "union" else np.full((1, Tb), times[-1, -1])
+        times = np.concatenate([times, np.repeat(pad_row, batch_size - S, axis=0)], 0)
+    return Batch(
+        times=jnp.asarray(times, dtype),
+        values=jnp.asarray(_pad_rows(values, batch_size, 0.0), dtype),
+        mask=jnp.asarray(_pad_rows(mask, batch_size, False)),
+        target_mask=jnp.asarray(_pad_rows(mask, batch_size, False)),
+        time_mask=jnp.asarray(_pad_rows(time_mask, batch_size, False)),
+        weight=jnp.asarray(_pad_rows(weight, batch_size, 0.0), dtype),
+        index=jnp.asarray(_pad_rows(index.astype(np.int32), batch_size, -1)),
+        position=jnp.asarray(_pad_rows(position.astype(np.int32), batch_size, -1)),
+        static=None
+        if ts.static is None
+        else jnp.asarray(_pad_rows(ts.static, batch_size, 0.0), dtype),
+        labels=None
+        if ts.labels is None
+        else jnp.asarray(_pad_rows(ts.labels.astype(np.int32), batch_size, 0)),
+        layout=layout,
+    )
+
+
+def num_batches(n_series: int, batch_size: int, *, drop_last: bool = False) -> int:
+    return n_series // batch_size if drop_last else -(-n_series // batch_size)
+
+
+def batches(
+    source: Any,
+    batch_size: int,
+    *,
+    key: PRNGKeyArray | None = None,
+    layout: Literal["padded", "union"] = "padded",
+    time_bucket: int | str | None = "pow2",
+    drop_last: bool = False,
+    dtype=None,
+) -> Iterator[Batch]:
+    """Iterate over a dataset in batches of `batch_size` series.
+
+    **Arguments:**
+
+    - `source`: a `TimeSeries`, or a lazy source from `from_xarray(..., lazy=True)`
+      (anything with `len()` whose `source[indices]` returns a `TimeSeries`): a lazy
+      source reads only the series of each batch.
+    - `batch_size`: series per batch. Every batch has exactly this many rows (a short
+      last batch is padded with weight-0 rows) unless `drop_last`.
+    - `key`: a JAX PRNG key to shuffle the series order; None keeps the order.
+    - `layout`, `time_bucket`, `dtype`: see `make_batch`.
+
+    **Yields:** `Batch`es.
+    """
+    n = len(source)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    order = (
+        np.arange(n)
+        if key is None
+        else np.asarray(jax.random.permutation(key, n), dtype=np.int64)
+    )
+    for b in range(num_batches(n, batch_size, drop_last=drop_last)):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        # read in source order (contiguous for lazy netCDF reads), keep batch order
+        sort = np.argsort(idx, kind="stable")
+        sub = source[idx[sort]]
+        inv = np.empty_like(sort)
+        inv[sort] = np.arange(len(sort))
+        sub = sub[inv] if not np.array_equal(inv, np.arange(len(inv))) else sub
+        yield make_batch(
+            sub,
+            index=idx,
+            layout=layout,
+            batch_size=batch_size,
+            time_bucket=time_bucket,
+            dtype=dtype,
+        )
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def interpolation_task(
+    batch: Batch, *, key: PRNGKeyArray, fraction: float = 0.5
+) -> Batch:
+    """Hide a random `fraction` of the observed values from the model.
+
+    The model sees the rest (`mask`); the loss scores the hidden ones
+    (`target_mask`). Each series keeps at least one observed value in its context.
+    jit-safe.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
+    u = jax.random.uniform(key, batch.mask.shape)
+    hide = batch.mask & (u < fraction)
+    keep = batch.mask & ~hide
+    # never leave a series without context: keep its first observed value
+    flat = batch.mask.reshape(batch.batch_size, -1)
+    first = jnp.argmax(flat, axis=1)
+    rescue = ~keep.reshape(batch.batch_size, -1).any(axis=1)
+    rescue_mask = (
+        jax.nn.one_hot(first, flat.shape[1], dtype=bool) & rescue[:, None] & flat
+    ).reshape(batch.mask.shape)
+    keep = keep | rescue_mask
+    hide = hide & ~rescue_mask
+    return eqx.tree_at(lambda b: (b.mask, b.target_mask), batch, (keep, hide))
+
+
+def extrapolation_task(batch: Batch, *, split: float = 0.5) -> Batch:
+    """Observe the early part of each series and predict the rest.
+
+    Each series' time span (its first to last observed time) is cut at `split` of the
+    way: values at or before the cut are the context (`mask`), later ones the target
+    (`target_mask`). jit-safe.
+    """
+    if not 0.0 < split < 1.0:
+        raise ValueError(f"split must be in (0, 1), got {split}.")
+    observed_t = batch.mask.any(axis=2)
+    big = jnp.finfo(batch.times.dtype).max
+    t_first = jnp.min(jnp.where(observed_t, batch.times, big), axis=1)
+    t_last = jnp.max(jnp.where(observed_t, batch.times, -big), axis=1)
+    cut = t_first + split * (t_last - t_first)
+    early = (batch.times <= cut[:, None])[..., None]
+    return eqx.tree_at(
+        lambda b: (b.mask, b.target_mask),
+        batch,
+        (batch.mask & early, batch.mask & ~early),
+    )
