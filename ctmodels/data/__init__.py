@@ -13,4 +13,15 @@ from ._batch import (
     make_batch as make_batch,
     num_batches as num_batches,
 )
+from ._pandas import from_pandas as from_pandas
+from ._prep import (
+    Normalizer as Normalizer,
+    split_series as split_series,
+    unbatch as unbatch,
+)
 from ._timeseries import Metadata as Metadata, TimeSeries as TimeSeries
+from ._xarray import (
+    LazyTimeSeries as LazyTimeSeries,
+    from_xarray as from_xarray,
+    to_xarray as to_xarray,
+)

@@ -352,14 +352,14 @@ def _check_sorted(times: np.ndarray, valid: np.ndarray) -> None:
     if dup.any():
         s, t = np.argwhere(dup)[0]
         raise ValueError(
-            f"TimeSeries has a duplicate time {times[s, t]!r} in series {s} (position "
-            f"{t}). Merge observations at the same time into one row (one value per "
-            "channel), e.g. with pandas groupby + first/mean."
+            f"TimeSeries has a duplicate time {float(times[s, t])!r} in series {s} "
+            f"(position {t}). Merge observations at the same time into one row "
+            "(one value per channel), e.g. with pandas groupby + first/mean."
         )
     if down.any():
         s, t = np.argwhere(down)[0]
         raise ValueError(
             f"TimeSeries times are not sorted in series {s}: position {t} has time "
-            f"{times[s, t]!r} after {float(prev[s, t])!r}. Sort each series by time "
-            "first."
+            f"{float(times[s, t])!r} after {float(prev[s, t])!r}. Sort each series by "
+            "time first."
         )

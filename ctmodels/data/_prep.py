@@ -1,0 +1,182 @@
+"""Normalisation (fitted on the training split only), splits by series, and mapping
+batch predictions back onto a `TimeSeries` grid."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._batch import Batch
+from ._timeseries import TimeSeries
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """Per-channel affine normalisation (optionally after a log transform) and a time
+    scale, fitted on training data and stored with the model (`to_dict`/`from_dict`
+    give plain JSON).
+
+    `transform` maps data to model space: `z = (f(x) - mean) / std` with `f = log` for
+    channels listed in `log` (else identity), and `t -> t / time_scale`. `inverse` maps
+    a predicted mean and standard deviation back to the original units.
+    """
+
+    channels: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    log: tuple[bool, ...]
+    time_scale: float = 1.0
+
+    @classmethod
+    def fit(
+        cls,
+        ts: TimeSeries,
+        *,
+        log: Sequence[str] = (),
+        time_scale: float | str = 1.0,
+    ) -> Normalizer:
+        """Fit on the observed values of `ts` (pass the training split only).
+
+        **Arguments:**
+
+        - `ts`: training series.
+        - `log`: channels to log-transform first (their observed values must be > 0).
+        - `time_scale`: divide times by this; `"span"` uses the largest time span of
+          a training series (so model time runs over about [0, 1]).
+        """
+        unknown = [c for c in log if c not in ts.channels]
+        if unknown:
+            raise ValueError(
+                f"log channels {unknown} are not channels of the data "
+                f"({list(ts.channels)})."
+            )
+        is_log = tuple(c in set(log) for c in ts.channels)
+        means, stds = [], []
+        for c, name in enumerate(ts.channels):
+            x = ts.values[..., c][ts.mask[..., c]]
+            if x.size == 0:
+                raise ValueError(
+                    f"Channel {name!r} has no observed value in the training data; "
+                    "cannot fit its normalisation. Drop the channel."
+                )
+            if is_log[c]:
+                if (x <= 0).any():
+                    raise ValueError(
+                        f"Channel {name!r} has non-positive values "
+                        f"(min {x.min():g}); it cannot be log-transformed."
+                    )
+                x = np.log(x)
+            sd = float(x.std())
+            means.append(float(x.mean()))
+            stds.append(sd if sd > 0 and np.isfinite(sd) else 1.0)
+        if time_scale == "span":
+            t = ts.nan_times()
+            span = np.nanmax(t, axis=1) - np.nanmin(t, axis=1)
+            time_scale = float(span.max()) if span.max() > 0 else 1.0
+        time_scale = float(time_scale)
+        if not (time_scale > 0 and np.isfinite(time_scale)):
+            raise ValueError(f"time_scale must be positive, got {time_scale}.")
+        return cls(tuple(ts.channels), tuple(means), tuple(stds), is_log, time_scale)
+
+    def _check(self, ts: TimeSeries) -> None:
+        if tuple(ts.channels) != self.channels:
+            raise ValueError(
+                f"The data's channels {list(ts.channels)} differ from the "
+                f"normalisation's {list(self.channels)}."
+            )
+
+    def transform(self, ts: TimeSeries) -> TimeSeries:
+        """Data units -> model units (values and times)."""
+        self._check(ts)
+        x = ts.values.copy()
+        for c, lg in enumerate(self.log):
+            if lg:
+                x[..., c] = np.log(np.where(ts.mask[..., c], x[..., c], 1.0))
+        x = (x - np.asarray(self.mean)) / np.asarray(self.std)
+        return dataclasses.replace(
+            ts,
+            values=np.where(ts.mask, x, 0.0),
+            times=ts.times / self.time_scale,
+        )
+
+    def inverse(
+        self, mean: np.ndarray, std: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model-space predictive mean/std `[..., C]` -> original units.
+
+        Affine channels scale exactly. For log channels the prediction is treated as
+        log-normal: mean `exp(mu + s^2/2)`, std `mean * sqrt(exp(s^2) - 1)`.
+        """
+        mu = np.asarray(mean) * np.asarray(self.std) + np.asarray(self.mean)
+        sd = None if std is None else np.asarray(std) * np.asarray(self.std)
+        lg = np.asarray(self.log)
+        if lg.any():
+            s2 = 0.0 if sd is None else sd**2
+            m_log = np.exp(mu + s2 / 2)
+            if sd is not None:
+                sd = np.where(lg, m_log * np.sqrt(np.expm1(s2)), sd)
+            mu = np.where(lg, m_log, mu)
+        return mu, sd
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalizer:
+        return cls(
+            channels=tuple(d["channels"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+            log=tuple(bool(x) for x in d["log"]),
+            time_scale=float(d.get("time_scale", 1.0)),
+        )
+
+
+def split_series(
+    ts: TimeSeries,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    *,
+    seed: int = 0,
+) -> tuple[TimeSeries, ...]:
+    """Split by series (never within a series) into parts of the given fractions,
+    after a seeded shuffle. Returns one `TimeSeries` per fraction."""
+    fractions = np.asarray(fractions, float)
+    if (fractions <= 0).any() or abs(fractions.sum() - 1) > 1e-9:
+        raise ValueError(
+            f"fractions must be positive and sum to 1, got {list(fractions)}."
+        )
+    n = len(ts)
+    if n < len(fractions):
+        raise ValueError(f"Cannot split {n} series into {len(fractions)} parts.")
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.round(np.cumsum(fractions) * n).astype(int)
+    bounds = np.maximum(bounds, np.arange(1, len(bounds) + 1))
+    parts, start = [], 0
+    for end in bounds:
+        parts.append(ts[np.sort(order[start:end])])
+        start = end
+    return tuple(parts)
+
+
+def unbatch(
+    batch: Batch, prediction, out: np.ndarray | None = None, *, shape=None
+) -> np.ndarray:
+    """Scatter a per-batch prediction `[B, T_b, C]` back onto the source grid.
+
+    `out` (`[S, T, C]`, NaN-initialised if None with the given `shape`) receives row
+    `b` at series `batch.index[b]`, positions `batch.position[b]`; padding rows and
+    positions are dropped. Returns `out`.
+    """
+    pred = np.asarray(prediction)
+    if out is None:
+        if shape is None:
+            raise ValueError("unbatch needs `out` or `shape`.")
+        out = np.full(shape, np.nan)
+    index = np.asarray(batch.index)
+    position = np.asarray(batch.position)
+    b, t = np.nonzero((position >= 0) & (index >= 0)[:, None])
+    out[index[b], position[b, t]] = pred[b, t]
+    return out

@@ -1,0 +1,394 @@
+"""ctmodels.data: TimeSeries validation, xarray/pandas round trips, batching, tasks,
+normalisation, splits and lazy (dask/netCDF) reading."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from hypothesis import given, settings, strategies as st
+
+import ctmodels.data as cd
+import ctmodels.datasets as D
+
+# --------------------------------------------------------------------------- helpers
+
+
+def ragged_dataset(rng, n_series=4, n_obs=6, n_channels=2, missing=0.3, shared=False):
+    """A random dataset in from_xarray's default layout (NaN-padded 2-D times)."""
+    lengths = rng.integers(1, n_obs + 1, size=n_series)
+    times = np.full((n_series, n_obs), np.nan)
+    values = np.full((n_series, n_obs, n_channels), np.nan)
+    for s, n in enumerate(lengths):
+        times[s, :n] = np.sort(rng.choice(1000, size=n, replace=False)) / 10.0
+        v = rng.normal(size=(n, n_channels))
+        v[rng.random((n, n_channels)) < missing] = np.nan
+        v[0, 0] = rng.normal()  # at least one observation per series
+        values[s, :n] = v
+    data_vars = {
+        f"x{c}": (("series", "obs"), values[..., c], {"units": "m", "role": "channel"})
+        for c in range(n_channels)
+    }
+    data_vars["age"] = ("series", rng.normal(size=n_series), {"role": "static"})
+    return xr.Dataset(
+        data_vars,
+        coords={
+            "series": ("series", np.arange(100, 100 + n_series)),
+            "time": (("series", "obs"), times, {"units": "days"}),
+        },
+        attrs={"title": "random"},
+    )
+
+
+# ------------------------------------------------------------------- round trips
+
+
+def test_pbcseq_round_trip_is_identical():
+    ds = D.load("pbcseq")
+    ts = cd.from_xarray(ds)
+    assert ts.channels == (
+        "bili",
+        "chol",
+        "albumin",
+        "alk_phos",
+        "ast",
+        "platelet",
+        "protime",
+    )
+    assert ts.meta.static_names == ("age", "sex", "trt")
+    back = cd.to_xarray(ts)
+    ref = ds[list(back.data_vars)].drop_vars(
+        [c for c in ds.coords if c not in back.coords]
+    )
+    xr.testing.assert_identical(back, ref)
+    # NaN <-> mask exactly
+    np.testing.assert_array_equal(ts.mask[..., 0], ds["bili"].notnull().values)
+    sub = ts[np.array([5, 2, 7])]
+    xr.testing.assert_identical(cd.to_xarray(sub), ref.isel(series=[5, 2, 7]))
+
+
+def test_datetime_times_round_trip_and_units():
+    t0 = np.datetime64("2020-01-01T00:00", "ns")
+    times = np.array(
+        [
+            [t0, t0 + np.timedelta64(36, "h"), np.datetime64("NaT")],
+            [
+                t0 + np.timedelta64(1, "D"),
+                t0 + np.timedelta64(3, "D"),
+                t0 + np.timedelta64(7, "D"),
+            ],
+        ],
+        dtype="datetime64[ns]",
+    )
+    ds = xr.Dataset(
+        {"y": (("series", "obs"), [[1.0, np.nan, np.nan], [2.0, 3.0, 4.0]])},
+        coords={"time": (("series", "obs"), times)},
+    )
+    ts = cd.from_xarray(ds, time_units="hours")
+    assert ts.meta.time_kind == "datetime" and ts.meta.time_units == "hours"
+    assert ts.meta.time_origin == t0
+    np.testing.assert_allclose(ts.nan_times()[0, :2], [0.0, 36.0])
+    np.testing.assert_allclose(ts.nan_times()[1], [24.0, 72.0, 168.0])
+    # the position with a time but no value is kept as a position to predict
+    assert ts.time_mask[0, 1] and not ts.mask[0, 1, 0]
+    xr.testing.assert_identical(
+        cd.to_xarray(ts), ds.assign_coords(series=[0, 1]).drop_vars("series")
+    )
+
+
+def test_shared_time_dimension_round_trip():
+    time = pd.date_range("2021-01-01", periods=5, freq="7D").values
+    y = np.array([[1.0, np.nan, 3.0, 4.0, np.nan], [np.nan, 2.0, 2.5, np.nan, 1.0]])
+    ds = xr.Dataset(
+        {"co2": (("series", "time"), y, {"units": "ppm"})},
+        coords={"series": ["a", "b"], "time": time},
+    )
+    ts = cd.from_xarray(ds)
+    assert ts.meta.shared_time
+    np.testing.assert_allclose(ts.times[1], [0, 7, 14, 21, 28])
+    xr.testing.assert_identical(cd.to_xarray(ts), ds)
+
+
+def test_single_series_without_series_dim():
+    ds = xr.Dataset(
+        {"y": ("time", [1.0, np.nan, 2.0])},
+        coords={"time": ("time", [0.0, 0.5, 2.0])},
+    )
+    ts = cd.from_xarray(ds)
+    assert ts.values.shape == (1, 3, 1)
+    xr.testing.assert_identical(cd.to_xarray(ts), ds)
+
+
+def test_timedelta_times():
+    ds = xr.Dataset(
+        {"y": (("series", "time"), [[1.0, 2.0]])},
+        coords={"time": np.array([0, 90], "timedelta64[m]").astype("timedelta64[ns]")},
+    )
+    ts = cd.from_xarray(ds, time_units="hours")
+    np.testing.assert_allclose(ts.times[0], [0.0, 1.5])
+    xr.testing.assert_identical(
+        cd.to_xarray(ts), ds.drop_vars([]).assign_coords(series=[0]).drop_vars("series")
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_series=st.integers(1, 6),
+    n_obs=st.integers(1, 7),
+    n_channels=st.integers(1, 3),
+    missing=st.floats(0.0, 0.9),
+)
+def test_property_ragged_round_trip_and_batches(
+    seed, n_series, n_obs, n_channels, missing
+):
+    rng = np.random.default_rng(seed)
+    ds = ragged_dataset(rng, n_series, n_obs, n_channels, missing)
+    ts = cd.from_xarray(ds)
+    xr.testing.assert_identical(cd.to_xarray(ts), ds)
+    for layout in ("padded", "union"):
+        out = None
+        for batch in cd.batches(ts, 4, layout=layout, key=jax.random.key(seed % 7)):
+            assert batch.values.shape[0] == 4
+            assert batch.times.shape[1] == cd.bucket_length(batch.times.shape[1])
+            assert bool(jnp.all(jnp.diff(batch.times, axis=1) >= 0))
+            # union layout: every row has the same grid
+            if layout == "union":
+                assert bool(jnp.all(batch.times == batch.times[:1]))
+            vals = np.where(np.asarray(batch.mask), np.asarray(batch.values), np.nan)
+            out = cd.unbatch(batch, vals, out, shape=ts.values.shape)
+            tt = cd.unbatch(
+                batch,
+                np.asarray(batch.times)[..., None],
+                shape=ts.values.shape[:2] + (1,),
+            )
+            got = tt[..., 0][ts.time_mask & ~np.isnan(tt[..., 0])]
+            np.testing.assert_allclose(
+                got, ts.times[ts.time_mask & ~np.isnan(tt[..., 0])], rtol=1e-6
+            )
+        np.testing.assert_allclose(out, ts.nan_values(), rtol=1e-6)
+
+
+def test_from_pandas_long_and_wide_round_trip():
+    long = pd.DataFrame(
+        {
+            "pid": [2, 2, 2, 1, 1, 1],
+            "t": [0.0, 0.0, 1.5, 3.0, 0.5, 0.5],
+            "var": ["hr", "temp", "hr", "hr", "hr", "temp"],
+            "val": [80.0, 37.0, 85.0, 70.0, 72.0, 36.5],
+        }
+    )
+    ts = cd.from_pandas(long, id="pid", time="t", variable="var", value="val")
+    assert ts.channels == ("hr", "temp")
+    ds = cd.to_xarray(ts)
+    np.testing.assert_array_equal(ds["series"].values, [1, 2])
+    back = ds.to_dataframe().reset_index()
+    back = back.melt(
+        id_vars=["series", "time"],
+        value_vars=["hr", "temp"],
+        var_name="var",
+        value_name="val",
+    ).dropna(subset=["val"])
+    merged = long.merge(
+        back, left_on=["pid", "t", "var"], right_on=["series", "time", "var"]
+    )
+    assert len(merged) == len(long)
+    np.testing.assert_array_equal(merged["val_x"], merged["val_y"])
+    wide = long.pivot(index=["pid", "t"], columns="var", values="val").reset_index()
+    wide["group"] = wide["pid"].map({1: "a", 2: "b"})
+    ts2 = cd.from_pandas(wide, id="pid", time="t", labels="group")
+    np.testing.assert_array_equal(ts2.nan_values(), ts.nan_values())
+    np.testing.assert_array_equal(ts2.labels, [0, 1])
+    assert ts2.meta.label_classes == ("a", "b")
+
+
+# ------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "times, values, match",
+    [
+        ([[0.0, 2.0, 1.0]], [[1.0, 1.0, 1.0]], "not sorted in series 0"),
+        ([[0.0, 1.0, 1.0]], [[1.0, 1.0, 1.0]], "duplicate time 1.0 in series 0"),
+        ([[0.0, np.nan, 1.0]], [[1.0, 2.0, 1.0]], "observed value at a NaN time"),
+        ([[0.0, np.inf]], [[1.0, 1.0]], "infinite time"),
+        ([[0.0, 1.0]], [[np.nan, np.nan]], "series 0 .* has no observed value"),
+        ([[0.0, 1.0]], [[1.0, 1.0, 1.0]], "times must be"),
+        ([[0.0, 1.0]], [["a", "b"]], "must be numeric"),
+        ([[0.0, 1.0]], [[1.0, np.inf]], "infinite value"),
+    ],
+)
+def test_bad_timeseries_input(times, values, match):
+    with pytest.raises(ValueError, match=match):
+        cd.TimeSeries.from_arrays(np.asarray(times), np.asarray(values))
+
+
+def test_bad_xarray_and_pandas_input():
+    ds = ragged_dataset(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="no time variable or coordinate 'when'"):
+        cd.from_xarray(ds, time="when")
+    with pytest.raises(ValueError, match="Variable 'nope' is not in the dataset"):
+        cd.from_xarray(ds, variables=["nope"])
+    with pytest.raises(ValueError, match="expects an xarray.Dataset"):
+        cd.from_xarray(ds["x0"])
+    bad = ds.copy()
+    bad["time"] = bad["time"].copy(data=bad["time"].values[:, ::-1])
+    with pytest.raises(ValueError, match="not sorted|observed value at a NaN time"):
+        cd.from_xarray(bad)
+    df = pd.DataFrame({"id": [1, 1], "t": [0.0, 0.0], "v": ["a", "a"], "x": [1.0, 2.0]})
+    with pytest.raises(ValueError, match="Duplicate observation: id=1, time=0.0"):
+        cd.from_pandas(df, id="id", time="t", variable="v", value="x")
+    with pytest.raises(ValueError, match="Duplicate row"):
+        cd.from_pandas(df, id="id", time="t")
+    with pytest.raises(
+        ValueError, match=r"Columns \['when'\] are not in the DataFrame"
+    ):
+        cd.from_pandas(df, id="id", time="when")
+    with pytest.raises(ValueError, match="empty"):
+        cd.from_pandas(df.iloc[:0], id="id", time="t")
+
+
+# ----------------------------------------------------------------------- batching
+
+
+def small_ts():
+    return cd.from_xarray(
+        ragged_dataset(np.random.default_rng(3), n_series=11, n_obs=9)
+    )
+
+
+def test_batches_cover_every_series_once_and_shuffle_is_keyed():
+    ts = small_ts()
+    seen = []
+    for batch in cd.batches(ts, 4, key=jax.random.key(1)):
+        idx = np.asarray(batch.index)
+        w = np.asarray(batch.weight)
+        assert ((idx >= 0) == (w > 0)).all()
+        seen += list(idx[idx >= 0])
+        # each row holds that series' own data
+        for b, s in enumerate(idx):
+            if s >= 0:
+                n = ts.lengths[s]
+                np.testing.assert_allclose(
+                    np.asarray(batch.times[b, :n]),
+                    ts.nan_times()[s][ts.time_mask[s]],
+                    rtol=1e-6,
+                )
+    assert sorted(seen) == list(range(len(ts)))
+    order = lambda k: np.concatenate(
+        [np.asarray(b.index) for b in cd.batches(ts, 4, key=k)]
+    )
+    np.testing.assert_array_equal(order(jax.random.key(1)), order(jax.random.key(1)))
+    assert not np.array_equal(order(jax.random.key(1)), order(jax.random.key(2)))
+    assert cd.num_batches(11, 4) == 3 and cd.num_batches(11, 4, drop_last=True) == 2
+
+
+def test_bucketed_shapes_compile_once():
+    ts = small_ts()
+    traces = []
+
+    @jax.jit
+    def f(batch):
+        traces.append(1)
+        return jnp.sum(jnp.where(batch.mask, batch.values, 0.0))
+
+    shapes = set()
+    for batch in cd.batches(ts, 4, key=jax.random.key(0), layout="padded"):
+        shapes.add(batch.values.shape)
+        f(batch)
+    assert len(traces) == len(shapes) == 1
+    assert cd.bucket_length(9) == 16 and cd.bucket_length(3) == 8
+    assert cd.bucket_length(130, 64) == 192 and cd.bucket_length(5, None) == 5
+
+
+def test_tasks_partition_observations():
+    ts = small_ts()
+    batch = cd.make_batch(ts, layout="union")
+    interp = cd.interpolation_task(batch, key=jax.random.key(0), fraction=0.5)
+    m, c, t = map(np.asarray, (batch.mask, interp.mask, interp.target_mask))
+    assert not (c & t).any() and ((c | t) == m).all()
+    assert 0.35 < t.sum() / m.sum() < 0.65
+    assert c.reshape(len(ts), -1).any(axis=1).all()  # context never empty
+    extra = cd.extrapolation_task(batch, split=0.5)
+    c, t = np.asarray(extra.mask), np.asarray(extra.target_mask)
+    assert not (c & t).any() and ((c | t) == m).all()
+    times = np.asarray(batch.times)
+    for s in range(len(ts)):
+        obs = m[s].any(-1)
+        cut = times[s][obs].min() + 0.5 * (times[s][obs].max() - times[s][obs].min())
+        np.testing.assert_array_equal(c[s].any(-1), obs & (times[s] <= cut))
+
+
+# ------------------------------------------------------------- normalise / split
+
+
+def test_normalizer_fits_train_only_and_inverts():
+    ts = small_ts()
+    train, valid = cd.split_series(ts, (0.7, 0.3), seed=0)
+    norm = cd.Normalizer.fit(train, time_scale="span")
+    x0 = train.values[..., 0][train.mask[..., 0]]
+    assert norm.mean[0] == pytest.approx(x0.mean()) and norm.std[0] == pytest.approx(
+        x0.std()
+    )
+    z = norm.transform(valid)
+    mu, sd = norm.inverse(z.values, np.ones_like(z.values))
+    np.testing.assert_allclose(np.where(valid.mask, mu, 0), valid.values, atol=1e-12)
+    np.testing.assert_allclose(sd[..., 1], norm.std[1])
+    assert cd.Normalizer.from_dict(norm.to_dict()) == norm
+    # log channel: exp(N(mu, s^2)) moments
+    pos = valid.with_values(np.exp(valid.values))
+    lnorm = cd.Normalizer.fit(pos, log=["x0"])
+    m, s = lnorm.inverse(np.zeros((1, 2)), np.full((1, 2), 0.5))
+    sigma = 0.5 * lnorm.std[0]
+    expect = np.exp(lnorm.mean[0] + sigma**2 / 2)
+    assert m[0, 0] == pytest.approx(expect)
+    assert s[0, 0] == pytest.approx(expect * np.sqrt(np.expm1(sigma**2)))
+    with pytest.raises(ValueError, match="non-positive"):
+        cd.Normalizer.fit(valid, log=["x0"])
+
+
+def test_split_series_partitions():
+    ts = small_ts()
+    parts = cd.split_series(ts, (0.6, 0.2, 0.2), seed=3)
+    ids = np.concatenate([p.meta.series_ids for p in parts])
+    assert sorted(ids) == sorted(ts.meta.series_ids)
+    assert [len(p) for p in parts] == [7, 2, 2]
+    with pytest.raises(ValueError, match="sum to 1"):
+        cd.split_series(ts, (0.5, 0.2))
+
+
+# ------------------------------------------------------------------------ lazy
+
+
+def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
+    pytest.importorskip("dask")
+    import xarray.backends.netCDF4_ as nc4
+
+    path = tmp_path / "pbc.nc"
+    D.load("pbcseq").to_netcdf(path)
+    reads = []
+    original = nc4.NetCDF4ArrayWrapper._getitem
+
+    def spy(self, key):
+        reads.append((self.variable_name, key))
+        return original(self, key)
+
+    monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    with xr.open_dataset(path, chunks={"series": 8}) as ds:
+        src = cd.from_xarray(ds)
+        assert isinstance(src, cd.LazyTimeSeries) and len(src) == 312
+        reads.clear()
+        batch_iter = cd.batches(src, 8, layout="padded")
+        batch = next(batch_iter)
+        series_read = set()
+        for name, key in reads:
+            if name in ("bili", "albumin"):
+                rows = np.arange(312)[key[0]]
+                series_read |= set(rows.tolist())
+        assert series_read == set(range(8)), series_read
+        eager = cd.from_xarray(D.load("pbcseq"))
+        ref = cd.make_batch(eager[np.arange(8)], layout="padded", batch_size=8)
+        np.testing.assert_array_equal(np.asarray(batch.values), np.asarray(ref.values))
