@@ -41,12 +41,64 @@ def _datasets(ns) -> int:
 def _fit(ns) -> int:
     import json
 
+    if ns.model == "latent-ode":
+        from ._latent_job import fit_latent_ode
+
+        options = dict(
+            seed=ns.seed,
+            solver=ns.solver or "dopri5",
+            batch_size=ns.batch_size,
+            latent_size=ns.latent_size,
+            learning_rate=ns.learning_rate,
+        )
+        if ns.epochs is not None:
+            options["epochs"] = ns.epochs
+        progress = False if ns.quiet else None
+        metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
+        test = metrics["test"]
+        summary = {
+            "out": str(ns.out),
+            "epochs_run": metrics["epochs_run"],
+            "fit_seconds": metrics["fit_seconds"],
+            "test_interpolation_mse": test["interpolation"]["mse"],
+            "test_extrapolation_mse": test["extrapolation"]["mse"],
+            "baselines": {k: v["baselines"] for k, v in test.items()},
+        }
+        print(json.dumps(summary, indent=1, default=str))
+        return 0
     from ._node_job import run_neural_ode
 
-    options = dict(seed=ns.seed, solver=ns.solver, adjoint=ns.adjoint)
+    options = dict(seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint)
     if ns.epochs is not None:
         options["epochs"] = ns.epochs
     metrics = run_neural_ode(data=ns.data, out=ns.out, progress=not ns.quiet, **options)
+    print(json.dumps(metrics, indent=1, default=str))
+    return 0
+
+
+def _predict(ns) -> int:
+    from ._latent_job import predict_checkpoint
+
+    pred = predict_checkpoint(
+        ns.checkpoint,
+        ns.data,
+        ns.out,
+        n_samples=ns.samples,
+        seed=ns.seed,
+        plots=ns.plots,
+    )
+    print(f"wrote {ns.out}: variables {sorted(map(str, pred.data_vars))}")
+    return 0
+
+
+def _evaluate(ns) -> int:
+    import json
+
+    from ._latent_job import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(
+        ns.checkpoint, ns.data, task=ns.task, out=ns.out, seed=ns.seed
+    )
     print(json.dumps(metrics, indent=1, default=str))
     return 0
 
@@ -92,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a model and write history.csv, metrics.json, "
         "predictions.nc and plot.png into --out.",
     )
-    p.add_argument("model", choices=("neural-ode",), help="the model to fit")
+    p.add_argument(
+        "model", choices=("latent-ode", "neural-ode"), help="the model to fit"
+    )
     p.add_argument(
         "--data", required=True,
         help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
@@ -100,7 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--solver", default="tsit5", help="ODE solver registry name")
+    p.add_argument(
+        "--solver", default=None,
+        help="ODE solver registry name (default dopri5 for latent-ode, tsit5 for "
+        "neural-ode)",
+    )  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32, help="series per batch")
+    p.add_argument("--latent-size", type=int, default=8, help="latent state size")
+    p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam step")
     p.add_argument(
         "--adjoint",
         default="checkpoint",
@@ -108,6 +169,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_fit)
+
+    p = sub.add_parser(
+        "predict",
+        help="predict with a fitted latent ODE",
+        description="Condition on the observed (non-NaN) values of --data and write, "
+        "on its own dims and coordinates, each variable V as the predicted mean and "
+        "V_std as the predictive standard deviation at every position with a valid "
+        "time (hidden values with kept times = interpolation; future times with NaN "
+        "values = extrapolation).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True,
+        help="checkpoint directory (a `fit` --out directory or its checkpoint/)",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="netCDF path or bundled name")
+    p.add_argument("--out", required=True, help="output netCDF path")
+    p.add_argument("--samples", type=int, default=16, help="posterior samples")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--plots", default=None, help="directory for per-series PNGs")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="interpolation/extrapolation MSE of a fitted latent ODE",
+        description="Hide 50%% of the observed values (interpolation) or the second "
+        "half of each series' time span (extrapolation) and report the MSE of the "
+        "model and of LOCF / linear interpolation, in normalised units, as JSON.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="netCDF path or bundled name")
+    p.add_argument(
+        "--task", choices=("interpolation", "extrapolation", "both"), default="both"
+    )
+    p.add_argument("--out", default=None, help="write the metrics JSON here too")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -195,6 +195,8 @@ def batches(
     time_bucket: int | str | None = "pow2",
     drop_last: bool = False,
     dtype=None,
+    shuffle: Literal["full", "block"] = "full",
+    block_size: int | None = None,
 ) -> Iterator[Batch]:
     """Iterate over a dataset in batches of `batch_size` series.
 
@@ -206,6 +208,10 @@ def batches(
     - `batch_size`: series per batch. Every batch has exactly this many rows (a short
       last batch is padded with weight-0 rows) unless `drop_last`.
     - `key`: a JAX PRNG key to shuffle the series order; None keeps the order.
+    - `shuffle`: `"full"` (a uniform permutation) or `"block"`: permute contiguous
+      blocks of `block_size` series (default `4 * batch_size`) and the series within
+      each block, so that each batch of a lazy on-disk source reads one or two
+      contiguous stretches of the file instead of `batch_size` scattered rows.
     - `layout`, `time_bucket`, `dtype`: see `make_batch`.
 
     **Yields:** `Batch`es.
@@ -213,11 +219,23 @@ def batches(
     n = len(source)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    order = (
-        np.arange(n)
-        if key is None
-        else np.asarray(jax.random.permutation(key, n), dtype=np.int64)
-    )
+    if shuffle not in ("full", "block"):
+        raise ValueError(f"shuffle must be 'full' or 'block', got {shuffle!r}.")
+    if key is None:
+        order = np.arange(n)
+    elif shuffle == "full":
+        order = np.asarray(jax.random.permutation(key, n), dtype=np.int64)
+    else:
+        size = int(block_size or 4 * batch_size)
+        k_blocks, k_within = jax.random.split(key)
+        starts = np.arange(0, n, size)
+        starts = starts[np.asarray(jax.random.permutation(k_blocks, len(starts)))]
+        parts = []
+        for i, s0 in enumerate(starts):
+            members = np.arange(s0, min(s0 + size, n))
+            perm = jax.random.permutation(jax.random.fold_in(k_within, i), len(members))
+            parts.append(members[np.asarray(perm)])
+        order = np.concatenate(parts)
     for b in range(num_batches(n, batch_size, drop_last=drop_last)):
         idx = order[b * batch_size : (b + 1) * batch_size]
         # read in source order (contiguous for lazy netCDF reads), keep batch order
@@ -240,14 +258,21 @@ def batches(
 
 
 def interpolation_task(
-    batch: Batch, *, key: PRNGKeyArray, fraction: float = 0.5
+    batch: Batch,
+    *,
+    key: PRNGKeyArray,
+    fraction: float = 0.5,
+    score: Literal["hidden", "all"] = "hidden",
 ) -> Batch:
     """Hide a random `fraction` of the observed values from the model.
 
     The model sees the rest (`mask`); the loss scores the hidden ones
-    (`target_mask`). Each series keeps at least one observed value in its context.
-    jit-safe.
+    (`target_mask`), or every observed value with `score="all"` (the latent ODE
+    paper's training objective: reconstruct the whole series from a subsample).
+    Each series keeps at least one observed value in its context. jit-safe.
     """
+    if score not in ("hidden", "all"):
+        raise ValueError(f"score must be 'hidden' or 'all', got {score!r}.")
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
     u = jax.random.uniform(key, batch.mask.shape)
@@ -262,7 +287,8 @@ def interpolation_task(
     ).reshape(batch.mask.shape)
     keep = keep | rescue_mask
     hide = hide & ~rescue_mask
-    return eqx.tree_at(lambda b: (b.mask, b.target_mask), batch, (keep, hide))
+    target = hide if score == "hidden" else batch.mask
+    return eqx.tree_at(lambda b: (b.mask, b.target_mask), batch, (keep, target))
 
 
 def extrapolation_task(batch: Batch, *, split: float = 0.5) -> Batch:

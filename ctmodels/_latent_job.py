@@ -1,0 +1,373 @@
+"""The latent-ODE jobs behind `ctmodels fit latent-ode`, `predict` and `evaluate`.
+
+`fit_latent_ode` loads a dataset (a bundled name or a netCDF path in the layout
+`ctmodels.data.from_xarray` accepts by default), splits it by series (80/10/10),
+normalises with statistics of the training split only (log first for channels whose
+attrs say `transform="log"`), trains a `LatentODE` with `ctmodels.train.fit`
+(checkpoints in `OUT/checkpoint`), then writes:
+
+- `history.csv` (one row per epoch), `metrics.json` (test-set interpolation and
+  extrapolation MSE, in normalised units, with the baselines LOCF and linear
+  interpolation on the same points, timings, compilations),
+- `predictions.nc`: for every series, each channel `V` as the predicted mean and `V_std`
+  as the predictive standard deviation at every valid time, in original units,
+  conditioned on all of that series' observations,
+- `plots/series_<id>.png` for a few test series.
+
+`predict_checkpoint` and `evaluate_checkpoint` reuse a checkpoint on new data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time as _time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+
+from . import data as cdata
+
+_JOB_VERSION = 1
+
+
+def _open(data: str | Path) -> tuple[xr.Dataset, str]:
+    from . import datasets
+
+    path = Path(str(data))
+    if path.suffix in (".nc", ".nc4", ".netcdf") or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
+        if path.suffix == ".zarr" or path.is_dir():
+            return xr.open_zarr(path), path.stem
+        return xr.load_dataset(path), path.stem
+    return datasets.load(str(data)), str(data)
+
+
+def _log_channels(ds: xr.Dataset, channels) -> list[str]:
+    return [c for c in channels if ds[c].attrs.get("transform") == "log"]
+
+
+def _batches(ts, batch_size, layout="union"):
+    return cdata.batches(ts, batch_size, layout=layout)
+
+
+def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
+    """Predict every position of `ts` (normalised) batch by batch; returns
+    (mean, std, context mask, target mask) on ts' grid."""
+    shape = ts.values.shape
+    mean = np.full(shape, np.nan)
+    std = np.full(shape, np.nan)
+    ctx = np.zeros(shape, bool)
+    tgt = np.zeros(shape, bool)
+
+    @eqx.filter_jit
+    def run(model, batch, key):
+        if task is not None:
+            batch = task(batch, key=jax.random.fold_in(key, 1))
+        mu, sd = model.predict(batch, key=key, n_samples=n_samples)
+        return mu, sd, batch.mask, batch.target_mask
+
+    for i, batch in enumerate(_batches(ts, batch_size)):
+        mu, sd, m, t = run(model, batch, jax.random.fold_in(key, i))
+        cdata.unbatch(batch, np.asarray(mu), mean)
+        cdata.unbatch(batch, np.asarray(sd), std)
+        cdata.unbatch(batch, np.asarray(m), ctx)
+        cdata.unbatch(batch, np.asarray(t), tgt)
+    return mean, std, ctx.astype(bool), tgt.astype(bool)
+
+
+def _baseline_mse(ts, ctx, tgt):
+    """LOCF and linear interpolation from the context points, per channel."""
+    from .models import LOCF, LinearInterpolation
+
+    out = {}
+    for name, cls in (("locf", LOCF), ("linear_interpolation", LinearInterpolation)):
+        model = cls(ts.num_channels)
+        mean = np.full(ts.values.shape, np.nan)
+        for batch in _batches(ts, 64, layout="padded"):
+            idx = np.asarray(batch.index)
+            pos = np.asarray(batch.position)
+            b, t = np.nonzero((pos >= 0) & (idx >= 0)[:, None])
+            m = np.zeros(batch.mask.shape, bool)
+            g = np.zeros(batch.mask.shape, bool)
+            m[b, t] = ctx[idx[b], pos[b, t]]
+            g[b, t] = tgt[idx[b], pos[b, t]]
+            batch = eqx.tree_at(
+                lambda x: (x.mask, x.target_mask),
+                batch,
+                (jnp.asarray(m), jnp.asarray(g)),
+            )
+            mu, _ = model.predict(batch, key=jax.random.key(0))
+            cdata.unbatch(batch, np.asarray(mu), mean)
+        out[name] = _mse(mean, ts.values, tgt)
+    return out
+
+
+def _mse(pred, truth, mask) -> float:
+    n = int(mask.sum())
+    if n == 0:
+        return float("nan")
+    return float(((pred - truth) ** 2)[mask].sum() / n)
+
+
+def _tasks(fraction: float, split: float):
+    return {
+        "interpolation": functools.partial(cdata.interpolation_task, fraction=fraction),
+        "extrapolation": lambda batch, *, key: cdata.extrapolation_task(
+            batch, split=split
+        ),
+    }
+
+
+def _evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.5,
+              tasks=("interpolation", "extrapolation"), baselines=True):  # fmt: skip
+    metrics: dict[str, Any] = {}
+    all_tasks = _tasks(fraction, split)
+    for name in tasks:
+        mean, _, ctx, tgt = _predict_grid(
+            model,
+            ts_n,
+            key=jax.random.key(seed + 1000),
+            n_samples=n_samples,
+            batch_size=batch_size,
+            task=all_tasks[name],
+        )
+        entry = {
+            "mse": _mse(mean, ts_n.values, tgt),
+            "points": int(tgt.sum()),
+            "per_channel": {
+                ch: _mse(mean[..., c], ts_n.values[..., c], tgt[..., c])
+                for c, ch in enumerate(ts_n.channels)
+            },
+        }
+        if baselines:
+            entry["baselines"] = _baseline_mse(ts_n, ctx, tgt)
+        metrics[name] = entry
+    return metrics
+
+
+def fit_latent_ode(
+    data: str | Path = "pbcseq",
+    out: str | Path = "runs/latent_ode",
+    *,
+    epochs: int = 40,
+    seed: int = 0,
+    batch_size: int = 32,
+    latent_size: int = 8,
+    encoder_size: int = 24,
+    units: int = 64,
+    solver: str = "dopri5",
+    learning_rate: float = 1e-2,
+    n_samples: int = 3,
+    patience: int | None = 10,
+    progress: bool | None = None,
+    max_plots: int = 6,
+) -> dict[str, Any]:
+    """Fit a latent ODE end to end and write the outputs listed in the module doc.
+
+    Returns the metrics dict (also written to `OUT/metrics.json`).
+    """
+    from .models import LatentODE
+    from .train import fit
+
+    t_start = _time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds, data_name = _open(data)
+    ts = cdata.from_xarray(ds, static=[])
+    if isinstance(ts, cdata.LazyTimeSeries):
+        ts = ts.load()
+    train, valid, test = cdata.split_series(ts, (0.8, 0.1, 0.1), seed=seed)
+    norm = cdata.Normalizer.fit(
+        train, log=_log_channels(ds, ts.channels), time_scale="span"
+    )
+    train_n, valid_n, test_n = map(norm.transform, (train, valid, test))
+    hyper = dict(
+        latent_size=latent_size,
+        encoder_size=encoder_size,
+        units=units,
+        solver=solver,
+    )
+    model = LatentODE(ts.num_channels, **hyper, key=jax.random.key(seed))
+    task = functools.partial(cdata.interpolation_task, fraction=0.5, score="all")
+    extra = {
+        "job": "latent-ode",
+        "job_version": _JOB_VERSION,
+        "data": str(data),
+        "channels": list(ts.channels),
+        "normalizer": norm.to_dict(),
+        "n_samples": n_samples,
+        "split_seed": seed,
+        "batch_size": batch_size,
+    }
+    model, history = fit(
+        model,
+        train_n,
+        valid=valid_n,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=jax.random.key(seed + 1),
+        learning_rate=learning_rate,
+        task=task,
+        eval_task=task,
+        layout="union",
+        checkpoint_dir=out / "checkpoint",
+        patience=patience,
+        progress=progress,
+        extra_state=extra,
+        loss_kwargs={"n_samples": n_samples},
+    )
+    history.to_csv(out / "history.csv", index=False)
+    t_fit = _time.perf_counter() - t_start
+    metrics = {
+        "data": data_name,
+        "model": "LatentODE",
+        "hyperparameters": dict(model.hyperparameters),
+        "series": {"train": len(train), "valid": len(valid), "test": len(test)},
+        "epochs_run": int(len(history)),
+        "test": _evaluate(
+            model, test_n, seed=seed, n_samples=n_samples, batch_size=batch_size
+        ),
+        "units": "MSE in normalised units (train-split statistics)",
+        "fit_seconds": round(t_fit, 1),
+        "compilations": history.attrs.get("compilations"),
+    }
+    # predictions for every series, conditioned on all its observations
+    ts_n = norm.transform(ts)
+    mean, std, _, _ = _predict_grid(
+        model, ts_n, key=jax.random.key(seed + 2), n_samples=n_samples * 4,
+        batch_size=batch_size,
+    )  # fmt: skip
+    mu, sd = norm.inverse(mean, std)
+    pred = cdata.to_xarray(ts, mean=mu, std=sd)
+    pred.attrs.update(
+        {"model": "ctmodels LatentODE", "conditioned_on": "all observed values"}
+    )
+    pred.to_netcdf(out / "predictions.nc")
+    from ._plot import plot_series
+
+    observed = cdata.to_xarray(ts)
+    test_ids = list(test.meta.series_ids[:max_plots])
+    plot_series(
+        observed, pred, out / "plots", series=test_ids, title="latent ODE, test"
+    )
+    metrics["total_seconds"] = round(_time.perf_counter() - t_start, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json))
+    return metrics
+
+
+def _json(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def _load(checkpoint: str | Path):
+    from .train import load_checkpoint
+
+    model, meta = load_checkpoint(Path(checkpoint))
+    extra = meta.get("extra_state") or {}
+    if extra.get("job") != "latent-ode":
+        raise ValueError(
+            f"{checkpoint} is not a latent-ode checkpoint (written by `ctmodels fit "
+            "latent-ode`)."
+        )
+    return model, cdata.Normalizer.from_dict(extra["normalizer"]), extra
+
+
+def _resolve_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
+    return path
+
+
+def _read_like(data, channels):
+    ds, _ = _open(data)
+    missing = [c for c in channels if c not in ds.data_vars]
+    if missing:
+        raise ValueError(
+            f"The data lack the model's channels {missing} (model channels: "
+            f"{channels})."
+        )
+    ts = cdata.from_xarray(ds, variables=channels, static=[])
+    if isinstance(ts, cdata.LazyTimeSeries):
+        ts = ts.load()
+    return ds, ts
+
+
+def predict_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    n_samples: int = 16,
+    seed: int = 0,
+    plots: str | Path | None = None,
+    max_plots: int = 6,
+) -> xr.Dataset:
+    """Condition on the observed values of `data` and write predictions at every
+    position with a valid time to `out` (netCDF, same dims and coordinates)."""
+    model, norm, extra = _load(_resolve_checkpoint(checkpoint))
+    _, ts = _read_like(data, extra["channels"])
+    mean, std, _, _ = _predict_grid(
+        model, norm.transform(ts), key=jax.random.key(seed), n_samples=n_samples,
+        batch_size=int(extra.get("batch_size", 32)),
+    )  # fmt: skip
+    mu, sd = norm.inverse(mean, std)
+    pred = cdata.to_xarray(ts, mean=mu, std=sd)
+    pred.attrs.update({"model": "ctmodels LatentODE", "checkpoint": str(checkpoint)})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pred.to_netcdf(tmp)
+    tmp.replace(out)
+    if plots is not None:
+        from ._plot import plot_series
+
+        plot_series(
+            cdata.to_xarray(ts), pred, plots, max_series=max_plots, title="latent ODE"
+        )
+    return pred
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    task: str = "both",
+    out: str | Path | None = None,
+    seed: int = 0,
+    n_samples: int = 3,
+    fraction: float = 0.5,
+    split: float = 0.5,
+) -> dict[str, Any]:
+    """Interpolation / extrapolation MSE (normalised units) of a checkpoint on `data`,
+    with LOCF and linear-interpolation baselines on the same points."""
+    if task not in ("interpolation", "extrapolation", "both"):
+        raise ValueError(
+            f"task must be interpolation, extrapolation or both, got {task!r}."
+        )
+    model, norm, extra = _load(_resolve_checkpoint(checkpoint))
+    _, ts = _read_like(data, extra["channels"])
+    tasks = ("interpolation", "extrapolation") if task == "both" else (task,)
+    metrics = _evaluate(
+        model, norm.transform(ts), seed=seed, n_samples=n_samples,
+        batch_size=int(extra.get("batch_size", 32)), fraction=fraction, split=split,
+        tasks=tasks,
+    )  # fmt: skip
+    metrics = {"data": str(data), "checkpoint": str(checkpoint), **metrics}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metrics, indent=1, default=_json))
+    return metrics
