@@ -31,12 +31,17 @@ ctmodels layouts:
                   with its own Anderson/Broyden history and its own stop; the vmapped
                   loop runs until the last sample stops). This is what torchdeq does
                   too: its solvers keep per-sample histories / mixing coefficients
-                  and stop on the worst sample. Backward: adjoint="implicit" as is
-                  (default: matrix-free "anderson_linear", one VJP per iteration).
+                  and stop on the worst sample. Backward: adjoint="implicit" as is.
   ctmodels_joint  the [64, 256] batch solved as ONE 16384-dim fixed point (one shared
                   history and mixing). Backward: adjoint="implicit" as is (the
                   matrix-free default; a dense solver would materialise the
                   16384 x 16384 Jacobian).
+  The default implicit backward of ctmodels.fixed_point is matrix-free and mirrors
+  the forward solver, as torchdeq's b_solver does here: plain adjoint iteration
+  ("neumann", one VJP per iteration) for `iteration`, Anderson-accelerated adjoint
+  iteration ("anderson_linear") for `anderson` and `broyden`; both stop at
+  |A x - b| <= 1e-6 max(|b|, |x|) (max-norms), i.e. relative to the size of the
+  solution as torchdeq's b_stop_mode='rel' is, with the forward's max_steps (>= 500).
 
 Phases: solve (forward only) and train_step (loss = mean_i 0.5 |z*_i|^2, value and
 gradient w.r.t. W, U, b with the implicit-function-theorem backward; torchdeq:
@@ -274,8 +279,8 @@ def main(argv=None):
             solver_v = ctmodels.solvers.get(
                 solver_name, kind="fixed_point", rtol=0.0, atol=1.0, norm=norm
             )
-            # the default implicit backward: matrix-free Anderson on the adjoint
-            # fixed point ("anderson_linear"), one VJP per iteration
+            # the default implicit backward: matrix-free iteration on the adjoint
+            # fixed point, one VJP per iteration (see the module docstring)
             gmres_adjoint = "implicit"
 
             def solve(params, x):
@@ -337,7 +342,8 @@ def main(argv=None):
             "num_stagnated": int(np.sum(np.asarray(stag))),
             "bwd_linear_solver": None
             if phase == "solve"
-            else "anderson_linear (ctmodels default: matrix-free, rtol 1e-6)",
+            else ("neumann" if solver_name == "iteration" else "anderson_linear")
+            + " (ctmodels default: matrix-free, rtol 1e-6)",
         }
         return call, info, np.asarray(z), grads
 

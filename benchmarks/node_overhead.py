@@ -21,6 +21,10 @@ Implementations ("impl"):
   diffrax_saveat_ts    diagnostic: raw Diffrax with SaveAt(ts=[0, 1]) and throw=False,
                        i.e. what ctmodels.integrate passes to Diffrax; isolates the
                        cost of ctmodels' choices from the cost of its wrapper code
+  diffrax_dt0          diagnostic: raw Diffrax (SaveAt(t1=True)) given the starting
+                       step that ctmodels.integrate picks by default (Hairer's
+                       algorithm, see below), i.e. the same step sequence as ctmodels:
+                       the pure wrapper overhead
   torchdiffeq          torchdiffeq.odeint / odeint_adjoint, method="dopri5"
 
 Timing: every JAX function is jitted and AOT-compiled first (trace/lower and compile
@@ -34,9 +38,19 @@ Output: one JSON line per (case, impl), then one summary line. Ratios on a line 
 summary names its ratios explicitly (`*_by_min` use the fastest sample, which is more
 robust when the machine is shared).
 
+Starting step: with dt0=None, ctmodels.integrate picks the first step by the
+algorithm of Hairer, Norsett & Wanner (two vector-field evaluations), the same rule
+torchdiffeq uses and that diffrax.PIDController intends to apply -- but in Diffrax
+0.7.2 that code path is never reached (diffeqsolve wraps the terms before the
+controller checks `isinstance(terms, ODETerm)`), so raw Diffrax with dt0=None
+always starts from dt = 0.01. On this problem that costs raw Diffrax one extra step
+(4 instead of 3). The `diffrax` runner keeps raw Diffrax's own default; compare
+`diffrax_dt0` to see ctmodels against Diffrax on the same steps.
+
 Step / evaluation counts: `steps`, `accepted`, `rejected` are Diffrax's forward stats
 (torchdiffeq: (nfe_fwd - 2) / 6 attempted steps); `nfe_fwd` is forward vector-field
-evaluations (JAX: 6 per attempted step + 1, FSAL; torchdiffeq: counted);
+evaluations (JAX: 6 per attempted step + 1, FSAL, + 2 for the starting step where
+one is computed; ctmodels: its stats["num_fn_evals"]; torchdiffeq: counted);
 `vf_calls_fwd_bwd` is vector-field calls executed by one forward+backward (torch:
 counted; JAX: counted by a host callback in an untimed instrumented build, which
 includes checkpoint recomputation and the primal evaluations inside VJPs, so it is
@@ -187,7 +201,16 @@ def main(argv=None):
         yT = sol.ys[-1]
         return jnp.mean(yT**2), sol.stats
 
-    def dfx_loss(p, y0, adjoint, saveat_ts=False, field=vf):
+    def hairer_dt0(p, y0):
+        # the starting step ctmodels.integrate computes when dt0 is None
+        from ctmodels._integrate import _initial_step
+
+        ctrl = diffrax.PIDController(rtol=RTOL, atol=ATOL)
+        return _initial_step(
+            diffrax.ODETerm(vf), diffrax.Dopri5(), ctrl, 0.0, t1, y0, p
+        )
+
+    def dfx_loss(p, y0, adjoint, saveat_ts=False, field=vf, same_dt0=False):
         adj = (
             diffrax.RecursiveCheckpointAdjoint()
             if adjoint == "checkpoint"
@@ -199,7 +222,7 @@ def main(argv=None):
             diffrax.Dopri5(),
             t0=0.0,
             t1=t1,
-            dt0=None,
+            dt0=hairer_dt0(p, y0) if same_dt0 else None,
             y0=y0,
             args=p,
             saveat=saveat,
@@ -211,11 +234,14 @@ def main(argv=None):
         return jnp.mean(sol.ys[-1] ** 2), sol.stats
 
     def stats_of(s):
-        return {
+        out = {
             "steps": int(s["num_steps"]),
             "accepted": int(s["num_accepted_steps"]),
             "rejected": int(s["num_rejected_steps"]),
         }
+        if "num_fn_evals" in s:
+            out["nfe_fwd"] = int(s["num_fn_evals"])
+        return out
 
     # ---------------------------------------------------------------- JAX impls
     def build_jax(loss_fn, **kw):
@@ -276,6 +302,7 @@ def main(argv=None):
                     adjoint,
                     saveat_ts=(which == "diffrax_saveat_ts"),
                     field=vf_counted,
+                    same_dt0=(which == "diffrax_dt0"),
                 )[0]
 
         try:
@@ -356,7 +383,7 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- build all
     cases = ("checkpoint", "backsolve")
-    impls = ["ctmodels", "diffrax", "diffrax_saveat_ts"]
+    impls = ["ctmodels", "diffrax", "diffrax_dt0", "diffrax_saveat_ts"]
     if torch is not None:
         impls.append("torchdiffeq")
 
@@ -369,11 +396,15 @@ def main(argv=None):
                 call, info, g = build_jax(dfx_loss, adjoint=case)
             elif impl == "diffrax_saveat_ts":
                 call, info, g = build_jax(dfx_loss, adjoint=case, saveat_ts=True)
+            elif impl == "diffrax_dt0":
+                call, info, g = build_jax(dfx_loss, adjoint=case, same_dt0=True)
             else:
                 call, info, g = build_torch(case)
             if impl != "torchdiffeq":
                 g = flat_grads_jax(g)
-                info["nfe_fwd"] = 6 * info["steps"] + 1  # FSAL dopri5: 6 per step + 1
+                # FSAL dopri5: 6 per step + 1 (+ 2 for a computed starting step)
+                extra = 2 if impl == "diffrax_dt0" else 0
+                info.setdefault("nfe_fwd", 6 * info["steps"] + 1 + extra)
                 info["vf_calls_fwd_bwd"] = (
                     count_jax_nfe(impl, case) if impl != "diffrax_saveat_ts" else None
                 )
@@ -448,6 +479,13 @@ def main(argv=None):
         summary[f"{case}_ctmodels_over_diffrax_saveat_ts"] = (
             med[case, "ctmodels"] / med[case, "diffrax_saveat_ts"]
         )
+        summary[f"{case}_ctmodels_over_diffrax_dt0"] = (
+            med[case, "ctmodels"] / med[case, "diffrax_dt0"]
+        )
+        summary[f"{case}_ctmodels_over_diffrax_dt0_by_min"] = (
+            mn[case, "ctmodels"] / mn[case, "diffrax_dt0"]
+        )
+        summary[f"{case}_steps"] = {impl: infos[case, impl]["steps"] for impl in impls}
         if torch is not None:
             summary[f"{case}_torchdiffeq_over_ctmodels"] = (
                 med[case, "torchdiffeq"] / med[case, "ctmodels"]

@@ -157,6 +157,9 @@ class _GuardedFixedPoint(optx.AbstractFixedPointSolver):
         )
 
 
+_Guarded = (_GuardedRootFinder, _GuardedFixedPoint)
+
+
 def _stop_gradient(tree):
     return jax.tree.map(
         lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, tree
@@ -179,14 +182,46 @@ def _resolve_solver(solver, kind, rtol, atol):
     return _GuardedFixedPoint(value), name
 
 
-def resolve_nonlinear_adjoint(adjoint, kind: str = "root"):
+# The least iteration budget and the loosest relative tolerance of the default
+# (matrix-free) implicit backward solve of a fixed point.
+_BACKWARD_MIN_STEPS = 500
+_BACKWARD_RTOL = 1e-6
+
+
+def _default_backward(solver, max_steps: int) -> dict[str, Any]:
+    """The linear solver of `adjoint="implicit"` for a fixed point: matrix-free (the
+    DEQ setting, where forming the Jacobian costs one JVP per state dimension), and
+    mirroring the forward solver. Plain / damped iteration gets the plain (damped)
+    adjoint iteration ("neumann"), which converges whenever the forward one does, at
+    the same rate, and costs one VJP per step and nothing else; the accelerated
+    solvers get Anderson-accelerated adjoint iteration ("anderson_linear"). The
+    adjoint iteration contracts as fast as the forward one, so it gets the forward's
+    iteration budget (at least `_BACKWARD_MIN_STEPS`), and the forward's relative
+    tolerance where that is tighter than `_BACKWARD_RTOL` (a gradient as accurate as
+    the fixed point it differentiates)."""
+    inner = solver.solver if isinstance(solver, _Guarded) else solver
+    opts = {"max_steps": max(_BACKWARD_MIN_STEPS, max_steps), "rtol": _BACKWARD_RTOL}
+    try:
+        rtol = float(inner.rtol)
+    except (AttributeError, TypeError):  # no (concrete) relative tolerance
+        rtol = 0.0
+    if 0 < rtol < _BACKWARD_RTOL:
+        opts["rtol"] = rtol
+    if isinstance(inner, optx.FixedPointIteration):
+        return {"linear_solver": "neumann", "damp": inner.damp, **opts}
+    return {"linear_solver": "anderson_linear", **opts}
+
+
+def resolve_nonlinear_adjoint(
+    adjoint, kind: str = "root", solver=None, max_steps: int = 0
+):
     """Registry name / value -> an Optimistix adjoint. For fixed points the name
-    "implicit" means a matrix-free backward solve ("anderson_linear"): the DEQ
-    setting, where forming the Jacobian costs one JVP per state dimension."""
+    "implicit" means a matrix-free backward solve chosen to match `solver` and its
+    `max_steps` (see `_default_backward`)."""
     if isinstance(adjoint, str):
         options = {}
         if kind == "fixed_point" and adjoint.strip().lower() == "implicit":
-            options["linear_solver"] = "anderson_linear"
+            options = _default_backward(solver, max_steps)
         adjoint, _ = _registry.resolve(adjoint, "adjoint", **options)
     if isinstance(adjoint, ImplicitAdjoint):
         return adjoint.to_optimistix()
@@ -217,7 +252,7 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
             f"its input z; got input {in_struct} and output {out_struct}."
         )
     solver_v, name = _resolve_solver(solver, kind, rtol, atol)
-    adjoint_v = resolve_nonlinear_adjoint(adjoint, kind)
+    adjoint_v = resolve_nonlinear_adjoint(adjoint, kind, solver_v, max_steps)
     call = optx.fixed_point if kind == "fixed_point" else optx.root_find
     sol = call(
         fn, solver_v, y0, args, max_steps=max_steps, adjoint=adjoint_v, throw=False
@@ -293,7 +328,12 @@ def fixed_point(
         `"broyden"`, `"iteration"`, `"damped"`, `"newton"`, `"chord"`) or an
         Optimistix fixed-point solver or root finder.
     - `adjoint`: `"implicit"` (default) or `"checkpoint"` (differentiate the unrolled
-        iterations), or an adjoint value.
+        iterations), or an adjoint value. By name, `"implicit"` solves the backward
+        linear system matrix-free, mirroring `solver`: plain (damped) adjoint
+        iteration for `"iteration"` / `"damped"`, Anderson-accelerated adjoint
+        iteration otherwise; to relative tolerance 1e-6 (or `rtol`, if tighter and
+        positive) within `max(max_steps, 500)` iterations. Pass
+        `ctmodels.solvers.get("implicit", linear_solver=...)` to choose another.
     - `rtol`, `atol`: tolerances of a solver given by name. The solve stops when
         `|fn(z) - z| <= atol + rtol * |z|` elementwise.
     - `max_steps`: the most iterations.

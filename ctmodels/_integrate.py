@@ -81,6 +81,72 @@ def _fill_root_finder_tols(solver, rtol, atol):
     )
 
 
+def _initial_step(terms, solver, controller, t0, t1, y0, args):
+    """The starting step of an adaptive solve given `dt0=None` (see
+    `_hairer_initial_step`). Returns `None` (leave it to Diffrax) where the algorithm
+    does not apply: several terms (IMEX), a controller other than
+    `diffrax.PIDController`, or a solver without an error order."""
+    if not isinstance(terms, diffrax.ODETerm):
+        return None
+    if not isinstance(controller, diffrax.PIDController):
+        return None
+    error_order = controller.error_order
+    if error_order is None:
+        error_order = solver.error_order(terms)
+    if error_order is None:
+        return None
+    y0, args = jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x) if eqx.is_array(x) else x, (y0, args)
+    )
+    y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
+    # jitted: an eager `integrate` then traces the vector field here only once
+    return _hairer_initial_step(terms, controller, error_order, t0, t1, y0, args)
+
+
+@eqx.filter_jit
+def _hairer_initial_step(terms, controller, error_order, t0, t1, y0, args):
+    """The starting step size of an adaptive solve, by the algorithm of Hairer,
+    Norsett & Wanner (Solving ODEs I, II.4): a first guess `h0 = 0.01 |y0| / |f0|`
+    (in the controller's weighted norm), one explicit Euler step of that size to
+    estimate the second derivative, and `h1 = (0.01 / max(|f0|, |f'|)) ** (1 /
+    error_order)`; the smaller of `100 h0` and `h1`. Two vector-field evaluations.
+
+    This is what `diffrax.PIDController` means to do when `dt0=None`, but in Diffrax
+    0.7.2 its check `isinstance(terms, ODETerm)` never holds (`diffeqsolve` has
+    already wrapped the terms in a `WrapTerm`), so every adaptive Diffrax solve starts
+    from a fixed `dt0 = 0.01` whatever the problem's scale.
+
+    Like Diffrax (and torchdiffeq) the choice is not differentiated.
+    """
+    rtol, atol, norm = controller.rtol, controller.atol, controller.norm
+    direction = jnp.sign(t1 - t0)
+
+    def scaled(tree):
+        return jax.tree.map(lambda x, y: x / (atol + rtol * jnp.abs(y)), tree, y0)
+
+    f0 = terms.vf(t0, y0, args)
+    d0 = norm(scaled(y0))
+    d1 = norm(scaled(f0))
+    tiny = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1, d1))
+    y1 = jax.tree.map(lambda y, f: y + direction * h0 * f, y0, f0)
+    f1 = terms.vf(t0 + direction * h0, y1, args)
+    d2 = norm(scaled(jax.tree.map(lambda a, b: a - b, f1, f0))) / h0
+    dmax = jnp.maximum(d1, d2)
+    flat = dmax <= 1e-15
+    h1 = jnp.where(
+        flat,
+        jnp.maximum(1e-6, h0 * 1e-3),
+        (0.01 / jnp.where(flat, 1, dmax)) ** (1 / error_order),
+    )
+    h = jnp.minimum(100 * h0, h1)
+    if controller.dtmax is not None:
+        h = jnp.minimum(h, controller.dtmax)
+    if controller.dtmin is not None:
+        h = jnp.maximum(h, controller.dtmin)
+    return jax.lax.stop_gradient(direction * h)
+
+
 def resolve_adjoint(adjoint, entry: str):
     """Registry name / value -> a Diffrax adjoint."""
     adj, name = _registry.resolve(adjoint, "adjoint")
@@ -229,7 +295,10 @@ def integrate(
         estimate), or a `diffrax.AbstractStepSizeController`.
     - `rtol`, `atol`: tolerances of a controller given by name (and of an implicit
         stepper's Newton iteration). Defaults `1e-6`, `1e-8`.
-    - `dt0`: the initial (or, with a constant controller, the fixed) step size.
+    - `dt0`: the initial (or, with a constant controller, the fixed) step size. If
+        `None` with an adaptive controller, the starting step is chosen by Hairer's
+        algorithm (two extra vector-field evaluations, counted in
+        `stats["num_fn_evals"]`; the choice is not differentiated).
     - `max_steps`: the most steps the solver may take.
     - `throw`: raise a [`ctmodels.SolverError`][] on failure (default); if `False`,
         return with `result` set and the unreached `ys` filled with `inf`.
@@ -249,6 +318,10 @@ def integrate(
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
     if dt0 is not None:  # the sign of the step follows the direction of ts
         dt0 = jnp.abs(dt0) * jnp.sign(ts[-1] - ts[0])
+        start_evals = 0
+    else:
+        dt0 = _initial_step(terms, solver_v, controller_v, ts[0], ts[-1], y0, args)
+        start_evals = 0 if dt0 is None else 2
 
     # Two output times (start and end, the common training case) save with t0/t1
     # rather than Diffrax's per-step interpolating save loop: a few percent faster.
@@ -292,7 +365,9 @@ def integrate(
     )
     per_step = _evals_per_step(solver_v)
     num_steps = sol.stats["num_steps"]
-    evals = -1 if per_step is None else num_steps * per_step[0] + per_step[1]
+    evals = (
+        -1 if per_step is None else num_steps * per_step[0] + per_step[1] + start_evals
+    )
     stats = {
         "num_steps": num_steps,
         "num_accepted_steps": sol.stats["num_accepted_steps"],
@@ -325,8 +400,7 @@ def _raise_eager(result, saved_ts, ys, ts, name, max_steps, stop=None):
     stop = None if stop is None else float(np.asarray(stop))
     if stop is not None and np.isfinite(stop) and finite.size and finite[-1] == 0:
         where = (
-            f"at t={stop:g}, between t={req[0]:g} (last time reached) and "
-            f"t={req[1]:g}"
+            f"at t={stop:g}, between t={req[0]:g} (last time reached) and t={req[1]:g}"
         )
     elif finite.size == 0:
         where = f"before reaching t={req[0]:g}"

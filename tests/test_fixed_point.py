@@ -648,3 +648,102 @@ def test_stagnation_is_detected_not_run_to_max_steps():
     )  # fmt: skip
     assert _is(sol, RESULTS.stagnation), sol.result
     assert int(sol.stats["num_steps"]) < 50
+
+
+# --------------------------------------------------------------------------------------
+# The default matrix-free implicit backward: chosen to mirror the forward solver.
+# --------------------------------------------------------------------------------------
+
+
+def _backward_solver(solver, max_steps=256):
+    from ctmodels._fixed_point import _resolve_solver, resolve_nonlinear_adjoint
+
+    solver_v, _ = _resolve_solver(solver, "fixed_point", RTOL, ATOL)
+    adjoint = resolve_nonlinear_adjoint("implicit", "fixed_point", solver_v, max_steps)
+    return adjoint.linear_solver.inner  # inside the CheckedLinearSolver
+
+
+@pytest.mark.parametrize("solver", FP)
+def test_default_backward_mirrors_the_forward_solver(solver):
+    from ctmodels.solvers._implicit import AndersonLinearSolver, NeumannLinearSolver
+
+    lin = _backward_solver(solver, max_steps=2000)
+    if solver in ("iteration", "damped"):
+        assert isinstance(lin, NeumannLinearSolver)
+        assert lin.damp == (0.5 if solver == "damped" else 0.0)
+    else:
+        assert isinstance(lin, AndersonLinearSolver)
+    # the forward's iteration budget, and its (tighter) tolerance
+    assert lin.max_steps == 2000 and lin.rtol == RTOL
+    assert _backward_solver(solver, max_steps=10).max_steps == 500
+
+
+@pytest.mark.parametrize("name", ["neumann", "anderson_linear"])
+def test_matrix_free_backward_solve_reports_its_residual(name):
+    """The solution comes back with the 2-norm of its own residual (so the checked
+    adjoint applies the operator no extra time), and `A x = b` holds to rtol relative
+    to max(|b|, |x|)."""
+    import lineax as lx
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 6))
+    j = 0.8 * w / np.linalg.norm(w, 2)  # a contraction: A = J^T - I
+    a = jnp.asarray(j.T - np.eye(6))
+    b = jnp.asarray(rng.standard_normal(6))
+    solver = solvers.get(name, kind="linear", rtol=1e-10)
+    op = lx.MatrixLinearOperator(a)
+    x, result, stats = solver.compute(solver.init(op, {}), b, {})
+    assert result == lx.RESULTS.successful
+    r = np.asarray(a @ x - b)
+    np.testing.assert_allclose(stats["residual_norm"], np.linalg.norm(r), rtol=1e-12)
+    scale = max(np.max(np.abs(b)), np.max(np.abs(np.asarray(x))))
+    assert np.max(np.abs(r)) <= 1e-10 * scale
+    np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), b), rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["neumann", "anderson_linear"])
+def test_matrix_free_backward_solve_stops_at_its_roundoff_floor(name):
+    """A float32 tolerance below what float32 resolves is not chased to max_steps:
+    the residual stops improving, the best iterate comes back (flagged as not
+    converged; the implicit adjoint's backward_tol judges it)."""
+    import lineax as lx
+
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    j = (q * np.linspace(0.0, 0.95, 40)) @ q.T  # slowly contracting
+    a = jnp.asarray(j.T - np.eye(40), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(40), jnp.float32)
+    solver = solvers.get(name, kind="linear", rtol=1e-12, max_steps=5000)
+    op = lx.MatrixLinearOperator(a)
+    x, result, stats = solver.compute(solver.init(op, {}), b, {})
+    assert result != lx.RESULTS.successful
+    assert int(stats["num_steps"]) < 2000
+    exact = np.linalg.solve(np.asarray(a, np.float64), np.asarray(b, np.float64))
+    assert np.linalg.norm(np.asarray(x) - exact) <= 1e-5 * np.linalg.norm(exact)
+
+
+def test_damped_iteration_gradient_uses_damped_backward():
+    """damped's backward is the damped adjoint iteration; a map whose Jacobian has an
+    eigenvalue near -1.5 (plain iteration diverges, damped converges) still gets its
+    implicit gradient right."""
+    w = np.diag([-1.5, 0.3, 0.2, -0.4])
+    b = np.array([0.1, -0.2, 0.3, 0.05])
+    args = (jnp.asarray(w), jnp.asarray(b))
+
+    def linear_map(z, args):
+        w, b = args
+        return w @ z + b
+
+    def loss(args):
+        sol = ctmodels.fixed_point(
+            linear_map, Z0, args, solver="damped", rtol=RTOL, atol=ATOL,
+            max_steps=2000,
+        )  # fmt: skip
+        return jnp.dot(LOSS_W, sol.value)
+
+    g = jax.jit(jax.grad(loss))(args)
+    # z* = (I - W)^-1 b; dL/db = (I - W)^-T w_L, dL/dW = outer(dL/db, z*)
+    lam = np.linalg.solve((np.eye(N) - w).T, np.asarray(LOSS_W))
+    z = np.linalg.solve(np.eye(N) - w, b)
+    np.testing.assert_allclose(g[1], lam, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(g[0], np.outer(lam, z), rtol=1e-8, atol=1e-10)

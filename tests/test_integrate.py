@@ -773,3 +773,168 @@ def test_imex_pair_convergence_against_expm(name):
     assert all(e > 1e-13 for e in errs)
     p = observed_order(dts, errs)
     assert p >= order - 0.3, f"{name} (IMEX pair): order {p:.2f}, errors {errs}"
+
+
+# --------------------------------------------------------------------------------------
+# 7. The starting step (Hairer's algorithm) and the unrolled explicit RK steppers.
+# --------------------------------------------------------------------------------------
+
+
+def _hairer_numpy(f, t0, y0, rtol, atol, order, direction=1.0):
+    """Hairer, Norsett & Wanner, Solving ODEs I, II.4, in NumPy (rms norms)."""
+
+    def rms(x):
+        return float(np.sqrt(np.mean(np.square(x))))
+
+    scale = atol + rtol * np.abs(y0)
+    f0 = f(t0, y0)
+    d0, d1 = rms(y0 / scale), rms(f0 / scale)
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    f1 = f(t0 + direction * h0, y0 + direction * h0 * f0)
+    d2 = rms((f1 - f0) / scale) / h0
+    dmax = max(d1, d2)
+    h1 = max(1e-6, h0 * 1e-3) if dmax <= 1e-15 else (0.01 / dmax) ** (1 / order)
+    return direction * min(100 * h0, h1)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_default_starting_step_is_hairers(backward):
+    """With dt0=None an adaptive solve starts with Hairer's step (Diffrax 0.7.2 would
+    start from 0.01: its own selection never sees an unwrapped ODETerm), and the
+    solve is the one Diffrax makes when given that dt0."""
+    import diffrax
+
+    from ctmodels._integrate import _initial_step
+
+    ts = TS[::-1] if backward else TS
+    direction = -1.0 if backward else 1.0
+    rtol, atol = 1e-6, 1e-8
+    ctrl = diffrax.PIDController(rtol=rtol, atol=atol)
+    h = _initial_step(
+        diffrax.ODETerm(linear), diffrax.Tsit5(), ctrl, ts[0], ts[-1], Y0, A3
+    )
+    expected = _hairer_numpy(
+        lambda t, y: A3 @ y, ts[0], Y0, rtol, atol, order=5, direction=direction
+    )
+    np.testing.assert_allclose(float(h), expected, rtol=1e-12)
+    assert abs(expected - direction * 0.01) > 1e-3  # not Diffrax's fallback
+
+    sol = ctmodels.integrate(linear, Y0, ts, A3, solver="tsit5", rtol=rtol, atol=atol)
+    ref = diffrax.diffeqsolve(
+        diffrax.ODETerm(linear),
+        diffrax.Tsit5(),
+        ts[0],
+        ts[-1],
+        expected,
+        jnp.asarray(Y0),
+        A3,
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=ctrl,
+    )
+    assert int(sol.stats["num_steps"]) == int(ref.stats["num_steps"])
+    np.testing.assert_allclose(sol.ys, ref.ys, rtol=1e-10, atol=1e-12)
+
+
+def test_starting_step_is_not_differentiated():
+    """The step-size choice carries no gradient (as in Diffrax and torchdiffeq): the
+    gradient is that of the solve with that dt0 held fixed."""
+    import diffrax
+
+    def loss(a, dt0=None, controller=None):
+        sol = ctmodels.integrate(
+            linear, Y0, TS, a, solver="dopri5", dt0=dt0, controller=controller
+        )
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    from ctmodels._integrate import _initial_step
+
+    ctrl = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+    h = float(
+        _initial_step(
+            diffrax.ODETerm(linear), diffrax.Dopri5(), ctrl, TS[0], TS[-1], Y0, A3
+        )
+    )
+    g = jax.grad(loss)(jnp.asarray(A3))
+    g_fixed = jax.grad(lambda a: loss(a, h, "pid"))(jnp.asarray(A3))
+    np.testing.assert_allclose(g, g_fixed, rtol=1e-12, atol=1e-14)
+
+
+ERK = [n for n in NONSTIFF if n in ADAPTIVE and n != "reversible_heun"]
+
+
+@pytest.mark.parametrize("name", ERK)
+def test_unrolled_stepper_matches_diffrax_stepper(name):
+    """The registry's explicit RK steppers run their stages unrolled. One step gives
+    Diffrax's own stepper's solution, error estimate and dense output (to roundoff);
+    whole adaptive solves (dense output, forward and backward in time) and their
+    gradients then agree to the roundoff-level differences in the chosen step sizes
+    (the error estimate of high-order pairs is a sum with heavy cancellation, so its
+    last digits depend on the order of summation)."""
+    import diffrax
+
+    from ctmodels.solvers._unrolled import UnrolledERK
+
+    unrolled = solvers.get(name)
+    plain = solvers.get(name, unroll=False)
+    assert isinstance(unrolled, UnrolledERK)
+    assert type(plain) is type(unrolled.solver)
+
+    term = diffrax.ODETerm(linear)
+    y0 = jnp.asarray(Y0)
+    steps = []
+    for solver in (unrolled, plain):
+        state = solver.init(term, 0.0, 0.5, y0, A3)
+        y1, err, dense, _, _ = solver.step(term, 0.0, 0.5, y0, A3, state, False)
+        mid = solver.interpolation_cls(t0=0.0, t1=0.5, **dense).evaluate(0.2)
+        steps.append((y1, err, mid))
+    (y1_u, err_u, mid_u), (y1_p, err_p, mid_p) = steps
+    np.testing.assert_allclose(y1_u, y1_p, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(mid_u, mid_p, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(err_u, err_p, rtol=1e-6, atol=1e-15)
+
+    ts_dense = np.linspace(0.0, 2.0, 13)
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def run(solver, a, backward):
+        ts = ts_dense[::-1] if backward else ts_dense
+
+        def loss(a):
+            sol = ctmodels.integrate(linear, Y0, ts, a, solver=solver)
+            return jnp.sum(sol.ys**2), sol
+
+        (_, sol), g = jax.value_and_grad(loss, has_aux=True)(a)
+        return sol.ys, sol.stats["num_steps"], g
+
+    for backward in (False, True):
+        ys_u, steps_u, g_u = run(unrolled, jnp.asarray(A3), backward)
+        ys_p, steps_p, g_p = run(plain, jnp.asarray(A3), backward)
+        assert int(steps_u) == int(steps_p)
+        np.testing.assert_allclose(ys_u, ys_p, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(g_u, g_p, rtol=1e-6, atol=1e-8)
+
+
+def test_unrolled_stepper_after_a_jump_and_under_vmap():
+    """A step-size controller with jump times makes `made_jump` a traced value: the
+    first-same-as-last stage is then re-evaluated after each jump, under vmap too."""
+    import diffrax
+
+    ctrl = diffrax.ClipStepSizeController(
+        diffrax.PIDController(rtol=1e-8, atol=1e-10), jump_ts=jnp.array([0.3, 1.1])
+    )
+
+    def jumpy(t, y, a):
+        return jnp.where(t < 1.1, 1.0, -2.0) * (a @ y)
+
+    def run(solver, y0):
+        return ctmodels.integrate(jumpy, y0, TS, A3, solver=solver, controller=ctrl).ys
+
+    y0s = jnp.stack([jnp.asarray(Y0), 0.5 * jnp.asarray(Y0)])
+    for name in ("dopri5", "tsit5"):
+        su, sp = solvers.get(name), solvers.get(name, unroll=False)
+        u = jax.jit(jax.vmap(lambda y, s=su: run(s, y)))(y0s)
+        p = jax.jit(jax.vmap(lambda y, s=sp: run(s, y)))(y0s)
+        np.testing.assert_allclose(u, p, rtol=1e-11, atol=1e-12)
+        # and the jump is real: the exact solution switches field at t = 1.1
+        y11 = scipy.linalg.expm(A3 * 1.1) @ Y0
+        exact_end = scipy.linalg.expm(-2.0 * A3 * 0.9) @ y11
+        np.testing.assert_allclose(u[0, -1], exact_end, rtol=1e-6, atol=1e-8)

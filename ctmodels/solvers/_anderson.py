@@ -38,8 +38,9 @@ def _scaled_residual(norm, rtol, atol, residual, y) -> Scalar:
 
 
 class _AndersonState(eqx.Module):
-    dy_hist: Float[Array, "m n"]
+    dx_hist: Float[Array, "m n"]  # dY + beta dR, the columns of the update
     dr_hist: Float[Array, "m n"]
+    gram: Float[Array, "m m"]  # dR^T dR, kept up to date one row at a time
     valid: Bool[Array, " m"]
     index: Int[Array, ""]
     y_prev: Float[Array, " n"]
@@ -90,6 +91,9 @@ class Anderson(optx.AbstractRootFinder):
         `1 + memory / max(regularization, 100 * eps)` at every scale -- so it does not
         degrade the acceleration close to convergence. (`eps` is the machine epsilon of
         the dtype; the floor only matters in low precision.)
+    - Cost per step: one evaluation of `g`, two masked writes and three products
+        with the `[m, n]` buffers: `dR^T dR` is updated one row and column at a
+        time, and the buffers hold `dR` and `dY + beta dR` (the update's columns).
     - Safeguards: differences with `dR = 0` (e.g. a repeated iterate) are not stored;
         unused slots of the buffer are masked out (their coefficient is exactly zero);
         with no usable history, or if the small solve is not finite, the step falls
@@ -156,8 +160,9 @@ class Anderson(optx.AbstractRootFinder):
         m = self.memory
         zeros_hist = jnp.zeros((m, n), dtype)
         return _AndersonState(
-            dy_hist=zeros_hist,
+            dx_hist=zeros_hist,
             dr_hist=zeros_hist,
+            gram=jnp.zeros((m, m), dtype),
             valid=jnp.zeros((m,), bool),
             index=jnp.array(0),
             y_prev=jnp.zeros((n,), dtype),
@@ -192,27 +197,38 @@ class Anderson(optx.AbstractRootFinder):
         diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(r_flat))))
 
         # Push the newest difference pair into the ring buffer (normalised, |dR| = 1).
+        # The buffers are written with a masked select rather than an indexed update:
+        # under `vmap` (a per-sample slot) an indexed update becomes a scatter plus a
+        # copy of the whole buffer, while the select fuses into one pass.
+        beta = jnp.asarray(self.beta, dtype)
         dy = y_flat - state.y_prev
         dr = r_flat - state.r_prev
         sq = jnp.sum(dr * dr)
         usable = state.has_prev & (sq > 0) & jnp.isfinite(sq)
         inv = jnp.where(usable, lax.rsqrt(jnp.where(usable, sq, 1)), 0)
         slot = state.index
-        dy_hist = state.dy_hist.at[slot].set(
-            jnp.where(usable, dy * inv, state.dy_hist[slot])
-        )
-        dr_hist = state.dr_hist.at[slot].set(
-            jnp.where(usable, dr * inv, state.dr_hist[slot])
-        )
-        valid = state.valid.at[slot].set(state.valid[slot] | usable)
+        at_slot = jnp.arange(m) == slot
+        write = at_slot & usable
+        dr_new = dr * inv
+        dr_hist = jnp.where(write[:, None], dr_new, state.dr_hist)
+        dx_hist = jnp.where(write[:, None], (dy + beta * dr) * inv, state.dx_hist)
+        valid = state.valid | write
         index = jnp.where(usable, (slot + 1) % m, slot)
+        # The Gram matrix dR^T dR changes in one row and column: m x n work, not
+        # m x m x n.
+        row = dr_hist @ dr_new
+        gram = jnp.where(
+            write[:, None],
+            row[None, :],
+            jnp.where(write[None, :], row[:, None], state.gram),
+        )
 
         # Regularised normal equations for the mixing coefficients.
         maskf = valid.astype(dtype)
-        gram = (dr_hist @ dr_hist.T) * maskf[:, None] * maskf[None, :]
+        gram_v = gram * maskf[:, None] * maskf[None, :]
         rhs = (dr_hist @ r_flat) * maskf
         num_valid = jnp.sum(maskf)
-        trace = jnp.trace(gram)
+        trace = jnp.trace(gram_v)
         eps = jnp.finfo(dtype).eps
         reg = jnp.maximum(jnp.asarray(self.regularization, dtype), 100 * eps)
         lam = reg * trace / jnp.maximum(num_valid, 1)
@@ -223,23 +239,25 @@ class Anderson(optx.AbstractRootFinder):
             & jnp.all(jnp.isfinite(rhs))
         )
         eye = jnp.eye(m, dtype=dtype)
-        system = gram + jnp.diag(jnp.where(valid, lam, 1))
+        system = gram_v + jnp.diag(jnp.where(valid, lam, 1))
         system = jnp.where(good, system, eye)
         rhs = jnp.where(good, rhs, 0)
         gamma = jnp.linalg.solve(system, rhs)
         ok = good & jnp.all(jnp.isfinite(gamma))
         gamma = jnp.where(ok, gamma * maskf, 0)
 
-        beta = jnp.asarray(self.beta, dtype)
-        new_y = y_flat + beta * r_flat - (dy_hist + beta * dr_hist).T @ gamma
+        # y + beta r - (dY + beta dR) gamma, as `gamma @ hist` (no transpose of the
+        # buffer is materialised).
+        new_y = y_flat + beta * r_flat - gamma @ dx_hist
         new_y = jnp.where(converged | diverged, y_flat, new_y)
         num_fallback = state.num_fallback + jnp.where(
             state.has_prev & jnp.invert(ok), 1, 0
         )
 
         new_state = _AndersonState(
-            dy_hist=dy_hist,
+            dx_hist=dx_hist,
             dr_hist=dr_hist,
+            gram=gram,
             valid=valid,
             index=index,
             y_prev=y_flat,

@@ -50,6 +50,7 @@ class _BroydenState(eqx.Module):
     index: Int[Array, ""]
     y_prev: Float[Array, " n"]
     g_prev: Float[Array, " n"]
+    bg_prev: Float[Array, " n"]
     has_prev: Bool[Array, ""]
     error: Scalar
     converged: Bool[Array, ""]
@@ -100,6 +101,11 @@ class Broyden(optx.AbstractRootFinder):
         Safe branches are selected with the "double `where`" trick, so gradients
         through the unrolled iteration (`optimistix.RecursiveCheckpointAdjoint`)
         contain no spurious NaNs.
+    - Cost per step: one evaluation of `g` and four products with the `[m, n]`
+        buffers (`B g` and `B^T s`; `B d = B g - B g_prev` reuses the previous step's
+        product, and the new step `-(B + u v^T) g = -B g - u (v . g)` needs no further
+        pass). The buffers are updated by a masked select rather than an indexed
+        write, which under `vmap` (a per-sample slot) would be a scatter and a copy.
     - `max_step`, if given, caps the Euclidean length of each step at
         `max_step * (1 + |y_k|)` (a simple trust-region style safeguard against the
         wild first steps of a poor Jacobian approximation); by default steps are
@@ -171,6 +177,7 @@ class Broyden(optx.AbstractRootFinder):
             index=jnp.array(0),
             y_prev=jnp.zeros((n,), dtype),
             g_prev=jnp.zeros((n,), dtype),
+            bg_prev=jnp.zeros((n,), dtype),
             has_prev=jnp.array(False),
             error=jnp.array(jnp.inf, dtype),
             converged=jnp.array(False),
@@ -208,18 +215,27 @@ class Broyden(optx.AbstractRootFinder):
         full = state.index >= m
         slot = jnp.where(full, 0, state.index)
         us, vs = state.us, state.vs
-        slots = jnp.arange(m)
+        live = jnp.arange(m) < slot
 
-        def apply(mat_a, mat_b, x, count):
-            # sum over live slots i < count of mat_a[i] * (mat_b[i] . x)
-            coef = jnp.where(slots < count, mat_b @ x, 0)
-            return mat_a.T @ coef
+        def b_times(x):
+            # B x = -x + sum_{live i} u_i (v_i . x). Written as `coef @ us` (not
+            # `us.T @ coef`): XLA then reads the buffer in place instead of
+            # materialising its [n, m] transpose every step.
+            return -x + jnp.where(live, vs @ x, 0) @ us
+
+        # Four products with the [m, n] buffers per step: B g and B^T s. The others
+        # follow from them:
+        # - B d = B g - B g_prev, where B g_prev (same B, unless the memory just
+        #   restarted to -I) was computed at the previous step;
+        # - after the rank-one update B' = B + u v^T the step is
+        #   -B' g = -(B g) - u (v . g): no further pass over the buffers.
+        s = y_flat - state.y_prev
+        bg = b_times(g_flat)
+        bts = -s + jnp.where(live, us @ s, 0) @ vs  # B^T s
+        bg_prev = jnp.where(full, -state.g_prev, state.bg_prev)
+        bd = bg - bg_prev
 
         # Rank-one "good" Broyden update of the inverse Jacobian B = -I + U^T V.
-        s = y_flat - state.y_prev
-        d = g_flat - state.g_prev
-        bd = -d + apply(us, vs, d, slot)
-        bts = -s + apply(vs, us, s, slot)
         denom = jnp.dot(s, bd)
         threshold = jnp.sqrt(eps) * _safe_norm(s) * _safe_norm(bd)
         update = (
@@ -230,17 +246,21 @@ class Broyden(optx.AbstractRootFinder):
         )
         u = (s - bd) / jnp.where(update, denom, 1)
         update = update & jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(bts))
-        us = us.at[slot].set(jnp.where(update, u, us[slot]))
-        vs = vs.at[slot].set(jnp.where(update, bts, vs[slot]))
+        write = (jnp.arange(m) == slot)[:, None] & update
+        us = jnp.where(write, u, us)
+        vs = jnp.where(write, bts, vs)
         index = jnp.where(update, slot + 1, slot)
         num_skipped = state.num_skipped + jnp.where(
             state.has_prev & jnp.invert(update), 1, 0
         )
 
-        # Quasi-Newton step p = -B g, with the plain step (and a restart) as fallback.
-        p = g_flat - apply(us, vs, g_flat, index)
+        # Quasi-Newton step p = -B' g, with the plain step (and a restart) as fallback.
+        vg = jnp.where(update, jnp.dot(jnp.where(update, bts, 0), g_flat), 0)
+        new_bg = bg + jnp.where(update, u, 0) * vg
+        p = -new_bg
         ok = jnp.all(jnp.isfinite(p))
         p = jnp.where(ok, p, g_flat)
+        new_bg = jnp.where(ok, new_bg, -g_flat)
         index = jnp.where(ok, index, 0)
         num_fallback = state.num_fallback + jnp.where(ok, 0, 1)
         if self.max_step is not None:
@@ -256,6 +276,7 @@ class Broyden(optx.AbstractRootFinder):
             index=index,
             y_prev=y_flat,
             g_prev=g_flat,
+            bg_prev=new_bg,
             has_prev=jnp.array(True),
             error=error,
             converged=converged,

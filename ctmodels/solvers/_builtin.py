@@ -7,8 +7,9 @@ import diffrax
 import lineax as lx
 import optimistix as optx
 
-from ._implicit import AndersonLinearSolver, ImplicitAdjoint
+from ._implicit import AndersonLinearSolver, ImplicitAdjoint, NeumannLinearSolver
 from ._registry import get, register
+from ._unrolled import unrolled
 
 # Default tolerances of solvers built by name without explicit tolerances.
 DEFAULT_RTOL = 1e-6
@@ -65,14 +66,26 @@ def _ode(cls, order, *, stiff=False, adaptive=True, imex=False, doc=""):
 
 _ode(diffrax.Euler, 1, adaptive=False, doc="Explicit Euler; fixed steps (pass dt0).")
 _ode(
-    diffrax.Heun, 2, doc="Heun's method, 2nd order with embedded Euler error estimate."
+    unrolled(diffrax.Heun),
+    2,
+    doc="Heun's method, 2nd order with embedded Euler error estimate.",
 )
-_ode(diffrax.Midpoint, 2, doc="Explicit midpoint, 2nd order, adaptive.")
-_ode(diffrax.Ralston, 2, doc="Ralston's 2nd-order method (minimal truncation error).")
-_ode(diffrax.Bosh3, 3, doc="Bogacki-Shampine 3(2); cheap at loose tolerances.")
-_ode(diffrax.Tsit5, 5, doc="Tsitouras 5(4); the default non-stiff solver.")
-_ode(diffrax.Dopri5, 5, doc="Dormand-Prince 5(4) (torchdiffeq's and scipy's RK45).")
-_ode(diffrax.Dopri8, 8, doc="Dormand-Prince 8(7); for tight tolerances.")
+_ode(unrolled(diffrax.Midpoint), 2, doc="Explicit midpoint, 2nd order, adaptive.")
+_ode(
+    unrolled(diffrax.Ralston),
+    2,
+    doc="Ralston's 2nd-order method (minimal truncation error).",
+)
+_ode(
+    unrolled(diffrax.Bosh3), 3, doc="Bogacki-Shampine 3(2); cheap at loose tolerances."
+)
+_ode(unrolled(diffrax.Tsit5), 5, doc="Tsitouras 5(4); the default non-stiff solver.")
+_ode(
+    unrolled(diffrax.Dopri5),
+    5,
+    doc="Dormand-Prince 5(4) (torchdiffeq's and scipy's RK45).",
+)
+_ode(unrolled(diffrax.Dopri8), 8, doc="Dormand-Prince 8(7); for tight tolerances.")
 _ode(
     _newton_root_finder(diffrax.ImplicitEuler),
     1,
@@ -303,6 +316,14 @@ register(
     tags={"implicit_gradient": True, "memory": "O(m n)"},
     doc="Matrix-free Anderson-accelerated x <- x + (Ax - b); the default backward "
     "solve of fixed_point (contractive maps).",
+)
+register(
+    "neumann",
+    NeumannLinearSolver,
+    kind="linear",
+    tags={"implicit_gradient": True, "memory": "O(n)"},
+    doc="Matrix-free plain iteration x <- x + w (Ax - b) (Neumann series); the "
+    "default backward solve of fixed_point with solver 'iteration' / 'damped'.",
 )
 register(
     "cg",
