@@ -1,0 +1,145 @@
+"""What `fit` trains on: irregular time series (batched into `Batch`es) or plain arrays.
+
+Both kinds give batches of one shape per bucket, in an order fixed by a key, so that
+batch `b` of epoch `e` can be rebuilt on its own (exact resume skips the batches an
+interrupted epoch already did, without reading them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..data import Batch, TimeSeries, make_batch, num_batches
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array))
+
+
+def _permutation(key, n: int) -> np.ndarray:
+    # the same call as `ctmodels.data.batches`, so both give the same epoch order
+    return np.asarray(jax.random.permutation(key, n), dtype=np.int64)
+
+
+class SeriesData:
+    """A `TimeSeries` or lazy source, batched like `ctmodels.data.batches`."""
+
+    kind = "series"
+
+    def __init__(self, source, batch_size, *, layout, time_bucket, name):
+        self.source = source
+        self.batch_size = batch_size
+        self.layout = layout
+        self.time_bucket = time_bucket
+        self.n = len(source)
+        if self.n == 0:
+            raise ValueError(f"`{name}` is empty: it has no series to train on.")
+
+    def num_batches(self, *, train: bool) -> int:
+        return num_batches(self.n, self.batch_size)
+
+    def order(self, key) -> np.ndarray:
+        return np.arange(self.n) if key is None else _permutation(key, self.n)
+
+    def batch(self, order: np.ndarray, b: int, *, train: bool) -> Batch:
+        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        # read in source order (contiguous for lazy reads), keep the batch order
+        sort = np.argsort(idx, kind="stable")
+        sub = self.source[idx[sort]]
+        inv = np.empty_like(sort)
+        inv[sort] = np.arange(len(sort))
+        if not np.array_equal(inv, np.arange(len(inv))):
+            sub = sub[inv]
+        return make_batch(
+            sub,
+            index=idx,
+            layout=self.layout,
+            batch_size=self.batch_size,
+            time_bucket=self.time_bucket,
+        )
+
+
+class ArrayData:
+    """An array, or a pytree of arrays sharing a leading axis of length N.
+
+    Training batches always hold `batch_size` rows: the short last batch of an epoch
+    is filled up with the first rows of that epoch's order (so one shape, one
+    compilation). Validation batches are not filled up: the last one is shorter.
+    """
+
+    kind = "arrays"
+
+    def __init__(self, data, batch_size, *, name):
+        leaves = jax.tree.leaves(data)
+        if not leaves:
+            raise ValueError(f"`{name}` has no arrays.")
+        shapes = [np.shape(x) for x in leaves]
+        if any(len(s) == 0 for s in shapes):
+            raise ValueError(
+                f"`{name}` arrays need a leading (example) axis; got shapes {shapes}."
+            )
+        lengths = {s[0] for s in shapes}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"`{name}` arrays must share their leading (example) axis; got shapes "
+                f"{shapes}."
+            )
+        self.n = lengths.pop()
+        if self.n == 0:
+            raise ValueError(f"`{name}` is empty: its arrays have 0 rows.")
+        self.data = data
+        self.batch_size = batch_size
+
+    def num_batches(self, *, train: bool) -> int:
+        return num_batches(self.n, self.batch_size)
+
+    def order(self, key) -> np.ndarray:
+        return np.arange(self.n) if key is None else _permutation(key, self.n)
+
+    def batch(self, order: np.ndarray, b: int, *, train: bool) -> Any:
+        bs = self.batch_size
+        if train:
+            order = np.resize(order, self.num_batches(train=True) * bs)  # wrap around
+        idx = order[b * bs : (b + 1) * bs]
+
+        def take(x):
+            if isinstance(x, np.ndarray):
+                return jnp.asarray(x[idx])
+            return jnp.take(x, jnp.asarray(idx), axis=0)
+
+        return jax.tree.map(take, self.data)
+
+
+def as_data(x, batch_size: int, *, layout, time_bucket, name: str):
+    """Wrap `train` / `valid` for `fit`."""
+    if isinstance(x, TimeSeries):
+        return SeriesData(
+            x, batch_size, layout=layout, time_bucket=time_bucket, name=name
+        )
+    leaves = jax.tree.leaves(x)
+    if leaves and all(_is_array(leaf) for leaf in leaves):
+        return ArrayData(x, batch_size, name=name)
+    if (
+        not isinstance(x, (str, bytes))
+        and hasattr(x, "__len__")
+        and hasattr(x, "__getitem__")
+    ):
+        return SeriesData(
+            x, batch_size, layout=layout, time_bucket=time_bucket, name=name
+        )
+    raise ValueError(
+        f"`{name}` must be a ctmodels.data.TimeSeries, a lazy source (len() and "
+        "source[indices] -> TimeSeries), or an array / pytree of arrays with a "
+        f"leading example axis; got {type(x).__name__}."
+    )
+
+
+def batch_weight(batch: Any):
+    """How much a batch counts in averages: its real series (`Batch.weight`) or rows."""
+    if isinstance(batch, Batch):
+        return batch.weight.sum()
+    return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)

@@ -1,0 +1,632 @@
+"""Tests for `ctmodels.train`: fit, exact resume, atomic checkpoints, NaN guard."""
+
+import functools
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+
+from ctmodels.data import TimeSeries, batches, interpolation_task
+from ctmodels.train import (
+    _checkpoint as ckpt_module,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+# ------------------------------------------------------------------ tiny models
+
+
+class Regressor(eqx.Module):
+    """Linear regression on array data `(x, y)` (or `(x, y, bad)`: a row with
+    `bad != 0` makes its batch's loss NaN)."""
+
+    linear: eqx.nn.Linear
+    hyperparameters: tuple = eqx.field(static=True)
+
+    def __init__(self, in_size, out_size, *, key):
+        self.linear = eqx.nn.Linear(in_size, out_size, key=key)
+        self.hyperparameters = (("in_size", in_size), ("out_size", out_size))
+
+    def loss(self, batch, *, key):
+        x, y = batch[0], batch[1]
+        pred = jax.vmap(self.linear)(x)
+        mse = jnp.mean((pred - y) ** 2)
+        if len(batch) == 3:
+            mse = mse + jnp.where(jnp.any(batch[2] != 0), jnp.nan, 0.0)
+        return mse, {"mae": jnp.mean(jnp.abs(pred - y))}
+
+
+class Curve(eqx.Module):
+    """`value(t) = a + b t + c sin(t)` per channel, scored on `batch.target_mask`,
+    with a key-dependent jitter and a KL-like penalty weighted by `kl_weight`."""
+
+    a: jax.Array
+    b: jax.Array
+    c: jax.Array
+    hyperparameters: tuple = eqx.field(static=True)
+
+    def __init__(self, channels, jitter=1e-3, *, key):
+        ka, kb = jax.random.split(key)
+        self.a = 0.1 * jax.random.normal(ka, (channels,))
+        self.b = 0.1 * jax.random.normal(kb, (channels,))
+        self.c = jnp.zeros(channels)
+        self.hyperparameters = (("channels", channels), ("jitter", jitter))
+
+    def loss(self, batch, *, key, kl_weight=1.0):
+        t = batch.times[..., None]
+        pred = self.a + self.b * t + self.c * jnp.sin(t)
+        pred = pred + dict(self.hyperparameters)["jitter"] * jax.random.normal(
+            key, pred.shape
+        )
+        w = batch.target_mask * batch.weight[:, None, None]
+        mse = jnp.sum(w * (pred - batch.values) ** 2) / jnp.maximum(w.sum(), 1.0)
+        kl = 0.5 * jnp.sum(self.a**2)
+        return mse + 1e-2 * kl_weight * kl, {
+            "mse": mse,
+            "kl_weight": jnp.asarray(kl_weight, jnp.float32),
+        }
+
+
+class Quartic(eqx.Module):
+    """loss = w^4 / 4: plain SGD with a large step diverges to inf."""
+
+    w: jax.Array
+
+    def loss(self, batch, *, key):
+        return 0.25 * jnp.sum(self.w**4) + 0.0 * jnp.sum(batch), {}
+
+
+def _series(n=24, t=10, channels=2, seed=0):
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(0, 3, size=(n, t)), axis=1)
+    slope = np.array([1.0, -0.5])[:channels]
+    values = 0.5 + slope * times[..., None] + 0.05 * rng.normal(size=(n, t, channels))
+    values[rng.uniform(size=values.shape) < 0.2] = np.nan  # missing values
+    values[:, 0, :] = 1.0  # every series observed
+    return TimeSeries.from_arrays(times, values)
+
+
+def _arrays(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    y = (x @ np.array([[1.0], [2.0], [-1.0]]) + 0.5).astype(np.float32)
+    return x, y
+
+
+def _assert_same_leaves(a, b):
+    la, lb = (
+        jax.tree.leaves(eqx.filter(a, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(b, eqx.is_array)),
+    )
+    assert len(la) == len(lb) and la
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class _Kill(BaseException):
+    """Simulates SIGKILL: `fit` does not get to save anything."""
+
+
+def _stop_at(k, exc):
+    def callback(info):
+        if info["step"] == k:
+            raise exc
+
+    return callback
+
+
+TASK = functools.partial(interpolation_task, fraction=0.3)
+
+# ------------------------------------------------------------------ fitting
+
+
+def test_fit_arrays_reduces_loss_history_and_csv(tmp_path):
+    x, y = _arrays()
+    model = Regressor(3, 1, key=jax.random.key(0))
+    lines = []
+    out, hist = fit(
+        model,
+        (x, y),
+        valid=(x[:20], y[:20]),
+        epochs=8,
+        batch_size=16,
+        key=jax.random.key(1),
+        learning_rate=0.2,
+        checkpoint_dir=tmp_path,
+        log=lines.append,
+        extra_state={"x_mean": x.mean(0), "note": "standardised"},
+    )
+    assert list(hist.columns) == [
+        "epoch",
+        "step",
+        "train_loss",
+        "train_mae",
+        "valid_loss",
+        "valid_mae",
+        "lr",
+        "time",
+        "nan_skips",
+    ]
+    assert hist["epoch"].tolist() == list(range(1, 9))
+    assert hist["step"].tolist() == [4 * e for e in range(1, 9)]
+    assert hist["train_loss"].iloc[-1] < 0.2 * hist["train_loss"].iloc[0]
+    assert hist["valid_loss"].iloc[-1] < 0.2 * hist["valid_loss"].iloc[0]
+    assert np.isfinite(hist["lr"]).all() and (hist["nan_skips"] == 0).all()
+    assert hist.attrs["compilations"]["train_step"] == 1
+    assert len(lines) == 8 and lines[0].startswith("epoch 1 | step 4")
+    csv = pd.read_csv(tmp_path / "history.csv")
+    pd.testing.assert_frame_equal(
+        csv.drop(columns="time"), hist.drop(columns="time"), check_dtype=False
+    )
+    # the checkpoint loads back as the returned (best) model, with the run's metadata
+    loaded, meta = load_checkpoint(tmp_path, model_class=Regressor)
+    _assert_same_leaves(loaded, out)
+    assert meta["state"]["epoch"] == 8 and meta["fit"]["batch_size"] == 16
+    assert len(meta["history"]) == 8
+    np.testing.assert_allclose(meta["extra_state"]["x_mean"], x.mean(0), rtol=1e-6)
+    assert meta["extra_state"]["note"] == "standardised"
+    # learning rate, run length and clip norm are traced: no new compilation
+    _, hist2 = fit(
+        model,
+        (x, y),
+        epochs=3,
+        batch_size=16,
+        key=jax.random.key(2),
+        learning_rate=1e-2,
+        clip_norm=5.0,
+        log=False,
+    )
+    assert hist2.attrs["compilations"]["train_step"] == 0
+
+
+def test_fit_time_series_compiles_once_and_uses_lazy_sources():
+    ts = _series()
+    model = Curve(2, key=jax.random.key(0))
+    # one time bucket for every batch: 8 series x 10 distinct times -> 128
+    shapes = {b.values.shape for b in batches(ts, 8, layout="union")}
+    assert shapes == {(8, 128, 2)}
+    out, hist = fit(
+        model,
+        ts,
+        valid=ts[:8],
+        epochs=6,
+        batch_size=8,
+        key=jax.random.key(3),
+        learning_rate=5e-2,
+        task=functools.partial(interpolation_task, fraction=0.4),  # a new config
+    )
+    assert hist.attrs["compilations"] == {"train_step": 1, "eval_step": 1}
+    assert len(hist) == 6 and hist["step"].iloc[-1] == 18
+    assert hist["train_mse"].iloc[-1] < 0.5 * hist["train_mse"].iloc[0]
+    assert {"valid_loss", "valid_mse", "train_kl_weight"} <= set(hist.columns)
+
+    class Lazy:  # anything with len() and source[idx] -> TimeSeries
+        def __len__(self):
+            return len(ts)
+
+        def __getitem__(self, idx):
+            return ts[idx]
+
+    out2, hist2 = fit(
+        model,
+        Lazy(),
+        steps=5,
+        batch_size=8,
+        key=jax.random.key(3),
+        layout="padded",
+        log=False,
+    )
+    assert hist2["step"].tolist() == [3, 5]  # a full epoch, then a partial one
+    assert np.isfinite(hist2["train_loss"]).all()
+
+
+def test_epoch_order_matches_batches():
+    from ctmodels.train._data import as_data
+
+    ts = _series(n=10)
+    data = as_data(ts, 4, layout="union", time_bucket="pow2", name="train")
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(5), 0), 2)
+    order = data.order(key)
+    for b, ref in enumerate(batches(ts, 4, key=key, layout="union")):
+        got = data.batch(order, b, train=True)
+        _assert_same_leaves(got, ref)
+
+
+def test_kl_weight_is_annealed_without_recompiling():
+    seen = []
+    _, hist = fit(
+        Curve(2, key=jax.random.key(0)),
+        _series(n=16),
+        steps=6,
+        batch_size=4,
+        key=jax.random.key(0),
+        kl_anneal_steps=4,
+        callback=lambda info: seen.append(info["metrics"]["kl_weight"]),
+        log=False,
+    )
+    np.testing.assert_allclose(seen, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert hist.attrs["compilations"]["train_step"] == 1
+    assert "kl_weight" in hist.columns and hist["kl_weight"].iloc[-1] == 1.0
+
+
+def test_progress_bar_and_quiet_default(capsys):
+    x, y = _arrays(16)
+    fit(
+        Regressor(3, 1, key=jax.random.key(0)),
+        (x, y),
+        epochs=2,
+        batch_size=8,
+        key=jax.random.key(0),
+        progress=True,
+    )
+    err = capsys.readouterr().err
+    assert "it/s" in err and "ETA" in err and "epoch 2 | step 4" in err
+    fit(  # stderr is not a terminal under pytest: no bar, summaries to the logger
+        Regressor(3, 1, key=jax.random.key(0)),
+        (x, y),
+        epochs=1,
+        batch_size=8,
+        key=jax.random.key(0),
+    )
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ exact resume
+
+
+def _resume_run(ckpt, **kw):
+    args = dict(
+        valid=_series(n=8, seed=1),
+        epochs=3,
+        batch_size=4,
+        key=jax.random.key(7),
+        learning_rate=3e-2,
+        task=TASK,
+        kl_anneal_steps=5,
+        log=False,
+    )
+    args.update(kw)
+    return fit(
+        Curve(2, key=jax.random.key(0)), _series(n=18), checkpoint_dir=ckpt, **args
+    )
+
+
+def test_exact_resume_after_keyboard_interrupt(tmp_path):
+    ref, ref_hist = _resume_run(None)
+    with pytest.raises(KeyboardInterrupt):  # mid-epoch 2 (5 batches per epoch)
+        _resume_run(tmp_path, callback=_stop_at(7, KeyboardInterrupt()))
+    _, meta = load_checkpoint(tmp_path, model_class=Curve, which="model")
+    assert (meta["state"]["step"], meta["state"]["epoch"], meta["state"]["batch"]) == (
+        7,
+        1,
+        2,
+    )
+    out, hist = _resume_run(tmp_path)
+    assert hist.attrs["resumed_from_step"] == 7
+    _assert_same_leaves(out, ref)
+    cols = [c for c in ref_hist.columns if c != "time"]
+    pd.testing.assert_frame_equal(hist[cols], ref_hist[cols])
+
+
+def test_exact_resume_after_kill_from_periodic_checkpoint(tmp_path):
+    ref, _ = _resume_run(None, restore_best=False)
+    with pytest.raises(_Kill):  # nothing saved at the kill: resume from step 6
+        _resume_run(
+            tmp_path,
+            checkpoint_every=3,
+            restore_best=False,
+            callback=_stop_at(8, _Kill()),
+        )
+    out, hist = _resume_run(tmp_path, checkpoint_every=3, restore_best=False)
+    assert hist.attrs["resumed_from_step"] == 6
+    _assert_same_leaves(out, ref)
+    # a finished run resumes to the same result without training
+    again, _ = _resume_run(tmp_path, checkpoint_every=3, restore_best=False)
+    _assert_same_leaves(again, ref)
+
+
+def test_resume_with_different_run_is_refused(tmp_path):
+    x, y = _arrays(32)
+    args = dict(epochs=1, batch_size=8, key=jax.random.key(0), checkpoint_dir=tmp_path)
+    fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    x2 = np.concatenate([x, x], axis=1)
+    with pytest.raises(ValueError, match="in_size: checkpoint 3, now 6") as e:
+        fit(Regressor(6, 1, key=jax.random.key(0)), (x2, y), **args)
+    assert "resume=False" in str(e.value)
+    with pytest.raises(ValueError, match="batch_size: checkpoint 8, now 16"):
+        fit(
+            Regressor(3, 1, key=jax.random.key(0)), (x, y), **{**args, "batch_size": 16}
+        )
+    with pytest.raises(ValueError, match="key"):
+        fit(
+            Regressor(3, 1, key=jax.random.key(0)),
+            (x, y),
+            **{**args, "key": jax.random.key(1)},
+        )
+    # resume=False starts afresh
+    _, hist = fit(Regressor(6, 1, key=jax.random.key(0)), (x2, y), resume=False, **args)
+    assert hist.attrs["resumed_from_step"] is None
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import jax
+        from test_train import Regressor, _arrays
+        from ctmodels.train import fit
+
+        def cb(info):
+            if info["step"] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        x, y = _arrays(40)
+        fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), epochs=3, batch_size=8,
+            key=jax.random.key(2), checkpoint_dir={str(tmp_path)!r}, callback=cb,
+            log=False)
+        print("not reached")
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert "not reached" not in proc.stdout
+    _, meta = load_checkpoint(tmp_path, model_class=Regressor)
+    assert meta["state"]["step"] == 5
+    x, y = _arrays(40)
+    args = dict(epochs=3, batch_size=8, key=jax.random.key(2), log=False)
+    ref, _ = fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    out, hist = fit(
+        Regressor(3, 1, key=jax.random.key(0)), (x, y), checkpoint_dir=tmp_path, **args
+    )
+    assert hist.attrs["resumed_from_step"] == 5
+    _assert_same_leaves(out, ref)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_save_load_checkpoint_round_trip(tmp_path):
+    model = Curve(3, jitter=0.5, key=jax.random.key(4))
+    opt = optax.adam(1e-3)
+    opt_state = opt.init(model)
+    path = save_checkpoint(
+        tmp_path / "ck", model, opt_state=opt_state, metadata={"mean": [1.0, 2.0]}
+    )
+    assert sorted(os.listdir(path)) == ["checkpoint.json", "model.eqx", "opt_state.eqx"]
+    header = json.loads((path / "checkpoint.json").read_text())
+    assert header["model_class"] == "Curve"
+    assert header["hyperparameters"] == [["channels", 3], ["jitter", 0.5]]
+    for kwargs in (
+        {"model_class": Curve},
+        {"model_classes": {"Curve": Curve}},
+        {"like": Curve(3, jitter=0.5, key=jax.random.key(0))},
+    ):
+        loaded, meta = load_checkpoint(path, **kwargs)
+        _assert_same_leaves(loaded, model)
+        assert loaded.hyperparameters == model.hyperparameters
+        assert meta == {"mean": [1.0, 2.0]}
+    st, _ = load_checkpoint(path, which="opt_state", like=opt_state)
+    _assert_same_leaves(st, opt_state)
+    with pytest.raises(ValueError, match="model_class=Curve"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="not a 'Regressor'"):
+        load_checkpoint(path, model_class=Regressor)
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(path, like=Curve(4, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        save_checkpoint(tmp_path / "bad", model, metadata={"f": object()})
+    save_checkpoint(tmp_path / "q", Quartic(w=jnp.ones(2)))  # no hyperparameters
+    with pytest.raises(ValueError, match="stored no hyperparameters"):
+        load_checkpoint(tmp_path / "q", model_classes={"Quartic": Quartic})
+    q, _ = load_checkpoint(tmp_path / "q", like=Quartic(w=jnp.zeros(2)))
+    np.testing.assert_array_equal(q.w, np.ones(2))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing", model_class=Curve)
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ck"
+    first = Curve(2, key=jax.random.key(0))
+    save_checkpoint(path, first, metadata={"n": 1})
+    second = Curve(2, key=jax.random.key(1))
+
+    calls = {"n": 0}
+    real = eqx.tree_serialise_leaves
+
+    def crash_after_a_few_leaves(f, tree):  # dies half-way through the model file
+        calls["n"] += 1
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(
+        ckpt_module.eqx, "tree_serialise_leaves", crash_after_a_few_leaves
+    )
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, second, metadata={"n": 2})
+    monkeypatch.setattr(ckpt_module.eqx, "tree_serialise_leaves", real)
+    loaded, meta = load_checkpoint(path, model_class=Curve)
+    _assert_same_leaves(loaded, first)
+    assert meta == {"n": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp left
+
+    # a crash between moving the old checkpoint aside and moving the new one in
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in os.path.basename(src):  # moving the new one in
+            raise OSError("power cut")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_module.os, "replace", replace)
+    with pytest.raises(OSError, match="power cut"):
+        save_checkpoint(path, second, metadata={"n": 2})
+    monkeypatch.setattr(ckpt_module.os, "replace", real_replace)
+    assert not path.exists() and (tmp_path / "ck.old").exists()
+    loaded, meta = load_checkpoint(path, model_class=Curve)  # falls back to .old
+    _assert_same_leaves(loaded, first)
+    save_checkpoint(path, second, metadata={"n": 2})  # and the next save recovers
+    loaded, meta = load_checkpoint(path, model_class=Curve)
+    _assert_same_leaves(loaded, second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+# ------------------------------------------------------------------ NaN guard
+
+
+def test_nan_guard_skips_bad_step_and_leaves_params_unchanged():
+    x, y = _arrays(32)
+    bad = np.zeros(32, np.float32)
+    bad[5] = 1.0  # the batch holding row 5 has a NaN loss, once per epoch
+    models = [Regressor(3, 1, key=jax.random.key(0))]
+    skipped = []
+
+    def cb(info):
+        models.append(info["model"])
+        skipped.append(info["skipped"])
+
+    out, hist = fit(
+        models[0],
+        (x, y, bad),
+        epochs=3,
+        batch_size=8,
+        key=jax.random.key(0),
+        callback=cb,
+    )
+    assert sum(skipped) == 3 and hist["nan_skips"].tolist() == [1, 1, 1]
+    assert hist.attrs["nan_skips"] == 3 and np.isfinite(hist["train_loss"]).all()
+    for i, s in enumerate(skipped):
+        if s:
+            _assert_same_leaves(models[i + 1], models[i])
+        else:
+            assert not np.array_equal(
+                models[i + 1].linear.weight, models[i].linear.weight
+            )
+    assert np.isfinite(out.linear.weight).all()
+
+    with pytest.raises(FloatingPointError, match="learning_rate"):
+        fit(
+            models[0],
+            (x, y, bad),
+            epochs=1,
+            batch_size=8,
+            key=jax.random.key(0),
+            nan_policy="raise",
+        )
+    with pytest.raises(FloatingPointError, match="3 consecutive"):
+        fit(
+            models[0],
+            (x, y, np.ones(32, np.float32)),
+            epochs=1,
+            batch_size=8,
+            key=jax.random.key(0),
+            max_nan_skips=3,
+        )
+
+
+def test_nan_rollback_lowers_learning_rate_and_recovers():
+    model = Quartic(w=jnp.array([2.5]))
+    data = np.zeros((8, 1), np.float32)  # batch_size=1: 8 steps per epoch
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+    out, hist = fit(
+        model,
+        data,
+        steps=40,
+        batch_size=1,
+        key=jax.random.key(0),
+        optimizer=sgd,
+        nan_policy="rollback",
+        log=False,
+    )
+    assert hist.attrs["nan_skips"] >= 1
+    assert hist["lr"].iloc[-1] < 1.0
+    assert abs(float(out.w[0])) < 0.5
+    with pytest.raises(FloatingPointError, match="rollbacks"):
+        fit(
+            model,
+            data,
+            steps=40,
+            batch_size=8,
+            key=jax.random.key(0),
+            optimizer=sgd,
+            nan_policy="rollback",
+            max_nan_skips=1,
+            log=False,
+        )
+
+
+# ------------------------------------------------------------------ early stopping
+
+
+def test_early_stopping_returns_best_model():
+    x, y = _arrays(32)
+    # validation targets disagree with training ones: valid loss soon rises
+    xv, yv = x[:16], -y[:16] + 1.0
+    model = Regressor(3, 1, key=jax.random.key(0))
+    out, hist = fit(
+        model,
+        (x, y),
+        valid=(xv, yv),
+        epochs=50,
+        batch_size=8,
+        key=jax.random.key(0),
+        learning_rate=5e-2,
+        schedule="constant",
+        patience=3,
+    )
+    best = hist.attrs["best_epoch"]
+    assert hist.attrs["stopped_early"] and len(hist) == best + 3 < 50
+    assert hist["valid_loss"].idxmin() == best - 1
+    loss, _ = out.loss((jnp.asarray(xv), jnp.asarray(yv)), key=jax.random.key(0))
+    np.testing.assert_allclose(float(loss), hist["valid_loss"].min(), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ bad arguments
+
+
+def test_bad_arguments():
+    x, y = _arrays(16)
+    m = Regressor(3, 1, key=jax.random.key(0))
+    k = jax.random.key(0)
+    with pytest.raises(ValueError, match="exactly one of epochs= or steps="):
+        fit(m, (x, y), key=k)
+    with pytest.raises(ValueError, match="exactly one of epochs= or steps="):
+        fit(m, (x, y), epochs=1, steps=3, key=k)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit(m, (x, y), epochs=1, batch_size=0, key=k)
+    with pytest.raises(ValueError, match="empty"):
+        fit(m, (x[:0], y[:0]), epochs=1, key=k)
+    with pytest.raises(ValueError, match="leading"):
+        fit(m, (x, y[:3]), epochs=1, key=k)
+    with pytest.raises(ValueError, match="needs validation data"):
+        fit(m, (x, y), epochs=1, key=k, patience=2)
+    with pytest.raises(ValueError, match="nan_policy"):
+        fit(m, (x, y), epochs=1, key=k, nan_policy="ignore")
+    with pytest.raises(ValueError, match="kl_weight"):
+        fit(m, (x, y), epochs=1, key=k, kl_anneal_steps=10)
+    with pytest.raises(ValueError, match="schedule"):
+        fit(m, (x, y), epochs=1, key=k, schedule="linear")
+    with pytest.raises(ValueError, match="PRNG key"):
+        fit(m, (x, y), epochs=1, key=0)
+    with pytest.raises(ValueError, match="no `loss`"):
+        fit(eqx.nn.Linear(3, 1, key=k), (x, y), epochs=1, key=k)
+    with pytest.raises(ValueError, match="TimeSeries"):
+        fit(m, "data.csv", epochs=1, key=k)
+    with pytest.raises(ValueError, match="extra_state"):
+        fit(m, (x, y), epochs=1, key=k, extra_state={"f": io.StringIO()})
