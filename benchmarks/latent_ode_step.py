@@ -1,0 +1,379 @@
+"""Latent-ODE training step: ctmodels.models.LatentODE vs the same model in torchdiffeq.
+
+The periodic configuration of Rubanova, Chen & Duvenaud (2019)'s code: 1000 series of a
+noisy sine (random frequency, amplitude and phase), 100 time points (one shared random
+grid in [0, 1]) of which 50 random ones per series are the encoder's context; the loss
+scores all 100 values. Batch 50 (20 steps = one epoch), latent 6, ODE-RNN encoder state
+20, every MLP 100 units wide, 3 latent samples (IWAE), dopri5 rtol 1e-3 atol 1e-4 for
+the latent ODE, one Euler step per interval in the encoder, Adam 1e-2. float32, CPU,
+one thread each.
+
+Both implementations compute the same function from the same weights and the same
+noise samples (the first step's losses are printed side by side):
+
+- `ctmodels`: `LatentODE(1)` with defaults, batches in the `"union"` layout (one dopri5
+  solve for the whole `[3, 50, 6]` state); `jax.value_and_grad` of `model.loss` and an
+  optax Adam update, jitted.
+- `torchdiffeq`: the same architecture written in torch: the ODE-RNN encoder as a
+  Python loop over the 100 time positions, with its Euler step written out directly
+  (`h + dt * f(h)`, which is what the paper's code does for small gaps; cheaper than
+  calling `odeint` per gap), and `torchdiffeq.odeint(..., method="dopri5")` for the
+  latent ODE over the shared grid; autograd backprop; `torch.optim.Adam`.
+
+Timing: the JAX step is AOT-compiled first (trace/lower and compile times reported);
+then `--reps` interleaved rounds, each running `--steps` training steps of one
+implementation and then of the other on the same batches. A sample is the mean time
+per step of one round; `median_s`/`min_s` are over the rounds.
+
+Output: one JSON line per implementation, then a summary line with
+`torch_over_ctmodels` (> 1 means ctmodels is faster). The cost of a step grows as
+training makes the latent dynamics harder (more dopri5 steps; both implementations
+alike), so the lines also report the solver work at the end of the run:
+`final_latent_steps` (JAX: dopri5 steps of the latent solve) and
+`final_latent_nfe_fwd` (torchdiffeq: vector-field evaluations of a forward pass,
+about 6 per step).
+
+Usage:
+  python benchmarks/latent_ode_step.py [--reps N] [--steps N] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+# One thread everywhere; must be set before jax / torch are imported.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+RTOL, ATOL = 1e-3, 1e-4
+LR = 1e-2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=7, help="interleaved rounds")
+    p.add_argument("--steps", type=int, default=5, help="training steps per round")
+    p.add_argument("--quick", action="store_true", help="small sizes, smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def emit(obj):
+    print(json.dumps(obj), flush=True)
+
+
+def periodic_data(n_series, n_times, n_context, rng):
+    """Noisy sines on one shared random grid; a random context subset per series."""
+    grid = np.sort(np.concatenate([[0.0], rng.uniform(0.0, 1.0, n_times - 1)]))
+    freq = rng.uniform(1.0, 4.0, (n_series, 1))
+    amp = rng.uniform(0.5, 1.5, (n_series, 1))
+    phase = rng.uniform(0.0, 2 * np.pi, (n_series, 1))
+    values = amp * np.sin(2 * np.pi * freq * grid + phase)
+    values = values + rng.normal(0.0, 0.01, values.shape)
+    context = np.zeros((n_series, n_times), bool)
+    for s in range(n_series):
+        context[s, rng.choice(n_times, n_context, replace=False)] = True
+    return grid, values[..., None], context[..., None]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.quick:
+        n_series, n_times, n_context, batch = 40, 20, 10, 10
+        latent, enc_size, units, samples = 4, 8, 16, 2
+        reps, steps = min(args.reps, 2), min(args.steps, 2)
+    else:
+        n_series, n_times, n_context, batch = 1000, 100, 50, 50
+        latent, enc_size, units, samples = 6, 20, 100, 3
+        reps, steps = args.reps, args.steps
+
+    import torch
+    import torchdiffeq
+
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    try:
+        import ctmodels  # noqa: F401
+    except ImportError:  # a source checkout without `pip install -e .`
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ctmodels.data import Batch
+    from ctmodels.models import LatentODE
+
+    jax.config.update("jax_enable_x64", False)
+    rng = np.random.default_rng(args.seed)
+    grid, values, context = periodic_data(n_series, n_times, n_context, rng)
+    n_batches = n_series // batch
+
+    # ------------------------------------------------------------------ ctmodels
+    def jax_batch(i):
+        sl = slice(i * batch, (i + 1) * batch)
+        B = batch
+        return Batch(
+            times=jnp.asarray(np.broadcast_to(grid, (B, n_times)), jnp.float32),
+            values=jnp.asarray(values[sl], jnp.float32),
+            mask=jnp.asarray(context[sl]),
+            target_mask=jnp.ones((B, n_times, 1), bool),
+            time_mask=jnp.ones((B, n_times), bool),
+            weight=jnp.ones(B, jnp.float32),
+            index=jnp.arange(i * B, (i + 1) * B, dtype=jnp.int32),
+            position=jnp.broadcast_to(
+                jnp.arange(n_times, dtype=jnp.int32), (B, n_times)
+            ),
+            static=None,
+            labels=None,
+            layout="union",
+        )
+
+    jbatches = [jax_batch(i) for i in range(n_batches)]
+    model = LatentODE(
+        1,
+        latent_size=latent,
+        encoder_size=enc_size,
+        units=units,
+        rtol=RTOL,
+        atol=ATOL,
+        key=jax.random.key(args.seed),
+    )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt = optax.adam(LR)
+
+    def jax_step(params, opt_state, batch, key):
+        def f(p):
+            return eqx.combine(p, static).loss(batch, key=key, n_samples=samples)
+
+        (loss, _), grads = jax.value_and_grad(f, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    key0 = jax.random.key(args.seed + 1)
+    t0 = time.perf_counter()
+    lowered = jax.jit(jax_step).lower(params, opt.init(params), jbatches[0], key0)
+    t_lower = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step_c = lowered.compile()
+    t_compile = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ torch
+    def lin(layer):
+        m = torch.nn.Linear(layer.in_features, layer.out_features)
+        with torch.no_grad():
+            m.weight.copy_(torch.tensor(np.asarray(layer.weight)))
+            m.bias.copy_(torch.tensor(np.asarray(layer.bias)))
+        return m
+
+    def seq(mlp):
+        return torch.nn.ModuleList([lin(layer) for layer in mlp.layers])
+
+    def run(layers, x):
+        for i, layer in enumerate(layers):
+            x = layer(x)
+            if i < len(layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+    class Dynamics(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = layers
+            self.nfe = 0
+
+        def forward(self, t, z):
+            self.nfe += 1
+            return run(self.layers, z)
+
+    class TorchLatentODE(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            enc = m.encoder
+            self.enc_field = seq(enc.vector_field)
+            gru = enc.gru
+            self.gate_hidden = lin(gru.gate_hidden)
+            self.gate_weight = torch.nn.Parameter(
+                torch.tensor(np.asarray(gru.gate_weight))
+            )
+            self.gate_bias = torch.nn.Parameter(torch.tensor(np.asarray(gru.gate_bias)))
+            self.candidate = seq(enc.gru.candidate)
+            self.to_z0 = seq(m.to_z0)
+            self.dynamics = Dynamics(seq(m.dynamics))
+            self.decoder = seq(m.decoder)
+            self.log_std = float(np.log(m.obs_std))
+
+        def gru(self, h, x):
+            hx = torch.cat([h, x], -1)
+            a = torch.tanh(self.gate_hidden(hx)).reshape(hx.shape[0], 2, -1)
+            gates = torch.einsum("gou,bgu->gbo", self.gate_weight, a)
+            u, r = torch.sigmoid(gates + self.gate_bias[:, None, :])
+            c = torch.tanh(run(self.candidate, torch.cat([r * h, x], -1)))
+            return (1 - u) * c + u * h
+
+        def loss(self, times, values, context, eps):
+            B, T, _ = values.shape
+            x = torch.where(context, values, torch.zeros(()))
+            inputs = torch.cat([x, context.float()], -1)
+            observed = context.any(-1)
+            t_ref = times[0]
+            t_last = torch.where(observed, times, torch.tensor(-float("inf"))).amax(1)
+            h = torch.zeros(B, self.enc_field[-1].out_features)
+            for j in reversed(range(T)):  # ODE-RNN backwards; one Euler step
+                h_minus = h + (times[j] - t_last)[:, None] * run(self.enc_field, h)
+                obs = observed[:, j]
+                h = torch.where(obs[:, None], self.gru(h_minus, inputs[:, j]), h)
+                t_last = torch.where(obs, times[j], t_last)
+            h = h + (t_ref - t_last)[:, None] * run(self.enc_field, h)
+            mean, pre = run(self.to_z0, h).chunk(2, -1)
+            std = torch.nn.functional.softplus(pre) + 1e-5
+            z0 = mean + std * eps  # [K, B, L]
+            zs = torchdiffeq.odeint(
+                self.dynamics, z0, times, rtol=RTOL, atol=ATOL, method="dopri5"
+            )  # [T, K, B, L]
+            pred = run(self.decoder, zs).permute(1, 2, 0, 3)  # [K, B, T, C]
+            z = (values - pred) / np.exp(self.log_std)
+            ll = (-0.5 * z**2 - self.log_std - 0.5 * np.log(2 * np.pi)).sum((2, 3))
+            lq = (-0.5 * eps**2 - torch.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1)
+            lp = (-0.5 * z0**2 - 0.5 * np.log(2 * np.pi)).sum(-1)
+            bound = torch.logsumexp(ll + lp - lq, 0) - np.log(eps.shape[0])
+            return -bound.sum() / (B * T * values.shape[-1])
+
+    tmodel = TorchLatentODE(model)
+    topt = torch.optim.Adam(tmodel.parameters(), lr=LR)
+    tgrid = torch.from_numpy(grid.astype(np.float32))
+    tbatches = [
+        (
+            torch.from_numpy(values[i * batch : (i + 1) * batch].astype(np.float32)),
+            torch.from_numpy(context[i * batch : (i + 1) * batch]),
+        )
+        for i in range(n_batches)
+    ]
+
+    def eps_of(key):  # the noise LatentODE.loss draws from `key`
+        return np.asarray(jax.random.normal(key, (samples, batch, latent)))
+
+    def torch_step(i, key):
+        v, c = tbatches[i]
+        topt.zero_grad()
+        loss = tmodel.loss(tgrid, v, c, torch.from_numpy(eps_of(key)))
+        loss.backward()
+        topt.step()
+        return float(loss.detach())
+
+    # first steps (same weights, batch and noise): losses side by side
+    opt_state = opt.init(params)
+    t0 = time.perf_counter()
+    params, opt_state, loss_j = step_c(params, opt_state, jbatches[0], key0)
+    loss_j = float(loss_j)
+    t_first_j = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_t = torch_step(0, key0)
+    t_first_t = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ timing
+    keys = [jax.random.key(100 + i) for i in range(n_batches)]
+    samples_s = {"ctmodels": [], "torchdiffeq": []}
+    losses = {"ctmodels": [], "torchdiffeq": []}
+    k = 1
+    for _ in range(reps):
+        idx = [(k + s) % n_batches for s in range(steps)]
+        k += steps
+        t0 = time.perf_counter()
+        for i in idx:
+            params, opt_state, loss = step_c(params, opt_state, jbatches[i], keys[i])
+        jax.block_until_ready(loss)
+        samples_s["ctmodels"].append((time.perf_counter() - t0) / steps)
+        losses["ctmodels"].append(float(loss))
+        t0 = time.perf_counter()
+        for i in idx:
+            loss = torch_step(i, keys[i])
+        samples_s["torchdiffeq"].append((time.perf_counter() - t0) / steps)
+        losses["torchdiffeq"].append(loss)
+
+    # solver work at the end of the run: dopri5 steps of the latent solve (JAX, on
+    # the last batch) and vector-field evaluations of torchdiffeq's last forward
+    from ctmodels import integrate
+    from ctmodels.models._latent_ode import _latent_field
+
+    trained = eqx.combine(params, static)
+    z0 = jax.random.normal(key0, (samples, batch, latent))
+    n_steps_jax = int(
+        integrate(
+            _latent_field,
+            z0,
+            jnp.asarray(grid, jnp.float32),
+            (trained.dynamics, None),
+            solver="dopri5",
+            rtol=RTOL,
+            atol=ATOL,
+        ).stats["num_steps"]
+    )
+    tmodel.dynamics.nfe = 0
+    torch_step(idx[-1], keys[idx[-1]])
+    nfe_torch = tmodel.dynamics.nfe
+
+    med = {k: statistics.median(v) for k, v in samples_s.items()}
+    for impl, first_loss, first_s in (
+        ("ctmodels", loss_j, t_first_j),
+        ("torchdiffeq", loss_t, t_first_t),
+    ):
+        emit(
+            {
+                "impl": impl,
+                "median_s": med[impl],
+                "min_s": min(samples_s[impl]),
+                "times_s": [round(t, 6) for t in samples_s[impl]],
+                "first_step_loss": first_loss,
+                "last_loss": losses[impl][-1],
+                "first_step_s": first_s,
+                "trace_lower_s": t_lower if impl == "ctmodels" else 0.0,
+                "compile_s": t_compile if impl == "ctmodels" else 0.0,
+                "final_latent_steps": n_steps_jax if impl == "ctmodels" else None,
+                "final_latent_nfe_fwd": None if impl == "ctmodels" else nfe_torch,
+            }
+        )
+    emit(
+        {
+            "summary": True,
+            "torch_over_ctmodels": med["torchdiffeq"] / med["ctmodels"],
+            "torch_over_ctmodels_by_min": min(samples_s["torchdiffeq"])
+            / min(samples_s["ctmodels"]),
+            "first_loss_rel_diff": abs(loss_j - loss_t) / abs(loss_t),
+            "series": n_series,
+            "times": n_times,
+            "context": n_context,
+            "batch": batch,
+            "latent": latent,
+            "encoder_size": enc_size,
+            "units": units,
+            "samples": samples,
+            "reps": reps,
+            "steps_per_rep": steps,
+            "quick": args.quick,
+            "load_avg_1min": os.getloadavg()[0],
+            "jax": jax.__version__,
+            "torch": torch.__version__,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Shared pieces of the sequence models: batch checks, masked likelihoods, the
+reference time of a batch, and the bookkeeping of constructor arguments."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from ..data import Batch
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def record(**kwargs: Any) -> tuple[tuple[str, Any], ...]:
+    """Constructor keyword arguments -> the `hyperparameters` static field (lists
+    become tuples so the field stays hashable)."""
+
+    def freeze(v):
+        if isinstance(v, list | tuple):
+            return tuple(freeze(u) for u in v)
+        return v
+
+    return tuple((k, freeze(v)) for k, v in kwargs.items())
+
+
+def check_batch(model_name: str, num_channels: int, batch: Batch) -> None:
+    """Trace-time checks that a batch fits a model."""
+    if not isinstance(batch, Batch):
+        raise ValueError(
+            f"{model_name} expects a ctmodels.data.Batch (from ctmodels.data.batches "
+            f"or make_batch), got {type(batch).__name__}."
+        )
+    if batch.num_channels != num_channels:
+        raise ValueError(
+            f"{model_name} was built for {num_channels} channels but the batch has "
+            f"{batch.num_channels}; build the model with "
+            f"num_channels={batch.num_channels}."
+        )
+    if batch.layout not in ("padded", "union"):
+        raise ValueError(f"Unknown batch layout {batch.layout!r}.")
+
+
+def clean_values(batch: Batch, mask: Bool[Array, "B T C"]) -> Float[Array, "B T C"]:
+    """The values where `mask`, 0 elsewhere (NaN-safe: junk never leaks through)."""
+    return jnp.where(mask, batch.values, 0.0)
+
+
+def encoder_inputs(batch: Batch) -> Float[Array, "B T 2C"]:
+    """`[x * mask, mask]` of the context (`batch.mask`)."""
+    x = clean_values(batch, batch.mask)
+    return jnp.concatenate([x, batch.mask.astype(x.dtype)], axis=-1)
+
+
+def reference_time(batch: Batch, t0: float | None) -> Float[Array, ""]:
+    """The time of the initial latent state: `t0` if given, else the earliest valid
+    time in the batch (the first time of the union grid, as in Rubanova et al.)."""
+    dtype = batch.times.dtype
+    if t0 is not None:
+        early = jnp.any(batch.time_mask & (batch.times < t0))
+        return eqx.error_if(
+            jnp.asarray(t0, dtype),
+            early,
+            f"The batch has times before t0={t0}, the time of the initial latent "
+            "state: every time must be >= t0 (or build the model with t0=None, the "
+            "batch's earliest time).",
+        )
+    big = jnp.asarray(jnp.inf, dtype)
+    t = jnp.min(jnp.where(batch.time_mask, batch.times, big))
+    return jnp.where(jnp.isfinite(t), t, batch.times[0, 0])
+
+
+def last_observed_time(
+    times: Float[Array, "B T"], observed: Bool[Array, "B T"], default: Array
+) -> Float[Array, " B"]:
+    """Each row's latest time with an observation (`default` for rows with none)."""
+    big = jnp.asarray(jnp.inf, times.dtype)
+    t = jnp.max(jnp.where(observed, times, -big), axis=1)
+    return jnp.where(jnp.isfinite(t), t, default)
+
+
+def first_valid_time(batch: Batch) -> Float[Array, " B"]:
+    """Each row's first valid time (`batch.times[:, 0]` for rows with none)."""
+    big = jnp.asarray(jnp.inf, batch.times.dtype)
+    t = jnp.min(jnp.where(batch.time_mask, batch.times, big), axis=1)
+    return jnp.where(jnp.isfinite(t), t, batch.times[:, 0])
+
+
+def strictly_increasing(ts: Float[Array, " N"]) -> Float[Array, " N"]:
+    """Nudge repeated entries of a non-decreasing time vector apart (the k-th repeat
+    moves up by k tiny steps) so it can be passed to `integrate`. Repeats only occur
+    at padding positions and at the reference time, whose outputs are not used or
+    are replaced by the exact initial state."""
+    n = ts.shape[0]
+    first = jnp.searchsorted(ts, ts, side="left")
+    k = (jnp.arange(n) - first).astype(ts.dtype)
+    scale = jnp.maximum(jnp.max(jnp.abs(ts)), 1.0)
+    delta = 16 * jnp.finfo(ts.dtype).eps * scale
+    return ts + k * delta
+
+
+def gaussian_log_prob(
+    x: Float[Array, "... T C"],
+    mean: Float[Array, "... T C"],
+    log_std: Float[Array, " C"] | float,
+    mask: Bool[Array, "... T C"],
+) -> Float[Array, "..."]:
+    """Sum over the `mask`ed entries of `log N(x; mean, exp(log_std)^2)`."""
+    x = jnp.where(mask, x, 0.0)
+    z = (x - mean) * jnp.exp(-log_std)
+    lp = -0.5 * z**2 - log_std - 0.5 * LOG_2PI
+    return jnp.sum(jnp.where(mask, lp, 0.0), axis=(-2, -1))
+
+
+def kl_to_standard_normal(
+    mean: Float[Array, "... L"], std: Float[Array, "... L"]
+) -> Float[Array, "..."]:
+    """`KL(N(mean, diag(std^2)) || N(0, I))` in closed form, summed over the last
+    axis."""
+    return jnp.sum(0.5 * (mean**2 + std**2 - 1.0) - jnp.log(std), axis=-1)
+
+
+def weighted_total(x: Float[Array, " B"], weight: Float[Array, " B"]) -> Array:
+    """`sum_b weight_b x_b`, with rows of weight 0 dropped (not multiplied, so a
+    non-finite value there cannot leak in)."""
+    return jnp.sum(jnp.where(weight > 0, weight * x, 0.0))
+
+
+def gaussian_objective(
+    batch: Batch,
+    mean: Float[Array, "B T C"],
+    log_std: Float[Array, " C"] | float,
+) -> tuple[Array, dict[str, Array]]:
+    """Masked Gaussian negative log-likelihood per target value (`target_mask`), and
+    the metrics of a model with one prediction per position."""
+    target = batch.target_mask
+    w = batch.weight
+    counts = jnp.sum(target, axis=(1, 2)).astype(mean.dtype)
+    n = jnp.maximum(weighted_total(counts, w), 1.0)
+    ll = gaussian_log_prob(batch.values, mean, log_std, target)
+    x = clean_values(batch, target)
+    se = jnp.sum(jnp.where(target, (mean - x) ** 2, 0.0), axis=(1, 2))
+    nll = -weighted_total(ll, w) / n
+    mse = weighted_total(se, w) / n
+    return nll, {"loss": nll, "nll": nll, "mse": mse}
+
+
+def check_samples(n_samples, objective="iwae") -> None:
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+    if objective not in ("iwae", "elbo"):
+        raise ValueError(f"objective must be 'iwae' or 'elbo', got {objective!r}.")
+
+
+def variational_objective(
+    batch: Batch,
+    *,
+    mean: Float[Array, "B L"],
+    std: Float[Array, "B L"],
+    eps: Float[Array, "K B L"],
+    pred: Float[Array, "K B T C"],
+    ll: Float[Array, "K B"],
+    extra_ll: Float[Array, "K B"] | None,
+    kl_weight,
+    objective: str,
+) -> tuple[Array, dict[str, Array]]:
+    """The negative IWAE bound / ELBO per target value of a VAE with a diagonal
+    Gaussian `q(z0)`, a `N(0, I)` prior and `K` samples `z0 = mean + std * eps`
+    (see `LatentODE.loss`), and its metrics."""
+    K = eps.shape[0]
+    z0 = mean + std * eps
+    rec = ll if extra_ll is None else ll + extra_ll
+    log_q = jnp.sum(-0.5 * eps**2 - jnp.log(std) - 0.5 * LOG_2PI, axis=-1)
+    log_p = jnp.sum(-0.5 * z0**2 - 0.5 * LOG_2PI, axis=-1)
+    kl = kl_to_standard_normal(mean, std)  # [B]
+    if objective == "iwae":
+        log_w = rec + kl_weight * (log_p - log_q)
+        bound = jax.nn.logsumexp(log_w, axis=0) - math.log(K)
+    else:
+        bound = rec.mean(0) - kl_weight * kl
+    w = batch.weight
+    wsum = jnp.maximum(jnp.sum(w), 1e-12)
+    target = batch.target_mask
+    counts = jnp.sum(target, axis=(1, 2)).astype(mean.dtype)
+    n = jnp.maximum(weighted_total(counts, w), 1.0)
+    loss = -weighted_total(bound, w) / n
+    x = clean_values(batch, target)
+    se = jnp.sum(jnp.where(target, (pred.mean(0) - x) ** 2, 0.0), axis=(1, 2))
+    metrics = {
+        "loss": loss,
+        "bound": weighted_total(bound, w) / wsum,
+        "nll": -weighted_total(ll.mean(0), w) / n,
+        "kl": weighted_total(kl, w) / wsum,
+        "mse": weighted_total(se, w) / n,
+    }
+    return loss, metrics
+
+
+def noise_log_std(log_std: Array | None, obs_std: float, num_channels: int, dtype):
+    """The observation noise's log std per channel (learned or fixed)."""
+    if log_std is not None:
+        return log_std
+    return jnp.full((num_channels,), math.log(obs_std), dtype)
+
+
+def query_times(batch: Batch, times) -> Float[Array, "B Q"]:
+    """`times` given to `predict` (`[Q]` for every row, or `[B, Q]`) as `[B, Q]`."""
+    times = jnp.asarray(times, batch.times.dtype)
+    if times.ndim == 1:
+        return jnp.broadcast_to(times, (batch.batch_size, times.shape[0]))
+    if times.ndim == 2 and times.shape[0] == batch.batch_size:
+        return times
+    raise ValueError(
+        f"times must be [Q] or [{batch.batch_size}, Q], got shape {times.shape}."
+    )
+
+
+def merge_queries(
+    times: Float[Array, "B T"],
+    observed: Bool[Array, "B T"],
+    inputs: Float[Array, "B T D"],
+    queries: Float[Array, "B Q"],
+):
+    """Insert query times (unobserved) among a batch's positions, in time order; at
+    a tie the query comes first (so it is predicted from the updates before that
+    time). **Returns:** `(times, observed, inputs, where)` of the merged sequences
+    (`[B, Q + T]`) and each query's position in them (`[B, Q]`)."""
+    Q = queries.shape[-1]
+    B = times.shape[0]
+    all_t = jnp.concatenate([queries, times], axis=-1)
+    all_o = jnp.concatenate([jnp.zeros((B, Q), bool), observed], axis=-1)
+    all_x = jnp.concatenate(
+        [jnp.zeros((B, Q, inputs.shape[-1]), inputs.dtype), inputs], axis=-2
+    )
+    order = jnp.argsort(all_t, axis=-1, stable=True)
+    where = jnp.argsort(order, axis=-1)[:, :Q]
+    take = lambda a: jnp.take_along_axis(a, order, axis=-1)
+    x = jnp.take_along_axis(all_x, order[..., None], axis=-2)
+    return take(all_t), take(all_o), x, where
+
+
+def gather_positions(a: Array, where: Array) -> Array:
+    """`a[b, where[b, q]]` for `a` `[B, N, ...]` and `where` `[B, Q]`."""
+    idx = where.reshape(where.shape + (1,) * (a.ndim - 2))
+    return jnp.take_along_axis(a, idx, axis=1)

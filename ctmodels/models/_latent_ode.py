@@ -1,0 +1,477 @@
+"""The latent ODE of Rubanova, Chen & Duvenaud (2019)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .._integrate import integrate
+from ..data import Batch
+from ..nn import ODERNNEncoder, apply, mlp
+from ..nn._odernn import check_ode_solver
+from . import _common as C
+
+
+def _latent_field(t, y, args):
+    """dz/dt = f(z); with a Poisson process also dΛ/dt = λ(z) = exp(g(z))."""
+    dynamics, intensity = args
+    if intensity is None:
+        return apply(dynamics, y)
+    z, _ = y
+    return apply(dynamics, z), jnp.exp(apply(intensity, z))
+
+
+def _at_start(times, t_ref, y, y0):
+    """Replace the states at positions whose time is exactly `t_ref` by `y0` (their
+    solve output was taken a hair after `t_ref`, see `strictly_increasing`)."""
+    hit = (times == t_ref).reshape((-1,) + (1,) * (y.ndim - 1))
+    return jnp.where(hit, y0[None], y)
+
+
+class LatentODE(eqx.Module):
+    """Latent ODE for irregularly sampled time series (Rubanova et al., 2019).
+
+    Generative model: `z0 ~ N(0, I)` at the reference time `t_ref`; `dz/dt = f(z)`
+    (a tanh MLP, `depth` hidden layers of `units` units) solved through
+    `ctmodels.integrate`; `x(t) ~ N(D z(t), obs_std^2)` per channel (`D` linear).
+    Optionally each channel's observation times are a Poisson process with intensity
+    `λ(z(t)) = exp(g(z(t)))` (`poisson=True`; `∫λ` is integrated alongside `z`), and
+    a label `y ~ Categorical(softmax(h(z0)))` (`num_classes > 0`).
+
+    Recognition model `q(z0 | x) = N(μ, diag(σ^2))`: an ODE-RNN (`encoder="odernn"`)
+    or a GRU with a time-gap input (`encoder="rnn"`) runs *backwards in time* over
+    each series' context (`batch.mask`, input `[x * mask, mask]`), from its last
+    observation down to `t_ref`; an MLP maps the final state (with the static
+    covariates, if any) to `(μ, σ)`. See `ctmodels.nn.ODERNNEncoder`.
+
+    The reference time `t_ref` is `t0` if given, else the batch's earliest valid time
+    (the first time of the union grid, as in the paper's code). With `t0=None` a
+    series' result therefore depends on the earliest time in its batch; when all
+    series start at the same time (or with a fixed `t0`) it does not.
+
+    Layouts: in the `"union"` layout ONE ODE solve serves the whole batch (the state
+    is `[n_samples, B, latent]`, integrated over the shared grid, so the adaptive
+    steps are shared, as in the paper's code); in the `"padded"` layout the solve is
+    vmapped over rows. Both give the same loss to within the solver's tolerance
+    (exactly the same computation when all rows have the same times).
+
+    **Attributes:** the submodules `encoder`, `to_z0`, `dynamics`, `decoder`,
+    `intensity` (or None), `classifier` (or None), `log_std` (learned noise, or None),
+    and `hyperparameters` (the constructor's keyword arguments, for checkpoints).
+
+    Reference:
+
+    ```bibtex
+    @inproceedings{rubanova2019latent,
+        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
+        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
+        booktitle = {Advances in Neural Information Processing Systems},
+        volume = {32},
+        year = {2019}
+    }
+    @inproceedings{burda2016importance,
+        title = {Importance Weighted Autoencoders},
+        author = {Burda, Yuri and Grosse, Roger and Salakhutdinov, Ruslan},
+        booktitle = {International Conference on Learning Representations},
+        year = {2016}
+    }
+    ```
+    """
+
+    encoder: ODERNNEncoder
+    to_z0: eqx.nn.MLP
+    dynamics: eqx.nn.MLP
+    decoder: eqx.nn.MLP
+    intensity: eqx.nn.MLP | None
+    classifier: eqx.nn.MLP | None
+    log_std: Array | None
+    num_channels: int = eqx.field(static=True)
+    latent_size: int = eqx.field(static=True)
+    num_static: int = eqx.field(static=True)
+    num_classes: int = eqx.field(static=True)
+    solver: Any = eqx.field(static=True)
+    adjoint: Any = eqx.field(static=True)
+    rtol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    obs_std: float = eqx.field(static=True)
+    t0: float | None = eqx.field(static=True)
+    ce_weight: float = eqx.field(static=True)
+    hyperparameters: tuple[tuple[str, Any], ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        latent_size: int = 6,
+        encoder: Literal["odernn", "rnn"] = "odernn",
+        encoder_size: int = 20,
+        units: int = 100,
+        depth: int = 2,
+        solver: Any = "dopri5",
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        adjoint: Any = "checkpoint",
+        max_steps: int = 4096,
+        encoder_solver: Any = "euler",
+        encoder_steps: int | None = 1,
+        obs_std: float = 0.01,
+        learn_std: bool = False,
+        num_static: int = 0,
+        num_classes: int = 0,
+        ce_weight: float = 100.0,
+        poisson: bool = False,
+        t0: float | None = None,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_channels`: `C`, the number of observed variables.
+        - `latent_size`: size of `z` (the paper's default 6).
+        - `encoder`: `"odernn"` (ODE-RNN) or `"rnn"` (GRU with a time-gap input).
+        - `encoder_size`: size of the encoder's state (the paper's `rec_dims`, 20).
+        - `units`: width of every MLP (ODE fields, GRU gates, `q(z0)` head, Poisson
+          intensity, classifier); the paper's 100.
+        - `depth`: hidden layers of the two ODE vector fields (paper: 2).
+        - `solver`, `rtol`, `atol`: the latent ODE's solver (a registry name or a
+          Diffrax solver; must be adaptive) and tolerances.
+        - `adjoint`, `max_steps`: passed to `ctmodels.integrate` (both ODEs).
+        - `encoder_solver`, `encoder_steps`: the ODE-RNN's solver and its fixed number
+          of steps between consecutive observations (None: adaptive with
+          `rtol`/`atol`). The paper takes Euler steps.
+        - `obs_std`: the observation noise std (fixed, or the initial value when
+          `learn_std`).
+        - `learn_std`: learn one noise std per channel.
+        - `num_static`: number of static covariates (`batch.static`) fed to the
+          `q(z0)` head; 0 ignores `batch.static`.
+        - `num_classes`: > 0 adds a classifier of `batch.labels` from `z0`;
+          `ce_weight` weights its cross-entropy in the loss (paper: 100).
+        - `poisson`: model the observation times as a Poisson process.
+        - `t0`: a fixed reference time for `z0` (all times must be `>= t0`); None:
+          each batch's earliest time.
+        - `key`: a JAX PRNG key.
+        """
+        if encoder not in ("odernn", "rnn"):
+            raise ValueError(f"encoder must be 'odernn' or 'rnn', got {encoder!r}.")
+        check_ode_solver(solver, None, "LatentODE's solver")
+        if obs_std <= 0:
+            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        ks = jax.random.split(key, 6)
+        self.encoder = ODERNNEncoder(
+            2 * num_channels,
+            encoder_size,
+            units=units,
+            depth=depth,
+            ode=encoder == "odernn",
+            solver=encoder_solver,
+            steps=encoder_steps,
+            adjoint=adjoint,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            key=ks[0],
+        )
+        self.to_z0 = mlp(
+            encoder_size + num_static, 2 * latent_size, units=units, depth=1, key=ks[1]
+        )
+        self.dynamics = mlp(
+            latent_size, latent_size, units=units, depth=depth, key=ks[2]
+        )
+        self.decoder = mlp(latent_size, num_channels, units=0, depth=0, key=ks[3])
+        self.intensity = (
+            mlp(latent_size, num_channels, units=units, depth=1, key=ks[4])
+            if poisson
+            else None
+        )
+        self.classifier = (
+            mlp(latent_size, num_classes, units=units, depth=1, key=ks[5])
+            if num_classes > 0
+            else None
+        )
+        self.log_std = (
+            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
+        )
+        self.num_channels = num_channels
+        self.latent_size = latent_size
+        self.num_static = num_static
+        self.num_classes = num_classes
+        self.solver = solver
+        self.adjoint = adjoint
+        self.rtol = rtol
+        self.atol = atol
+        self.max_steps = max_steps
+        self.obs_std = obs_std
+        self.t0 = t0
+        self.ce_weight = ce_weight
+        self.hyperparameters = C.record(
+            num_channels=num_channels,
+            latent_size=latent_size,
+            encoder=encoder,
+            encoder_size=encoder_size,
+            units=units,
+            depth=depth,
+            solver=solver,
+            rtol=rtol,
+            atol=atol,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            encoder_solver=encoder_solver,
+            encoder_steps=encoder_steps,
+            obs_std=obs_std,
+            learn_std=learn_std,
+            num_static=num_static,
+            num_classes=num_classes,
+            ce_weight=ce_weight,
+            poisson=poisson,
+            t0=t0,
+        )
+
+    # ------------------------------------------------------------------ pieces
+
+    def _check(self, batch: Batch) -> None:
+        C.check_batch("LatentODE", self.num_channels, batch)
+        if self.num_static > 0:
+            if batch.static is None or batch.static.shape[-1] != self.num_static:
+                got = None if batch.static is None else batch.static.shape[-1]
+                raise ValueError(
+                    f"LatentODE was built with num_static={self.num_static} but the "
+                    f"batch has {got} static covariates."
+                )
+
+    def posterior(
+        self, batch: Batch, t_ref: ArrayLike | None = None
+    ) -> tuple[Float[Array, "B L"], Float[Array, "B L"]]:
+        """The mean and std of `q(z0 | context)` for every row of `batch`, `z0` being
+        the latent state at `t_ref` (default: the batch's reference time)."""
+        self._check(batch)
+        if t_ref is None:
+            t_ref = C.reference_time(batch, self.t0)
+        inputs = C.encoder_inputs(batch)
+        observed = batch.mask.any(axis=-1)
+        t_start = C.last_observed_time(batch.times, observed, t_ref)
+        times = batch.times[0] if batch.layout == "union" else batch.times
+        h, _, _ = self.encoder(
+            times,
+            inputs,
+            observed,
+            t_start=t_start,
+            t_final=t_ref,
+            reverse=True,
+            outputs=False,
+        )
+        if self.num_static > 0:
+            h = jnp.concatenate([h, batch.static.astype(h.dtype)], axis=-1)
+        out = apply(self.to_z0, h)
+        mean, pre = jnp.split(out, 2, axis=-1)
+        std = jax.nn.softplus(pre) + 1e-5
+        return mean, std
+
+    def _solve(self, z0, t_ref, times, poisson: bool):
+        """States at `times` [T] (>= t_ref) from `z0` [..., L] at `t_ref`: pytree
+        leaves [T, ..., X]."""
+        t_ref = jnp.asarray(t_ref, times.dtype)
+        ts = C.strictly_increasing(jnp.concatenate([t_ref[None], times]))
+        if poisson:
+            y0 = (z0, jnp.zeros(z0.shape[:-1] + (self.num_channels,), z0.dtype))
+            args = (self.dynamics, self.intensity)
+        else:
+            y0, args = z0, (self.dynamics, None)
+        sol = integrate(
+            _latent_field,
+            y0,
+            ts,
+            args,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            rtol=self.rtol,
+            atol=self.atol,
+            max_steps=self.max_steps,
+        )
+        return jax.tree.map(
+            lambda y, y0: _at_start(times, t_ref, y[1:], y0), sol.ys, y0
+        )
+
+    def _decode(self, z0, t_ref, times, shared: bool, poisson: bool = False):
+        """Latent paths `[K, B, T, L]` (and `∫λ` `[K, B, T, C]`) from `z0` `[K, B, L]`.
+        `shared`: one solve on `times` ([T], or the first row of [B, T]) for the whole
+        batch; else one solve per row of `times` [B, T]."""
+        if shared:
+            grid = times if times.ndim == 1 else times[0]
+            ys = self._solve(z0, t_ref, grid, poisson)
+            ys = jax.tree.map(lambda y: jnp.moveaxis(y, 0, 2), ys)
+        else:
+            solve = lambda z, t: self._solve(z, t_ref, t, poisson)
+            ys = jax.vmap(solve, in_axes=(1, 0))(z0, times)  # [B, T, K, X]
+            ys = jax.tree.map(lambda y: jnp.moveaxis(y, 2, 0), ys)
+        return ys if poisson else (ys, None)
+
+    def _noise_log_std(self, dtype):
+        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
+
+    # ------------------------------------------------------------------ public API
+
+    def loss(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray,
+        n_samples: int = 3,
+        kl_weight: float | Array = 1.0,
+        objective: Literal["iwae", "elbo"] = "iwae",
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """Negative IWAE bound (or ELBO) per target value, and metrics.
+
+        For each series `b` with `K = n_samples` samples `z0_k ~ q(z0 | context)`:
+
+        - `"iwae"` (default): `bound_b = log (1/K) Σ_k exp(log p(x_b | z0_k) +
+          β (log p(z0_k) - log q(z0_k)))`, the importance-weighted bound of Burda et
+          al. (a proper lower bound on `log p(x_b)` for `β = 1`; with `K = 1` it is
+          the one-sample ELBO estimate).
+        - `"elbo"`: `bound_b = (1/K) Σ_k log p(x_b | z0_k) - β KL(q || N(0, I))`
+          with the KL in closed form.
+
+        `log p(x_b | z)` is the Gaussian log-likelihood of the values at
+        `batch.target_mask` (plus, with `poisson=True`, the Poisson-process
+        log-likelihood of the target observation times of each channel over the
+        series' time window: `Σ log λ(t_i) - ∫ λ dt`). `β = kl_weight` (KL
+        annealing).
+
+        The returned loss is `-Σ_b w_b bound_b / Σ_b w_b n_b` (`w` = `batch.weight`,
+        `n_b` = the number of target values of series `b`): the negative bound per
+        target value, so rows of weight 0 do not contribute and the scale does not
+        depend on the batch size. With a classifier, `ce_weight` times the mean
+        cross-entropy per series (averaged over the `z0` samples) is added.
+
+        **Arguments:**
+
+        - `batch`: a `ctmodels.data.Batch` (`"padded"` or `"union"`).
+        - `key`: a JAX PRNG key (the `z0` samples).
+        - `n_samples`: `K`.
+        - `kl_weight`: `β`.
+        - `objective`: `"iwae"` or `"elbo"`.
+
+        **Returns:** `(loss, metrics)`: scalars `loss`, `bound` (per series), `nll`
+        (Gaussian negative log-likelihood per target value, averaged over samples),
+        `kl` (closed-form KL per series), `mse` (of the posterior mean prediction on
+        the target values), and `poisson_ll`, `ce`, `accuracy` where enabled.
+        """
+        C.check_samples(n_samples, objective)
+        if self.classifier is not None and batch.labels is None:
+            raise ValueError(
+                f"LatentODE has a classifier (num_classes={self.num_classes}) but the "
+                "batch has no labels."
+            )
+        t_ref = C.reference_time(batch, self.t0)
+        mean, std = self.posterior(batch, t_ref)
+        dtype = mean.dtype
+        eps = jax.random.normal(key, (n_samples,) + mean.shape, dtype)
+        z0 = mean + std * eps
+        poisson = self.intensity is not None
+        zs, Lam = self._decode(z0, t_ref, batch.times, batch.layout == "union", poisson)
+        pred = apply(self.decoder, zs)  # [K, B, T, C]
+        target = batch.target_mask
+        ll = C.gaussian_log_prob(batch.values, pred, self._noise_log_std(dtype), target)
+        w = batch.weight
+        wsum = jnp.maximum(jnp.sum(w), 1e-12)
+        pois = None
+        if poisson:
+            log_lam = apply(self.intensity, zs)  # [K, B, T, C]
+            events = jnp.sum(jnp.where(target, log_lam, 0.0), axis=(2, 3))
+            T = batch.num_times
+            first = jnp.argmax(batch.time_mask, axis=1)
+            last = T - 1 - jnp.argmax(batch.time_mask[:, ::-1], axis=1)
+            take = lambda i: jnp.take_along_axis(Lam, i[None, :, None, None], axis=2)
+            integral = jnp.sum(take(last) - take(first), axis=(2, 3))  # [K, B]
+            pois = events - integral
+        loss, metrics = C.variational_objective(
+            batch,
+            mean=mean,
+            std=std,
+            eps=eps,
+            pred=pred,
+            ll=ll,
+            extra_ll=pois,
+            kl_weight=kl_weight,
+            objective=objective,
+        )
+        if poisson:
+            metrics["poisson_ll"] = C.weighted_total(pois.mean(0), w) / wsum
+        if self.classifier is not None:
+            logits = apply(self.classifier, z0)  # [K, B, classes]
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            labels = batch.labels.astype(jnp.int32)
+            picked = jnp.take_along_axis(logp, labels[None, :, None], axis=-1)[..., 0]
+            ce = -picked.mean(0)  # [B]
+            prob = jnp.exp(logp).mean(0)
+            correct = (jnp.argmax(prob, axis=-1) == labels).astype(dtype)
+            metrics["ce"] = C.weighted_total(ce, w) / wsum
+            metrics["accuracy"] = C.weighted_total(correct, w) / wsum
+            loss = loss + self.ce_weight * metrics["ce"]
+        metrics["loss"] = loss
+        return loss, metrics
+
+    def predict(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray,
+        n_samples: int = 10,
+        times: Float[ArrayLike, " T2"] | Float[ArrayLike, "B T2"] | None = None,
+    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+        """Posterior predictive mean and std given the context `batch.mask`.
+
+        Draws `n_samples` samples of `z0 ~ q(z0 | context)`, solves the latent ODE
+        and decodes: the mean is the average decoded value; the std combines the
+        spread over samples with the observation noise,
+        `sqrt(Var_k[D z_k(t)] + obs_std^2)` (the std of the predictive mixture).
+
+        **Arguments:**
+
+        - `batch`: the context.
+        - `key`: a JAX PRNG key.
+        - `n_samples`: posterior samples.
+        - `times`: where to predict: None (`batch.times`), `[T2]` (the same times
+          for every row, one shared solve) or `[B, T2]`; non-decreasing. Without a
+          fixed `t0`, times before the batch's first time move the reference time
+          back to them.
+
+        **Returns:** `(mean, std)`, each `[B, T, C]` (`T2` with `times`).
+        """
+        t_ref = C.reference_time(batch, self.t0)
+        if times is None:
+            times, shared = batch.times, batch.layout == "union"
+        else:
+            times = jnp.asarray(times, batch.times.dtype)
+            if times.ndim not in (1, 2) or (
+                times.ndim == 2 and times.shape[0] != batch.batch_size
+            ):
+                raise ValueError(
+                    f"times must be [T] or [{batch.batch_size}, T], got shape "
+                    f"{times.shape}."
+                )
+            shared = times.ndim == 1
+            if self.t0 is None:
+                t_ref = jnp.minimum(t_ref, jnp.min(times))
+        mean, std = self.posterior(batch, t_ref)
+        eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
+        zs, _ = self._decode(mean + std * eps, t_ref, times, shared)
+        pred = apply(self.decoder, zs)
+        noise = jnp.exp(2 * self._noise_log_std(pred.dtype))
+        return pred.mean(0), jnp.sqrt(pred.var(0) + noise)
+
+    def sample_prior(
+        self, times: Float[ArrayLike, " T"], *, key: PRNGKeyArray, n_samples: int = 1
+    ) -> Float[Array, "n T C"]:
+        """Noise-free sample paths from the prior: `z0 ~ N(0, I)` at `times[0]`,
+        decoded at `times` (non-decreasing). **Returns:** `[n_samples, T, C]`."""
+        times = jnp.asarray(times)
+        if not jnp.issubdtype(times.dtype, jnp.floating):
+            times = times.astype(jnp.result_type(float))
+        z0 = jax.random.normal(key, (n_samples, self.latent_size), times.dtype)
+        zs = self._solve(z0, times[0], times, False)  # [T, n, L]
+        return jnp.moveaxis(apply(self.decoder, zs), 0, 1)

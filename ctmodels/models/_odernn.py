@@ -1,0 +1,182 @@
+"""The ODE-RNN of Rubanova, Chen & Duvenaud (2019) as a standalone model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from ..data import Batch
+from ..nn import ODERNNEncoder, apply, mlp
+from . import _common as C
+
+
+class ODERNN(eqx.Module):
+    """ODE-RNN (Rubanova et al., 2019): a GRU whose hidden state follows an ODE
+    between observations, run forward in time over each series' context
+    (`batch.mask`, input `[x * mask, mask]`).
+
+    The prediction at each time is decoded (linearly) from the hidden state just
+    *before* the GRU update at that time, i.e. from the past observations and the ODE
+    evolution since the last one: the model never sees the value it predicts, so the
+    same loss serves reconstruction, interpolation (give it the context mask) and
+    extrapolation (no updates after the context, the ODE carries the state on).
+
+    Each series starts from a zero state at its own first valid time; between
+    updates the state is evolved straight from the last update (see
+    `ctmodels.nn.ODERNNEncoder`), so results do not depend on the batch layout.
+
+    Likelihood: `x(t) ~ N(prediction, obs_std^2)` per channel (`obs_std` fixed, or
+    learned per channel with `learn_std=True`).
+
+    Reference:
+
+    ```bibtex
+    @inproceedings{rubanova2019latent,
+        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
+        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
+        booktitle = {Advances in Neural Information Processing Systems},
+        volume = {32},
+        year = {2019}
+    }
+    ```
+    """
+
+    rnn: ODERNNEncoder
+    decoder: eqx.nn.MLP
+    log_std: Array | None
+    num_channels: int = eqx.field(static=True)
+    obs_std: float = eqx.field(static=True)
+    hyperparameters: tuple[tuple[str, Any], ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        hidden_size: int = 20,
+        units: int = 100,
+        depth: int = 2,
+        solver: Any = "euler",
+        steps: int | None = 1,
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        adjoint: Any = "checkpoint",
+        max_steps: int = 4096,
+        obs_std: float = 0.01,
+        learn_std: bool = False,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_channels`: `C`.
+        - `hidden_size`: size of the hidden state.
+        - `units`, `depth`: width (also of the GRU gates) and hidden layers of the
+          ODE's MLP.
+        - `solver`, `steps`: the ODE's solver (registry name or Diffrax solver) and
+          its fixed number of steps between consecutive observations (None:
+          adaptive with `rtol`/`atol`).
+        - `adjoint`, `max_steps`: passed to `ctmodels.integrate`.
+        - `obs_std`, `learn_std`: the observation noise (fixed, or learned per
+          channel starting from `obs_std`).
+        - `key`: a JAX PRNG key.
+        """
+        if obs_std <= 0:
+            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        k1, k2 = jax.random.split(key)
+        self.rnn = ODERNNEncoder(
+            2 * num_channels,
+            hidden_size,
+            units=units,
+            depth=depth,
+            solver=solver,
+            steps=steps,
+            adjoint=adjoint,
+            rtol=rtol,
+            atol=atol,
+            max_steps=max_steps,
+            key=k1,
+        )
+        self.decoder = mlp(hidden_size, num_channels, units=0, depth=0, key=k2)
+        self.log_std = (
+            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
+        )
+        self.num_channels = num_channels
+        self.obs_std = obs_std
+        self.hyperparameters = C.record(
+            num_channels=num_channels,
+            hidden_size=hidden_size,
+            units=units,
+            depth=depth,
+            solver=solver,
+            steps=steps,
+            rtol=rtol,
+            atol=atol,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            obs_std=obs_std,
+            learn_std=learn_std,
+        )
+
+    def _means(self, batch: Batch, queries=None) -> Float[Array, "B T C"]:
+        C.check_batch("ODERNN", self.num_channels, batch)
+        inputs = C.encoder_inputs(batch)
+        observed = batch.mask.any(axis=-1)
+        t_start = C.first_valid_time(batch)
+        times = batch.times
+        if queries is not None:
+            times, observed, inputs, where = C.merge_queries(
+                times, observed, inputs, queries
+            )
+            t_start = jnp.minimum(t_start, queries.min(axis=-1))
+        elif batch.layout == "union":
+            times = times[0]
+        _, h_before, _ = self.rnn(times, inputs, observed, t_start=t_start)
+        if queries is not None:
+            h_before = C.gather_positions(h_before, where)
+        return apply(self.decoder, h_before)
+
+    def _noise_log_std(self, dtype):
+        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
+
+    def loss(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_samples: int | None = None,
+        kl_weight: float | None = None,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """Gaussian negative log-likelihood per target value (`batch.target_mask`;
+        rows of weight 0 excluded), and metrics `loss`, `nll`, `mse`.
+
+        `key`, `n_samples` and `kl_weight` are accepted for a uniform interface with
+        the latent models and ignored (the model is deterministic).
+        """
+        mean = self._means(batch)
+        return C.gaussian_objective(batch, mean, self._noise_log_std(mean.dtype))
+
+    def predict(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_samples: int | None = None,
+        times: Float[ArrayLike, " Q"] | Float[ArrayLike, "B Q"] | None = None,
+    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+        """Predictions given the context `batch.mask`: the mean at each time (from
+        the state before the update there) and the std of the observation noise
+        (`obs_std`, or the learned one), broadcast.
+
+        **Arguments:** `batch`; `times`: None (`batch.times`), `[Q]` or `[B, Q]`
+        times to predict at; `key`, `n_samples`: ignored.
+
+        **Returns:** `(mean, std)`, each `[B, T, C]` (`Q` with `times`).
+        """
+        queries = None if times is None else C.query_times(batch, times)
+        mean = self._means(batch, queries)
+        std = jnp.broadcast_to(jnp.exp(self._noise_log_std(mean.dtype)), mean.shape)
+        return mean, std

@@ -1,0 +1,467 @@
+"""`ctmodels.models.LatentODE` against oracles: the closed-form KL, the masked
+likelihood and the IWAE/ELBO bounds recomputed in NumPy, finite differences in
+float64, and invariances (layout, padding rows, masked-out values, jit cache).
+
+The module runs in float64 (restored afterwards). Compiling a latent ODE takes
+seconds, so the tests share a handful of compiled functions: one tiny model, one
+jitted loss, one jitted gradient, two batch shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ctmodels.data import TimeSeries, batches, interpolation_task, make_batch
+from ctmodels.models import MODELS, LatentODE, _common as common
+from ctmodels.nn import apply
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    """float64 for this module; and the "rbg" PRNG, whose kernels compile in a
+    fraction of threefry's time (the tests do not depend on particular draws).
+    Both settings are restored afterwards."""
+    previous = jax.config.jax_enable_x64, jax.config.jax_default_prng_impl
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_prng_impl", "rbg")
+    yield
+    jax.config.update("jax_enable_x64", previous[0])
+    jax.config.update("jax_default_prng_impl", previous[1])
+
+
+TINY = dict(latent_size=3, encoder_size=4, units=8, rtol=1e-9, atol=1e-9)
+TRACES = []
+
+
+@eqx.filter_jit
+def _loss(model, batch, key, n_samples=3, objective="iwae"):
+    TRACES.append(batch.layout)
+    return model.loss(batch, key=key, n_samples=n_samples, objective=objective)
+
+
+@eqx.filter_jit
+def _paths(model, batch, eps):
+    """Posterior mean/std and decoded predictions `[K, B, T, C]` for given noise."""
+    t_ref = common.reference_time(batch, model.t0)
+    mean, std = model.posterior(batch, t_ref)
+    zs, _ = model._decode(mean + std * eps, t_ref, batch.times, batch.layout == "union")
+    return mean, std, apply(model.decoder, zs)
+
+
+@eqx.filter_jit
+def _value_and_grad(params, static, batch, key):
+    f = lambda p: eqx.combine(p, static).loss(batch, key=key)[0]
+    return jax.value_and_grad(f)(params)
+
+
+def _series(seed=0, S=7, T=7, C=2, shared=False, static=False, labels=False):
+    """Noisy sines; rows have different times (unless `shared`) and lengths."""
+    rng = np.random.default_rng(seed)
+    if shared:
+        times = np.broadcast_to(np.sort(rng.uniform(0, 1, T)), (S, T)).copy()
+    else:
+        times = np.sort(rng.uniform(0, 1, (S, T)), axis=1)
+    times[:, 0] = 0.0
+    times[1, -2:] = np.nan  # a shorter series
+    values = np.sin(5 * np.nan_to_num(times))[..., None] * np.arange(1, C + 1)
+    values = values + rng.normal(0, 0.1, (S, T, C))
+    mask = rng.uniform(size=(S, T, C)) < 0.7
+    mask[:, 0] = True
+    mask &= ~np.isnan(times)[..., None]
+    values = np.where(mask, values, np.nan)
+    kw = {}
+    if static:
+        kw["static"] = rng.normal(size=(S, 2))
+    if labels:
+        kw["labels"] = np.arange(S) % 3
+    return TimeSeries.from_arrays(times, values, **kw)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Two batches of 4 rows (the second: 3 series and a padding row of weight 0) in
+    each layout; the two union batches share one bucketed shape."""
+    ts = _series()
+    union = list(batches(ts, 4, layout="union", time_bucket=32))
+    padded = list(batches(ts, 4, layout="padded"))
+    assert union[0].times.shape == union[1].times.shape
+    assert float(union[1].weight[-1]) == 0.0
+    return {"ts": ts, "union": union[1], "union_other": union[0], "padded": padded[1]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LatentODE(2, **TINY, key=jax.random.key(0))
+
+
+# ------------------------------------------------------------------ KL, likelihood
+
+
+def test_kl_closed_form():
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(5, 3))
+    std = rng.uniform(0.2, 2.0, size=(5, 3))
+    expected = 0.5 * np.sum(mean**2 + std**2 - 1.0 - np.log(std**2), axis=-1)
+    got = common.kl_to_standard_normal(jnp.asarray(mean), jnp.asarray(std))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # Monte Carlo: E_q[log q - log p]
+    z = mean + std * rng.normal(size=(200_000, 5, 3))
+    log_q = np.sum(-0.5 * ((z - mean) / std) ** 2 - np.log(std), axis=-1)
+    log_p = np.sum(-0.5 * z**2, axis=-1)
+    np.testing.assert_allclose((log_q - log_p).mean(0), expected, atol=0.03)
+
+
+def test_gaussian_log_prob_against_loop():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 4, 2))
+    mu = rng.normal(size=(2, 3, 4, 2))
+    log_std = np.log([0.3, 2.0])
+    mask = rng.uniform(size=(3, 4, 2)) < 0.5
+    x_junk = np.where(mask, x, np.nan)  # masked-out values must not leak
+    got = common.gaussian_log_prob(jnp.asarray(x_junk), mu, log_std, mask)
+    expected = np.zeros((2, 3))
+    for k in range(2):
+        for b in range(3):
+            for t in range(4):
+                for c in range(2):
+                    if mask[b, t, c]:
+                        s = math.exp(log_std[c])
+                        z = (x[b, t, c] - mu[k, b, t, c]) / s
+                        expected[k, b] += (
+                            -0.5 * z * z - math.log(s) - 0.5 * math.log(2 * math.pi)
+                        )
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def _objective_inputs(seed, K, B=3, L=2, T=4, C=2):
+    """Random inputs of `common.variational_objective` and a batch to go with them."""
+    rng = np.random.default_rng(seed)
+    ts = TimeSeries.from_arrays(
+        np.sort(rng.uniform(0, 1, (B, T)), 1), rng.normal(size=(B, T, C))
+    )
+    batch = make_batch(ts, layout="padded", batch_size=B + 1, time_bucket=None)
+    target = np.asarray(batch.mask) & (rng.uniform(size=batch.mask.shape) < 0.5)
+    batch = eqx.tree_at(lambda b: b.target_mask, batch, jnp.asarray(target))
+    mean = jnp.asarray(rng.normal(size=(B + 1, L)))
+    std = jnp.asarray(rng.uniform(0.3, 1.5, size=(B + 1, L)))
+    eps = jnp.asarray(rng.normal(size=(K, B + 1, L)))
+    pred = jnp.asarray(rng.normal(size=(K, B + 1, T, C)))
+    ll = jnp.asarray(rng.normal(size=(K, B + 1)) * 10)
+    return batch, dict(mean=mean, std=std, eps=eps, pred=pred, ll=ll, extra_ll=None)
+
+
+_objective = jax.jit(common.variational_objective, static_argnames=("objective",))
+
+
+def test_iwae_with_one_sample_is_the_elbo():
+    """K = 1: the IWAE bound is the one-sample ELBO `log p(x|z) + log p(z) - log q(z)`
+    at the sample; the `"elbo"` objective uses the closed-form KL instead, and the
+    two agree in expectation."""
+    batch, kw = _objective_inputs(0, K=1)
+    iwae, m_iwae = _objective(batch, **kw, kl_weight=1.0, objective="iwae")
+    elbo, m_elbo = _objective(batch, **kw, kl_weight=1.0, objective="elbo")
+    mean, std, eps = (np.asarray(kw[k]) for k in ("mean", "std", "eps"))
+    z = mean + std * eps[0]
+    log_q = np.sum(-0.5 * eps[0] ** 2 - np.log(std) - 0.5 * np.log(2 * np.pi), -1)
+    log_p = np.sum(-0.5 * z**2 - 0.5 * np.log(2 * np.pi), -1)
+    w = np.asarray(batch.weight)
+    n = np.sum(w * np.asarray(batch.target_mask).sum((1, 2)))
+    one_sample_elbo = np.asarray(kw["ll"])[0] + log_p - log_q
+    np.testing.assert_allclose(iwae, -np.sum(w * one_sample_elbo) / n, rtol=1e-12)
+    kl = 0.5 * np.sum(mean**2 + std**2 - 1 - np.log(std**2), -1)
+    analytic = np.asarray(kw["ll"])[0] - kl
+    np.testing.assert_allclose(elbo, -np.sum(w * analytic) / n, rtol=1e-12)
+    np.testing.assert_allclose(m_iwae["kl"], m_elbo["kl"])
+    # averaging the IWAE(K=1) estimate over many samples gives the ELBO (same ll)
+    rng = np.random.default_rng(1)
+    eps_many = rng.normal(size=(20_000,) + mean.shape)
+    z = mean + std * eps_many
+    gap = np.sum(-0.5 * z**2 + 0.5 * eps_many**2 + np.log(std), -1).mean(0) + kl
+    np.testing.assert_allclose(gap, 0.0, atol=0.05)
+
+
+def test_iwae_against_logsumexp_and_kl_weight():
+    batch, kw = _objective_inputs(1, K=4)
+    mean, std, eps = (np.asarray(kw[k]) for k in ("mean", "std", "eps"))
+    z = mean + std * eps
+    log_q = np.sum(-0.5 * eps**2 - np.log(std) - 0.5 * np.log(2 * np.pi), -1)
+    log_p = np.sum(-0.5 * z**2 - 0.5 * np.log(2 * np.pi), -1)
+    w = np.asarray(batch.weight)
+    n = np.sum(w * np.asarray(batch.target_mask).sum((1, 2)))
+    for beta in (1.0, 0.3):
+        lw = np.asarray(kw["ll"]) + beta * (log_p - log_q)
+        bound = np.log(np.mean(np.exp(lw - lw.max(0)), 0)) + lw.max(0)
+        loss, metrics = _objective(batch, **kw, kl_weight=beta, objective="iwae")
+        np.testing.assert_allclose(loss, -np.sum(w * bound) / n, rtol=1e-12)
+        np.testing.assert_allclose(metrics["bound"], np.sum(w * bound) / w.sum())
+
+
+def _numpy_objective(model, batch, key, K, eps=None):
+    """The IWAE loss and metrics recomputed in NumPy from the model's posterior and
+    decoded paths (noise drawn from `key` as `loss` does, or given)."""
+    if eps is None:
+        eps = jax.random.normal(key, (K, batch.batch_size, model.latent_size))
+    mean, std, pred = (np.asarray(a) for a in _paths(model, batch, eps))
+    eps = np.asarray(eps)
+    z0 = mean + std * eps
+    x = np.asarray(batch.values)
+    tm = np.asarray(batch.target_mask)
+    s = model.obs_std
+    r = (np.where(tm, x, 0) - pred) / s
+    lp = -0.5 * r**2 - np.log(s) - 0.5 * np.log(2 * np.pi)
+    ll = np.where(tm, lp, 0.0).sum((2, 3))  # [K, B]
+    kl = 0.5 * np.sum(mean**2 + std**2 - 1 - np.log(std**2), -1)
+    log_q = np.sum(-0.5 * eps**2 - np.log(std) - 0.5 * np.log(2 * np.pi), -1)
+    log_p = np.sum(-0.5 * z0**2 - 0.5 * np.log(2 * np.pi), -1)
+    lw = ll + log_p - log_q
+    bound = lw.max(0) + np.log(np.exp(lw - lw.max(0)).mean(0))
+    w = np.asarray(batch.weight)
+    n = np.sum(w * tm.sum((1, 2)))
+    err = (pred.mean(0) - np.where(tm, x, 0)) ** 2
+    return {
+        "loss": -np.sum(w * bound) / n,
+        "bound": np.sum(w * bound) / w.sum(),
+        "kl": np.sum(w * kl) / w.sum(),
+        "nll": -np.sum(w * ll.mean(0)) / n,
+        "mse": np.sum(w[:, None, None] * tm * err) / n,
+    }
+
+
+def test_model_loss_against_numpy(model, data):
+    """The whole pipeline: masks, weights (a padding row), normalisation, metrics."""
+    batch = data["union"]
+    key = jax.random.key(4)
+    loss, metrics = _loss(model, batch, key)
+    expected = _numpy_objective(model, batch, key, 3)
+    np.testing.assert_allclose(loss, expected["loss"], rtol=1e-10)
+    for name in ("bound", "kl", "nll", "mse"):
+        np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-10)
+
+
+# ------------------------------------------------------------------ invariances
+
+
+def test_union_and_padded_give_the_same_loss(model, data):
+    key = jax.random.key(7)
+    lu, mu = _loss(model, data["union"], key)
+    lp, mp = _loss(model, data["padded"], key)
+    np.testing.assert_allclose(lp, lu, rtol=1e-7)
+    for name in mu:
+        np.testing.assert_allclose(mp[name], mu[name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["union", "padded"])
+def test_masked_out_values_and_padding_rows_do_not_matter(model, data, layout):
+    batch = data[layout]
+    key = jax.random.key(12)
+    ref = _loss(model, batch, key)[0]
+    # junk (NaN, huge) wherever a value is neither context nor target
+    seen = batch.mask | batch.target_mask
+    junk = jnp.where(jnp.arange(batch.num_times)[None, :, None] % 2 == 0, jnp.nan, 1e6)
+    bad = eqx.tree_at(lambda b: b.values, batch, jnp.where(seen, batch.values, junk))
+    np.testing.assert_array_equal(_loss(model, bad, key)[0], ref)
+    # the weight-0 row holds data (copied from row 0): it must not count
+    row = lambda a: a.at[-1].set(a[0])
+    filled = eqx.tree_at(
+        lambda b: (b.values, b.mask, b.target_mask, b.time_mask, b.times),
+        batch,
+        tuple(
+            row(a)
+            for a in (
+                batch.values,
+                batch.mask,
+                batch.target_mask,
+                batch.time_mask,
+                batch.times,
+            )
+        ),
+    )
+    assert float(filled.weight[-1]) == 0.0
+    # padded rows are solved separately: identical; the union layout solves all rows
+    # in one adaptive solve, so the other rows move by solver-tolerance amounts
+    rtol = 1e-12 if layout == "padded" else 1e-6
+    np.testing.assert_allclose(_loss(model, filled, key)[0], ref, rtol=rtol)
+
+
+def test_encoder_ignores_values_outside_the_context(model, data):
+    batch = interpolation_task(data["union"], key=jax.random.key(14), fraction=0.5)
+    hidden = batch.target_mask & ~batch.mask
+    assert bool(hidden.any())
+    moved = eqx.tree_at(
+        lambda b: b.values, batch, jnp.where(batch.mask, batch.values, 123.0)
+    )
+    eps = jnp.zeros((3, batch.batch_size, model.latent_size))
+    m1, s1, _ = _paths(model, batch, eps)
+    m2, s2, _ = _paths(model, moved, eps)
+    np.testing.assert_array_equal(m1, m2)
+    np.testing.assert_array_equal(s1, s2)
+    # ...while the context does matter
+    poked = eqx.tree_at(
+        lambda b: b.values, batch, jnp.where(batch.mask, batch.values + 1.0, 0.0)
+    )
+    assert not np.allclose(_paths(model, poked, eps)[0], m1)
+
+
+def test_jit_compiles_once_per_bucket(model, data):
+    key = jax.random.key(16)
+    before = len(TRACES)
+    a = _loss(model, data["union"], key)[0]
+    b = _loss(model, data["union_other"], key)[0]
+    assert len(TRACES) - before <= 1  # at most the first call of this shape traces
+    assert a != b
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def test_gradient_matches_finite_differences(model, data):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch = data["union"]
+    key = jax.random.key(18)
+    _, g = _value_and_grad(params, static, batch, key)
+    g = [np.asarray(x) for x in jax.tree.leaves(g)]
+    assert all(np.all(np.isfinite(x)) for x in g)
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(19)
+    d = [rng.normal(size=x.shape) for x in leaves]
+    h = 1e-5
+    shift = lambda s: jax.tree.unflatten(
+        tree, [np.asarray(x) + s * v for x, v in zip(leaves, d, strict=True)]
+    )
+    f = lambda p: float(_value_and_grad(p, static, batch, key)[0])
+    fd = (f(shift(h)) - f(shift(-h))) / (2 * h)
+    an = sum(np.vdot(a, b) for a, b in zip(g, d, strict=True))
+    np.testing.assert_allclose(an, fd, rtol=1e-4)
+
+
+def test_adam_steps_reduce_the_loss(model, data):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    batch = data["union"]
+    opt = optax.adam(3e-2)
+
+    @jax.jit
+    def update(g, state, params):
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.jit(opt.init)(params)
+    losses = []
+    for i in range(60):
+        loss, g = _value_and_grad(params, static, batch, jax.random.key(100 + i))
+        params, state = update(g, state, params)
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+
+
+# ------------------------------------------------------------------ predict & API
+
+
+@eqx.filter_jit
+def _predict(model, batch, key, times=None):
+    return model.predict(batch, key=key, n_samples=4, times=times)
+
+
+@pytest.mark.slow
+def test_predict(model, data):
+    batch = data["union"]
+    mean, std = _predict(model, batch, jax.random.key(21))
+    assert mean.shape == batch.values.shape == std.shape
+    assert bool(jnp.all(std >= model.obs_std * (1 - 1e-12)))
+    assert bool(jnp.all(std[batch.weight > 0] > model.obs_std))  # posterior spread
+
+
+@pytest.mark.slow
+def test_predict_at_given_times(model, data):
+    batch = data["union"]
+    key = jax.random.key(21)
+    mean, _ = _predict(model, batch, key)
+    # predictions at the batch's own times == predict(times=grid)
+    m0, _ = _predict(model, batch, key, batch.times[0])
+    np.testing.assert_allclose(m0, mean, rtol=1e-6, atol=1e-8)
+    # shared query times [Q] (one solve) == the same times per row [B, Q]
+    q = jnp.linspace(0.0, 1.2, 5)
+    m1, s1 = _predict(model, batch, key, q)
+    m2, s2 = _predict(model, batch, key, jnp.broadcast_to(q, (batch.batch_size, 5)))
+    assert m1.shape == (batch.batch_size, 5, 2)
+    np.testing.assert_allclose(m1, m2, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(s1, s2, rtol=1e-6, atol=1e-8)
+    paths = model.sample_prior(jnp.linspace(0, 1, 6), key=key, n_samples=3)
+    assert paths.shape == (3, 6, 2)
+
+
+@pytest.mark.slow
+def test_union_and_padded_with_every_option():
+    ts = _series(seed=8, static=True, labels=True)
+    m = LatentODE(
+        2,
+        **TINY,
+        poisson=True,
+        num_classes=3,
+        num_static=2,
+        learn_std=True,
+        encoder_steps=2,
+        key=jax.random.key(8),
+    )
+    key = jax.random.key(9)
+    lu, mu = _loss(m, make_batch(ts, layout="union"), key)
+    lp, mp = _loss(m, make_batch(ts, layout="padded"), key)
+    assert set(mu) == {
+        "loss",
+        "bound",
+        "nll",
+        "kl",
+        "mse",
+        "poisson_ll",
+        "ce",
+        "accuracy",
+    }
+    np.testing.assert_allclose(lp, lu, rtol=1e-7)
+    for name in mu:
+        np.testing.assert_allclose(mp[name], mu[name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_shared_times_default_tolerances_agree():
+    """All series on the same times, default tolerances: both layouts agree."""
+    ts = _series(seed=10, shared=True)
+    m = LatentODE(2, latent_size=3, encoder_size=4, units=8, key=jax.random.key(10))
+    key = jax.random.key(11)
+    lu, _ = _loss(m, make_batch(ts, layout="union"), key)
+    lp, _ = _loss(m, make_batch(ts, layout="padded"), key)
+    np.testing.assert_allclose(lp, lu, rtol=1e-4)
+
+
+def test_hyperparameters_rebuild_the_model():
+    m = LatentODE(2, **TINY, poisson=True, num_classes=2, key=jax.random.key(22))
+    hp = dict(m.hyperparameters)
+    json.dumps(hp)
+    assert "key" not in hp and hp["poisson"] is True
+    m2 = MODELS["LatentODE"](**hp, key=jax.random.key(23))
+    arrays = lambda t: jax.tree.leaves(eqx.filter(t, eqx.is_array))
+    assert jax.tree.structure(m) == jax.tree.structure(m2)
+    assert [x.shape for x in arrays(m)] == [x.shape for x in arrays(m2)]
+
+
+def test_errors(model, data):
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="encoder"):
+        LatentODE(2, encoder="lstm", key=key)
+    with pytest.raises(ValueError, match="fixed steps"):
+        LatentODE(2, solver="euler", key=key)
+    with pytest.raises(ValueError, match="Unknown"):
+        LatentODE(2, solver="dopri", key=key)
+    abstract = lambda *a, **k: eqx.filter_eval_shape(LatentODE, *a, **k, key=key)
+    with pytest.raises(ValueError, match="channels"):
+        abstract(3, **TINY).loss(data["union"], key=key)
+    with pytest.raises(ValueError, match="labels"):
+        abstract(2, **TINY, num_classes=2).loss(data["union"], key=key)
+    with pytest.raises(ValueError, match="n_samples"):
+        model.loss(data["union"], key=key, n_samples=0)
