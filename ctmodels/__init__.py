@@ -6,7 +6,14 @@ one gradient engine (`integrate`, `fixed_point`, `root_find`, `steady_state`).
 
 import importlib.metadata
 
-from . import solvers as solvers
+from . import (
+    data as data,
+    datasets as datasets,
+    models as models,
+    nn as nn,
+    solvers as solvers,
+    train as train,
+)
 from ._errors import RESULTS as RESULTS, SolverError as SolverError
 from ._fixed_point import (
     FixedPointSolution as FixedPointSolution,

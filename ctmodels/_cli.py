@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, SolverError) as err:
+    except (ValueError, FileNotFoundError, ImportError, SolverError) as err:
         # bad input: one readable line, not a traceback
         print(f"ctmodels {ns.command}: error: {err}", file=sys.stderr)
         return 2

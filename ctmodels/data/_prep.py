@@ -114,11 +114,13 @@ class Normalizer:
         sd = None if std is None else np.asarray(std) * np.asarray(self.std)
         lg = np.asarray(self.log)
         if lg.any():
-            s2 = 0.0 if sd is None else sd**2
-            m_log = np.exp(mu + s2 / 2)
+            mu = np.array(mu, dtype=np.float64, copy=True)
+            s2 = 0.0 if sd is None else sd[..., lg] ** 2
+            m_log = np.exp(mu[..., lg] + s2 / 2)
             if sd is not None:
-                sd = np.where(lg, m_log * np.sqrt(np.expm1(s2)), sd)
-            mu = np.where(lg, m_log, mu)
+                sd = np.array(sd, dtype=np.float64, copy=True)
+                sd[..., lg] = m_log * np.sqrt(np.expm1(s2))
+            mu[..., lg] = m_log
         return mu, sd
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from ._implicit import (
     CheckedLinearSolver as CheckedLinearSolver,
     ImplicitAdjoint as ImplicitAdjoint,
 )
+from ._unrolled import UnrolledERK as UnrolledERK
 from ._registry import (
     KINDS as KINDS,
     available as available,

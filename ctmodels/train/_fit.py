@@ -192,11 +192,8 @@ def _call_loss(model, batch, key, kwargs):
         raise ValueError(
             f"{type(model).__name__}.loss metrics must be scalars; got shapes {bad}."
         )
-    if "loss" in metrics:
-        raise ValueError(
-            f"{type(model).__name__}.loss metrics may not be named 'loss' (the loss "
-            "itself has that name in the history)."
-        )
+    # the returned scalar is the loss; a metric of the same name is redundant
+    metrics.pop("loss", None)
     return loss, metrics
 
 
