@@ -12,7 +12,6 @@ from ._implicit import (
     CheckedLinearSolver as CheckedLinearSolver,
     ImplicitAdjoint as ImplicitAdjoint,
 )
-from ._unrolled import UnrolledERK as UnrolledERK
 from ._registry import (
     KINDS as KINDS,
     available as available,
@@ -22,3 +21,4 @@ from ._registry import (
     register as register,
     unregister as unregister,
 )
+from ._unrolled import UnrolledERK as UnrolledERK
