@@ -208,12 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Persist XLA compilations across runs, so a second `ctmodels fit`/`predict`
+    starts warm. Location: `$CTMODELS_JAX_CACHE` (empty to disable), else
+    `$XDG_CACHE_HOME/ctmodels/jax` or `~/.cache/ctmodels/jax`."""
+    import os
+    from pathlib import Path
+
+    path = os.environ.get("CTMODELS_JAX_CACHE")
+    if path == "":
+        return
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        path = str(Path(base) / "ctmodels" / "jax")
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # the user configured one already
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # read-only home: run without the cache
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
+    if ns.command in ("fit", "predict", "evaluate"):
+        _enable_compilation_cache()
     from ._errors import SolverError
 
     try:

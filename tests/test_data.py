@@ -378,7 +378,7 @@ def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
     with xr.open_dataset(path, chunks={"series": 8}) as ds:
-        src = cd.from_xarray(ds)
+        src = cd.from_xarray(ds, block_size=8)
         assert isinstance(src, cd.LazyTimeSeries) and len(src) == 312
         reads.clear()
         batch_iter = cd.batches(src, 8, layout="padded")
@@ -392,3 +392,42 @@ def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
         eager = cd.from_xarray(D.load("pbcseq"))
         ref = cd.make_batch(eager[np.arange(8)], layout="padded", batch_size=8)
         np.testing.assert_array_equal(np.asarray(batch.values), np.asarray(ref.values))
+
+
+def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
+    import xarray.backends.netCDF4_ as nc4
+
+    path = tmp_path / "pbc.nc"
+    D.load("pbcseq").to_netcdf(path)
+    reads = []
+    original = nc4.NetCDF4ArrayWrapper._getitem
+
+    def spy(self, key):
+        reads.append((self.variable_name, key))
+        return original(self, key)
+
+    monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    eager = cd.from_xarray(D.load("pbcseq"))
+    with xr.open_dataset(path) as ds:
+        src = cd.from_xarray(ds, lazy=True, block_size=16)
+        reads.clear()
+        a = src[np.array([3, 1, 9])]
+        n_first = len(reads)
+        b = src[np.array([15, 0])]  # same block: served from memory
+        assert n_first > 0 and len(reads) == n_first
+        c = src[np.array([16, 20])]  # next block: read again
+        assert len(reads) > n_first
+        for got, idx in ((a, [3, 1, 9]), (b, [15, 0]), (c, [16, 20])):
+            np.testing.assert_array_equal(got.nan_values(), eager[idx].nan_values())
+            np.testing.assert_array_equal(
+                got.meta.series_ids, eager.meta.series_ids[idx]
+            )
+        # a scattered request does not read the whole range between its ends
+        reads.clear()
+        d = src[np.array([0, 300])]
+        rows = set()
+        for name, key in reads:
+            if name == "bili":
+                rows |= set(np.arange(312)[key[0]].tolist())
+        assert rows == {0, 300}
+        np.testing.assert_array_equal(d.nan_values(), eager[[0, 300]].nan_values())

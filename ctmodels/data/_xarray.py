@@ -269,7 +269,7 @@ class _Layout:
         """Read (the selected series of) `ds` into a TimeSeries."""
         sd, od = self.series_dim, self.obs_dim
         if index is not None:
-            ds = ds.isel({sd: np.asarray(index)})
+            ds = ds.isel({sd: index if isinstance(index, slice) else np.asarray(index)})
         if self.squeeze_series:
             ds = ds.expand_dims(sd)
         names = [*self.variables, *self.static] + ([self.labels] if self.labels else [])
@@ -295,11 +295,12 @@ class _Layout:
             else None
         )
         labels = sub[self.labels].values if self.labels else None
-        ids = (
-            self.all_series_ids
-            if index is None
-            else self.all_series_ids[np.asarray(index)]
-        )
+        if index is None:
+            ids = self.all_series_ids
+        elif isinstance(index, slice):
+            ids = self.all_series_ids[index]
+        else:
+            ids = self.all_series_ids[np.asarray(index)]
         return TimeSeries.from_arrays(
             times,
             values,
@@ -317,10 +318,14 @@ class LazyTimeSeries:
     an epoch reads the file one batch at a time. `src.load()` reads everything.
     """
 
-    def __init__(self, ds: xr.Dataset, layout: _Layout):
+    def __init__(self, ds: xr.Dataset, layout: _Layout, *, block_size: int = 256):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}.")
         self.ds = ds
         self.layout = layout
         self.meta = layout.meta
+        self.block_size = int(block_size)
+        self._cache: tuple[int, int, TimeSeries] | None = None
 
     def __len__(self) -> int:
         return self.layout.num_series
@@ -334,9 +339,22 @@ class LazyTimeSeries:
         return self.meta.channels
 
     def __getitem__(self, index) -> TimeSeries:
-        index = np.arange(len(self))[index]
-        index = np.atleast_1d(index)
-        return self.layout.convert(self.ds, index)
+        """Read the selected series.
+
+        Requests that fall within one aligned block of `block_size` series (as the
+        batches of `batches(..., shuffle="block")` do) read that block once with one
+        contiguous slice and serve later requests from it; only one block is kept, so
+        memory stays bounded. Scattered requests read just the requested series.
+        """
+        index = np.atleast_1d(np.arange(len(self))[index])
+        B = self.block_size
+        lo = int(index.min()) // B * B
+        hi = min(len(self), -(-(int(index.max()) + 1) // B) * B)
+        if hi - lo > B:
+            return self.layout.convert(self.ds, index)
+        if self._cache is None or self._cache[:2] != (lo, hi):
+            self._cache = (lo, hi, self.layout.convert(self.ds, slice(lo, hi)))
+        return self._cache[2][index - lo]
 
     def load(self) -> TimeSeries:
         return self.layout.convert(self.ds)
@@ -363,6 +381,7 @@ def from_xarray(
     time_units: str | None = None,
     time_origin: Any = None,
     lazy: bool | None = None,
+    block_size: int = 256,
 ) -> TimeSeries | LazyTimeSeries:
     """Build a `TimeSeries` from an `xarray.Dataset` (layout in the module docstring).
 
@@ -381,6 +400,8 @@ def from_xarray(
     - `time_origin`: datetime that becomes time 0 (default: the earliest time).
     - `lazy`: return a `LazyTimeSeries` that reads series batch by batch. Default: lazy
       when the dataset is dask-backed (e.g. `xr.open_dataset(path, chunks={})`).
+    - `block_size`: series per contiguous read of a lazy source (see
+      `LazyTimeSeries.__getitem__`; shuffle with `batches(..., shuffle="block")`).
 
     **Returns:** a `TimeSeries` (or `LazyTimeSeries`). `to_xarray` inverts it.
     """
@@ -397,7 +418,7 @@ def from_xarray(
     if lazy is None:
         lazy = _is_lazy(ds)
     if lazy:
-        return LazyTimeSeries(ds, layout)
+        return LazyTimeSeries(ds, layout, block_size=block_size)
     return layout.convert(ds)
 
 
