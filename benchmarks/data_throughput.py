@@ -55,10 +55,18 @@ def _write_file(path: Path, tiles: int = 1) -> dict:
     }
 
 
-def _stream(path: str, lazy: bool, batch_size: int, layout: str) -> None:
-    """Subprocess body: iterate every batch, print peak RSS (MiB)."""
-    import resource
+def _vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
+
+def _stream(path: str, lazy: bool, batch_size: int, layout: str) -> None:
+    """Subprocess body: iterate every batch, print peak RSS (MiB).
+
+    Peak RSS is VmHWM from /proc (ru_maxrss survives exec on Linux and would report
+    the parent's peak)."""
     import jax
     import xarray as xr
 
@@ -69,7 +77,7 @@ def _stream(path: str, lazy: bool, batch_size: int, layout: str) -> None:
     else:
         ds = xr.load_dataset(path)
     src = cd.from_xarray(ds, static=[])
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _vm_hwm_mb()
     n = 0
     t0 = time.perf_counter()
     for _batch in cd.batches(
@@ -77,7 +85,7 @@ def _stream(path: str, lazy: bool, batch_size: int, layout: str) -> None:
     ):
         n += 1
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm_hwm_mb()
     print(json.dumps({"peak_rss_mb": round(peak, 1), "before_mb": round(base, 1),
                       "batches": n, "seconds": round(dt, 2)}))  # fmt: skip
 

@@ -382,6 +382,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # other test modules may have switched this process to float64: match it
+    env["JAX_ENABLE_X64"] = "1" if jax.config.jax_enable_x64 else "0"
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True
     )

@@ -19,6 +19,12 @@ def test_tutorial_runs(path):
         text=True,
         timeout=600,
         # the small setting of each tutorial (e.g. a few epochs on a slice of data)
-        env={**os.environ, "CTMODELS_TUTORIAL_SMALL": "1"},
+        env={
+            **os.environ,
+            "CTMODELS_TUTORIAL_SMALL": "1",
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
