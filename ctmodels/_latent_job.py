@@ -57,6 +57,16 @@ def _batches(ts, batch_size, layout="union"):
     return cdata.batches(ts, batch_size, layout=layout)
 
 
+@eqx.filter_jit
+def _predict_step(model, batch, key, task, n_samples):
+    """One jitted prediction (module level, so repeated calls reuse the compiled code
+    for the same model structure, batch bucket, task and `n_samples`)."""
+    if task is not None:
+        batch = task(batch, key=jax.random.fold_in(key, 1))
+    mu, sd = model.predict(batch, key=key, n_samples=n_samples)
+    return mu, sd, batch.mask, batch.target_mask
+
+
 def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
     """Predict every position of `ts` (normalised) batch by batch; returns
     (mean, std, context mask, target mask) on ts' grid."""
@@ -66,15 +76,10 @@ def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
     ctx = np.zeros(shape, bool)
     tgt = np.zeros(shape, bool)
 
-    @eqx.filter_jit
-    def run(model, batch, key):
-        if task is not None:
-            batch = task(batch, key=jax.random.fold_in(key, 1))
-        mu, sd = model.predict(batch, key=key, n_samples=n_samples)
-        return mu, sd, batch.mask, batch.target_mask
-
     for i, batch in enumerate(_batches(ts, batch_size)):
-        mu, sd, m, t = run(model, batch, jax.random.fold_in(key, i))
+        mu, sd, m, t = _predict_step(
+            model, batch, jax.random.fold_in(key, i), task, n_samples
+        )
         cdata.unbatch(batch, np.asarray(mu), mean)
         cdata.unbatch(batch, np.asarray(sd), std)
         cdata.unbatch(batch, np.asarray(m), ctx)
@@ -116,6 +121,7 @@ def _mse(pred, truth, mask) -> float:
     return float(((pred - truth) ** 2)[mask].sum() / n)
 
 
+@functools.cache  # the same task objects per setting: jit reuses its compilations
 def _tasks(fraction: float, split: float):
     return {
         "interpolation": functools.partial(cdata.interpolation_task, fraction=fraction),

@@ -61,9 +61,7 @@ def plot_series(
         )
         t_obs = np.asarray(obs[time].values)
         t_pred = np.asarray(pred[time].values)
-        order = np.argsort(
-            t_pred.astype("float64") if t_pred.dtype.kind == "f" else t_pred
-        )
+        order = np.argsort(t_pred)  # NaN/NaT (padding) sort last
         for k, ch in enumerate(channels):
             ax = axes[k // cols][k % cols]
             mu = np.asarray(pred[ch].values)[order]

@@ -274,8 +274,9 @@ class _Layout:
             ds = ds.expand_dims(sd)
         names = [*self.variables, *self.static] + ([self.labels] if self.labels else [])
         names = names + ([self.time] if self.time not in ds.coords else [])
-        sub = ds[names] if self.time in ds.coords else ds[names]
-        sub = sub.load()
+        # the subset keeps the coordinates along its dims, the time among them, so one
+        # load reads everything this conversion needs
+        sub = ds[names].load()
         values = np.stack(
             [
                 sub[v].transpose(sd, od).values.astype(np.float64)
@@ -283,7 +284,7 @@ class _Layout:
             ],
             axis=-1,
         )
-        t = ds[self.time]
+        t = sub[self.time]
         if self.shared_time:
             times = self.times_to_float(np.asarray(t.values))
             times = np.broadcast_to(times, values.shape[:2])

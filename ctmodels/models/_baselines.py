@@ -95,20 +95,11 @@ class GRUDelta(eqx.Module):
         )
 
     def _means(self, batch: Batch, queries=None) -> Float[Array, "B T C"]:
-        C.check_batch("GRUDelta", self.num_channels, batch)
-        inputs = C.encoder_inputs(batch)
-        observed = batch.mask.any(axis=-1)
-        t_start = C.first_valid_time(batch)
-        times = batch.times
-        if queries is not None:
-            times, observed, inputs, where = C.merge_queries(
-                times, observed, inputs, queries
-            )
-            t_start = jnp.minimum(t_start, queries.min(axis=-1))
-        elif batch.layout == "union":
-            times = times[0]
+        times, inputs, observed, t_start, where = C.recurrent_inputs(
+            "GRUDelta", self.num_channels, batch, queries
+        )
         _, h, gaps = self.rnn(times, inputs, observed, t_start=t_start)
-        if queries is not None:
+        if where is not None:
             h = C.gather_positions(h, where)
             gaps = C.gather_positions(gaps, where)
         return apply(self.decoder, jnp.concatenate([h, gaps[..., None]], axis=-1))

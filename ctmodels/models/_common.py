@@ -247,3 +247,22 @@ def gather_positions(a: Array, where: Array) -> Array:
     """`a[b, where[b, q]]` for `a` `[B, N, ...]` and `where` `[B, Q]`."""
     idx = where.reshape(where.shape + (1,) * (a.ndim - 2))
     return jnp.take_along_axis(a, idx, axis=1)
+
+
+def recurrent_inputs(model_name: str, num_channels: int, batch: Batch, queries=None):
+    """What a forward-running recurrent model (ODE-RNN, GRU-Δt) reads from a batch:
+    `(times, inputs, observed, t_start, where)`. With `queries` (`[B, Q]`) the query
+    times are merged in as unobserved positions and `where` gives their positions
+    (else None); in the union layout without queries `times` is the shared grid."""
+    check_batch(model_name, num_channels, batch)
+    inputs = encoder_inputs(batch)
+    observed = batch.mask.any(axis=-1)
+    t_start = first_valid_time(batch)
+    times = batch.times
+    where = None
+    if queries is not None:
+        times, observed, inputs, where = merge_queries(times, observed, inputs, queries)
+        t_start = jnp.minimum(t_start, queries.min(axis=-1))
+    elif batch.layout == "union":
+        times = times[0]
+    return times, inputs, observed, t_start, where

@@ -122,20 +122,11 @@ class ODERNN(eqx.Module):
         )
 
     def _means(self, batch: Batch, queries=None) -> Float[Array, "B T C"]:
-        C.check_batch("ODERNN", self.num_channels, batch)
-        inputs = C.encoder_inputs(batch)
-        observed = batch.mask.any(axis=-1)
-        t_start = C.first_valid_time(batch)
-        times = batch.times
-        if queries is not None:
-            times, observed, inputs, where = C.merge_queries(
-                times, observed, inputs, queries
-            )
-            t_start = jnp.minimum(t_start, queries.min(axis=-1))
-        elif batch.layout == "union":
-            times = times[0]
+        times, inputs, observed, t_start, where = C.recurrent_inputs(
+            "ODERNN", self.num_channels, batch, queries
+        )
         _, h_before, _ = self.rnn(times, inputs, observed, t_start=t_start)
-        if queries is not None:
+        if where is not None:
             h_before = C.gather_positions(h_before, where)
         return apply(self.decoder, h_before)
 
