@@ -381,7 +381,7 @@ def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
         src = cd.from_xarray(ds, block_size=8)
         assert isinstance(src, cd.LazyTimeSeries) and len(src) == 312
         reads.clear()
-        batch_iter = cd.batches(src, 8, layout="padded")
+        batch_iter = cd.batches(src, 8, layout="padded", prefetch=0)
         batch = next(batch_iter)
         series_read = set()
         for name, key in reads:
@@ -392,6 +392,54 @@ def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
         eager = cd.from_xarray(D.load("pbcseq"))
         ref = cd.make_batch(eager[np.arange(8)], layout="padded", batch_size=8)
         np.testing.assert_array_equal(np.asarray(batch.values), np.asarray(ref.values))
+
+
+def test_block_shuffled_prefetched_epoch_reads_each_block_once(tmp_path, monkeypatch):
+    """An epoch of block-shuffled batches from a lazy file, read ahead by a thread:
+    the same batches as in memory, every series once, every block read once (also
+    when the short last block shifts batches off the block boundaries)."""
+    pytest.importorskip("dask")
+    import xarray.backends.netCDF4_ as nc4
+
+    path = tmp_path / "pbc.nc"
+    D.load("pbcseq").to_netcdf(path)
+    reads = []
+    original = nc4.NetCDF4ArrayWrapper._getitem
+
+    def spy(self, key):
+        if self.variable_name == "bili":
+            reads.append(key[0])
+        return original(self, key)
+
+    monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    eager = cd.from_xarray(D.load("pbcseq"))
+    key = jax.random.key(3)
+    order = cd.shuffle_order(key, 312, shuffle="block", block_size=40)
+    assert sorted(order.tolist()) == list(range(312))
+    # blocks stay together: each aligned block of 40 is one contiguous run
+    runs = np.flatnonzero(np.diff(order // 40) != 0).size + 1
+    assert runs == 8
+    with xr.open_dataset(path, chunks={"series": 40}) as ds:
+        src = cd.from_xarray(ds, block_size=40)
+        reads.clear()
+        got = list(cd.batches(src, 16, key=key, shuffle="block", layout="padded"))
+        assert len(reads) == 8  # one contiguous read per block (312 = 7 * 40 + 32)
+        want = list(
+            cd.batches(
+                eager, 16, key=key, shuffle="block", block_size=40, layout="padded"
+            )
+        )
+        assert len(got) == len(want) == 20
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g.index), np.asarray(w.index))
+            np.testing.assert_array_equal(np.asarray(g.values), np.asarray(w.values))
+            np.testing.assert_array_equal(np.asarray(g.mask), np.asarray(w.mask))
+        # prefetch is only a schedule: the same batches without the thread
+        again = list(
+            cd.batches(src, 16, key=key, shuffle="block", layout="padded", prefetch=0)
+        )
+        for g, w in zip(got, again, strict=True):
+            np.testing.assert_array_equal(np.asarray(g.values), np.asarray(w.values))
 
 
 def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
@@ -422,12 +470,25 @@ def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
             np.testing.assert_array_equal(
                 got.meta.series_ids, eager.meta.series_ids[idx]
             )
-        # a scattered request does not read the whole range between its ends
+
+        # a request over two blocks reads those blocks (block 0 is still cached),
+        # not the range between
+        def rows_read():
+            rows = set()
+            for name, key in reads:
+                if name == "bili":
+                    rows |= set(np.arange(312)[key[0]].tolist())
+            return rows
+
         reads.clear()
-        d = src[np.array([0, 300])]
-        rows = set()
-        for name, key in reads:
-            if name == "bili":
-                rows |= set(np.arange(312)[key[0]].tolist())
-        assert rows == {0, 300}
-        np.testing.assert_array_equal(d.nan_values(), eager[[0, 300]].nan_values())
+        d = src[np.array([300, 0])]
+        assert rows_read() == set(range(288, 304))
+        np.testing.assert_array_equal(d.nan_values(), eager[[300, 0]].nan_values())
+        np.testing.assert_array_equal(
+            d.meta.series_ids, eager.meta.series_ids[[300, 0]]
+        )
+        # a scattered request (over more blocks) reads just the requested series
+        reads.clear()
+        e = src[np.array([0, 150, 300])]
+        assert rows_read() == {0, 150, 300}
+        np.testing.assert_array_equal(e.nan_values(), eager[[0, 150, 300]].nan_values())

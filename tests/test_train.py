@@ -243,6 +243,25 @@ def test_epoch_order_matches_batches():
         got = data.batch(order, b, train=True)
         _assert_same_leaves(got, ref)
 
+    class Lazy:  # a lazy source: block-shuffled, and read ahead by a thread
+        block_size = 3
+
+        def __len__(self):
+            return len(ts)
+
+        def __getitem__(self, idx):
+            return ts[idx]
+
+    lazy = as_data(Lazy(), 4, layout="union", time_bucket="pow2", name="train")
+    order = lazy.order(key)
+    refs = list(batches(Lazy(), 4, key=key, layout="union", shuffle="block"))
+    assert len(refs) == lazy.num_batches(train=True) == 3
+    for b, ref in enumerate(refs):
+        got = lazy.batch(order, b, train=True)
+        _assert_same_leaves(got, ref)
+        lazy.prefetch(order, b + 1)  # as fit does while the step runs
+    lazy.close()
+
 
 def test_kl_weight_is_annealed_without_recompiling():
     seen = []

@@ -16,6 +16,8 @@ weight 0) and the time dimension is rounded up (`time_bucket`).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -121,8 +123,8 @@ def make_batch(
     if batch_size < S:
         raise ValueError(f"batch_size={batch_size} is smaller than {S} series.")
     index = np.arange(S) if index is None else np.asarray(index)
-    if dtype is None:
-        dtype = jnp.zeros(()).dtype  # float32 unless jax_enable_x64
+    # float32 unless jax_enable_x64
+    dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
     if layout == "padded":
         lengths = ts.time_mask.sum(axis=1)
         Tb = bucket_length(lengths.max(), time_bucket)
@@ -163,21 +165,27 @@ def make_batch(
         # padding rows: the last row's grid (union) or a constant time (padded)
         pad_row = times[-1:] if layout == "union" else np.full((1, Tb), times[-1, -1])
         times = np.concatenate([times, np.repeat(pad_row, batch_size - S, axis=0)], 0)
-    return Batch(
-        times=jnp.asarray(times, dtype),
-        values=jnp.asarray(_pad_rows(values, batch_size, 0.0), dtype),
-        mask=jnp.asarray(_pad_rows(mask, batch_size, False)),
-        target_mask=jnp.asarray(_pad_rows(mask, batch_size, False)),
-        time_mask=jnp.asarray(_pad_rows(time_mask, batch_size, False)),
-        weight=jnp.asarray(_pad_rows(weight, batch_size, 0.0), dtype),
-        index=jnp.asarray(_pad_rows(index.astype(np.int32), batch_size, -1)),
-        position=jnp.asarray(_pad_rows(position.astype(np.int32), batch_size, -1)),
-        static=None
+    # cast on the host and transfer everything with one call: per-array conversions
+    # on the device cost a dispatch each, more than the batch itself
+    host = {
+        "times": np.asarray(times, dtype),
+        "values": np.asarray(_pad_rows(values, batch_size, 0.0), dtype),
+        "mask": _pad_rows(mask, batch_size, False),
+        "time_mask": _pad_rows(time_mask, batch_size, False),
+        "weight": np.asarray(_pad_rows(weight, batch_size, 0.0), dtype),
+        "index": _pad_rows(index.astype(np.int32), batch_size, -1),
+        "position": _pad_rows(position.astype(np.int32), batch_size, -1),
+        "static": None
         if ts.static is None
-        else jnp.asarray(_pad_rows(ts.static, batch_size, 0.0), dtype),
-        labels=None
+        else np.asarray(_pad_rows(ts.static, batch_size, 0.0), dtype),
+        "labels": None
         if ts.labels is None
-        else jnp.asarray(_pad_rows(ts.labels.astype(np.int32), batch_size, 0)),
+        else _pad_rows(ts.labels.astype(np.int32), batch_size, 0),
+    }
+    dev = jax.device_put(host)
+    return Batch(
+        **dev,
+        target_mask=dev["mask"],
         layout=layout,
     )
 
@@ -197,6 +205,7 @@ def batches(
     dtype=None,
     shuffle: Literal["full", "block"] = "full",
     block_size: int | None = None,
+    prefetch: int | None = None,
 ) -> Iterator[Batch]:
     """Iterate over a dataset in batches of `batch_size` series.
 
@@ -209,49 +218,98 @@ def batches(
       last batch is padded with weight-0 rows) unless `drop_last`.
     - `key`: a JAX PRNG key to shuffle the series order; None keeps the order.
     - `shuffle`: `"full"` (a uniform permutation) or `"block"`: permute contiguous
-      blocks of `block_size` series (default `4 * batch_size`) and the series within
+      blocks of `block_size` series (default: the lazy source's own `block_size`,
+      else `4 * batch_size`) and the series within
       each block, so that each batch of a lazy on-disk source reads one or two
       contiguous stretches of the file instead of `batch_size` scattered rows.
     - `layout`, `time_bucket`, `dtype`: see `make_batch`.
+    - `prefetch`: batches read ahead by a background thread, so that reading the
+      next batch overlaps with whatever consumes this one (a training step).
+      Default: 1 for a lazy source, 0 (no thread) for an in-memory `TimeSeries`.
 
     **Yields:** `Batch`es.
     """
     n = len(source)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if shuffle not in ("full", "block"):
-        raise ValueError(f"shuffle must be 'full' or 'block', got {shuffle!r}.")
-    if key is None:
-        order = np.arange(n)
-    elif shuffle == "full":
-        order = np.asarray(jax.random.permutation(key, n), dtype=np.int64)
-    else:
-        size = int(block_size or 4 * batch_size)
-        k_blocks, k_within = jax.random.split(key)
-        starts = np.arange(0, n, size)
-        starts = starts[np.asarray(jax.random.permutation(k_blocks, len(starts)))]
-        parts = []
-        for i, s0 in enumerate(starts):
-            members = np.arange(s0, min(s0 + size, n))
-            perm = jax.random.permutation(jax.random.fold_in(k_within, i), len(members))
-            parts.append(members[np.asarray(perm)])
-        order = np.concatenate(parts)
-    for b in range(num_batches(n, batch_size, drop_last=drop_last)):
-        idx = order[b * batch_size : (b + 1) * batch_size]
-        # read in source order (contiguous for lazy netCDF reads), keep batch order
-        sort = np.argsort(idx, kind="stable")
-        sub = source[idx[sort]]
-        inv = np.empty_like(sort)
-        inv[sort] = np.arange(len(sort))
-        sub = sub[inv] if not np.array_equal(inv, np.arange(len(inv))) else sub
-        yield make_batch(
-            sub,
-            index=idx,
+    if prefetch is None:
+        prefetch = 0 if isinstance(source, TimeSeries) else 1
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
+    order = shuffle_order(
+        key,
+        n,
+        shuffle=shuffle,
+        block_size=block_size or getattr(source, "block_size", None) or 4 * batch_size,
+    )
+
+    def read(b: int) -> Batch:
+        return make_batch(
+            read_series(source, order[b * batch_size : (b + 1) * batch_size]),
+            index=order[b * batch_size : (b + 1) * batch_size],
             layout=layout,
             batch_size=batch_size,
             time_bucket=time_bucket,
             dtype=dtype,
         )
+
+    count = num_batches(n, batch_size, drop_last=drop_last)
+    if prefetch == 0:
+        for b in range(count):
+            yield read(b)
+        return
+    # a background thread reads ahead (file reads and numpy work release the GIL,
+    # so reading overlaps with the training step that consumes the batches)
+    with concurrent.futures.ThreadPoolExecutor(1, "ctmodels-prefetch") as pool:
+        pending = collections.deque(
+            pool.submit(read, b) for b in range(min(prefetch, count))
+        )
+        try:
+            for b in range(count):
+                batch = pending.popleft().result()
+                if b + prefetch < count:
+                    pending.append(pool.submit(read, b + prefetch))
+                yield batch
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def shuffle_order(
+    key: PRNGKeyArray | None,
+    n: int,
+    *,
+    shuffle: Literal["full", "block"] = "full",
+    block_size: int = 256,
+) -> np.ndarray:
+    """The order in which `batches` visits `n` series (see its `shuffle` argument).
+
+    `"full"`: a uniform permutation. `"block"`: the aligned blocks of `block_size`
+    series in a random order, and the series within each block in a random order.
+    `key=None` keeps the order.
+    """
+    if shuffle not in ("full", "block"):
+        raise ValueError(f"shuffle must be 'full' or 'block', got {shuffle!r}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    if key is None:
+        return np.arange(n)
+    if shuffle == "full":
+        return np.asarray(jax.random.permutation(key, n), dtype=np.int64)
+    k_blocks, k_within = jax.random.split(key)
+    n_blocks = -(-n // block_size)
+    rank = np.asarray(jax.random.permutation(k_blocks, n_blocks))
+    u = np.asarray(jax.random.uniform(k_within, (n,)))
+    return np.lexsort((u, rank[np.arange(n) // block_size])).astype(np.int64)
+
+
+def read_series(source: Any, idx: np.ndarray) -> TimeSeries:
+    """`source[idx]`, read in source order (contiguous for lazy on-disk sources)."""
+    sort = np.argsort(idx, kind="stable")
+    sub = source[idx[sort]]
+    inv = np.empty_like(sort)
+    inv[sort] = np.arange(len(sort))
+    return sub if np.array_equal(inv, np.arange(len(inv))) else sub[inv]
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -14,6 +14,8 @@ Default layout accepted by `from_xarray` (the one `ctmodels.datasets.load` retur
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -268,15 +270,21 @@ class _Layout:
     def convert(self, ds: xr.Dataset, index=None) -> TimeSeries:
         """Read (the selected series of) `ds` into a TimeSeries."""
         sd, od = self.series_dim, self.obs_dim
-        if index is not None:
-            ds = ds.isel({sd: index if isinstance(index, slice) else np.asarray(index)})
-        if self.squeeze_series:
-            ds = ds.expand_dims(sd)
         names = [*self.variables, *self.static] + ([self.labels] if self.labels else [])
-        names = names + ([self.time] if self.time not in ds.coords else [])
-        # the subset keeps the coordinates along its dims, the time among them, so one
-        # load reads everything this conversion needs
-        sub = ds[names].load()
+        names = names + [self.time]
+        # index and load only the variables this conversion needs (not every
+        # coordinate along the series dim), with one compute for all of them; the
+        # synchronous scheduler because a block is a few small chunks and dask's
+        # thread pool costs more than it saves (and competes with a training step)
+        sub = xr.Dataset({n: ds[n].variable for n in names})
+        if index is not None:
+            if sd in sub.dims:
+                sub = sub.isel(
+                    {sd: index if isinstance(index, slice) else np.asarray(index)}
+                )
+        if self.squeeze_series:
+            sub = sub.expand_dims(sd)
+        sub = sub.load(scheduler="synchronous")
         values = np.stack(
             [
                 sub[v].transpose(sd, od).values.astype(np.float64)
@@ -315,8 +323,18 @@ class LazyTimeSeries:
     """A dataset read series by series (dask-backed, or netCDF/zarr opened lazily).
 
     `len(src)` is the number of series; `src[indices]` reads only those series and
-    returns a validated `TimeSeries`. `ctmodels.data.batches` accepts it directly, so
-    an epoch reads the file one batch at a time. `src.load()` reads everything.
+    returns a validated `TimeSeries`. `ctmodels.data.batches` and `ctmodels.train.fit`
+    accept it directly: an epoch reads the file one block at a time (block shuffle),
+    and a background thread reads the next batch while the current step runs.
+    `src.load()` reads everything.
+
+    Two ways to open a file lazily:
+
+    - `from_xarray(xr.open_dataset(path, chunks={}))`: dask-backed (lazy by default);
+    - `from_xarray(xr.open_dataset(path, cache=False), lazy=True)`: xarray's own lazy
+      backend without dask. Reading a batch costs about half as much (no task graph
+      per read; `benchmarks/data_throughput.py`), so prefer it for streaming
+      training data. `cache=False` keeps xarray from holding whole variables.
     """
 
     def __init__(self, ds: xr.Dataset, layout: _Layout, *, block_size: int = 256):
@@ -326,7 +344,8 @@ class LazyTimeSeries:
         self.layout = layout
         self.meta = layout.meta
         self.block_size = int(block_size)
-        self._cache: tuple[int, int, TimeSeries] | None = None
+        self._blocks: dict[int, TimeSeries] = {}  # the two most recently read
+        self._lock = threading.Lock()  # batches may be read by a prefetch thread
 
     def __len__(self) -> int:
         return self.layout.num_series
@@ -339,23 +358,42 @@ class LazyTimeSeries:
     def channels(self) -> tuple[str, ...]:
         return self.meta.channels
 
+    def _block(self, k: int) -> TimeSeries:
+        if k not in self._blocks:
+            if len(self._blocks) >= 2:
+                self._blocks.pop(next(iter(self._blocks)))  # least recently read
+            B = self.block_size
+            self._blocks[k] = self.layout.convert(
+                self.ds, slice(k * B, min(len(self), (k + 1) * B))
+            )
+        return self._blocks[k]
+
     def __getitem__(self, index) -> TimeSeries:
         """Read the selected series.
 
-        Requests that fall within one aligned block of `block_size` series (as the
-        batches of `batches(..., shuffle="block")` do) read that block once with one
-        contiguous slice and serve later requests from it; only one block is kept, so
-        memory stays bounded. Scattered requests read just the requested series.
+        Requests that fall within one or two aligned blocks of `block_size` series (as
+        the batches of `batches(..., shuffle="block")` do) read each block once, with
+        one contiguous slice, and serve later requests from it. Only the two most
+        recently read blocks are kept, so memory stays bounded. Scattered requests
+        read just the requested series.
         """
         index = np.atleast_1d(np.arange(len(self))[index])
+        if index.size == 0:
+            raise ValueError("Selecting no series gives an empty TimeSeries.")
         B = self.block_size
-        lo = int(index.min()) // B * B
-        hi = min(len(self), -(-(int(index.max()) + 1) // B) * B)
-        if hi - lo > B:
+        ks = np.unique(index // B)
+        if ks.size > 2:
             return self.layout.convert(self.ds, index)
-        if self._cache is None or self._cache[:2] != (lo, hi):
-            self._cache = (lo, hi, self.layout.convert(self.ds, slice(lo, hi)))
-        return self._cache[2][index - lo]
+        with self._lock:
+            parts = [self._block(int(k)) for k in ks]
+        if len(parts) == 1:
+            return parts[0][index - ks[0] * B]
+        both = _concat(parts)
+        first = len(parts[0])
+        local = np.where(
+            index // B == ks[0], index - ks[0] * B, index - ks[1] * B + first
+        )
+        return both[local]
 
     def load(self) -> TimeSeries:
         return self.layout.convert(self.ds)
@@ -365,6 +403,24 @@ class LazyTimeSeries:
             f"LazyTimeSeries(series={len(self)}, channels={list(self.channels)}, "
             f"source={self.ds.encoding.get('source', '<in memory>')})"
         )
+
+
+def _concat(parts: list[TimeSeries]) -> TimeSeries:
+    """Series of blocks of one file, one after the other (same time axis length)."""
+
+    def cat(name):
+        xs = [getattr(p, name) for p in parts]
+        return None if xs[0] is None else np.concatenate(xs)
+
+    ids = np.concatenate([np.asarray(p.meta.series_ids) for p in parts])
+    return dataclasses.replace(
+        parts[0],
+        **{
+            f: cat(f)
+            for f in ("times", "values", "mask", "time_mask", "static", "labels")
+        },
+        meta=parts[0].meta.replace(series_ids=ids),
+    )
 
 
 def _is_lazy(ds: xr.Dataset) -> bool:

@@ -7,13 +7,21 @@ interrupted epoch already did, without reading them).
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import Batch, TimeSeries, make_batch, num_batches
+from ..data import (
+    Batch,
+    TimeSeries,
+    make_batch,
+    num_batches,
+    read_series,
+    shuffle_order,
+)
 
 
 def _is_array(x: Any) -> bool:
@@ -22,11 +30,17 @@ def _is_array(x: Any) -> bool:
 
 def _permutation(key, n: int) -> np.ndarray:
     # the same call as `ctmodels.data.batches`, so both give the same epoch order
-    return np.asarray(jax.random.permutation(key, n), dtype=np.int64)
+    return shuffle_order(key, n, shuffle="full")
 
 
 class SeriesData:
-    """A `TimeSeries` or lazy source, batched like `ctmodels.data.batches`."""
+    """A `TimeSeries` or lazy source, batched like `ctmodels.data.batches`.
+
+    A lazy source (anything but an in-memory `TimeSeries`) is shuffled by blocks of
+    its `block_size` (as `batches(..., shuffle="block")`), so each batch reads one or
+    two contiguous stretches of the file, and the next training batch is read by a
+    background thread while the current step runs (`prefetch`).
+    """
 
     kind = "series"
 
@@ -38,29 +52,48 @@ class SeriesData:
         self.n = len(source)
         if self.n == 0:
             raise ValueError(f"`{name}` is empty: it has no series to train on.")
+        self.lazy = not isinstance(source, TimeSeries)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, int, concurrent.futures.Future] | None = None
 
     def num_batches(self, *, train: bool) -> int:
         return num_batches(self.n, self.batch_size)
 
     def order(self, key) -> np.ndarray:
-        return np.arange(self.n) if key is None else _permutation(key, self.n)
+        if key is None or not self.lazy:
+            return np.arange(self.n) if key is None else _permutation(key, self.n)
+        block = getattr(self.source, "block_size", None) or 4 * self.batch_size
+        return shuffle_order(key, self.n, shuffle="block", block_size=block)
 
-    def batch(self, order: np.ndarray, b: int, *, train: bool) -> Batch:
+    def _read(self, order: np.ndarray, b: int) -> Batch:
         idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-        # read in source order (contiguous for lazy reads), keep the batch order
-        sort = np.argsort(idx, kind="stable")
-        sub = self.source[idx[sort]]
-        inv = np.empty_like(sort)
-        inv[sort] = np.arange(len(sort))
-        if not np.array_equal(inv, np.arange(len(inv))):
-            sub = sub[inv]
         return make_batch(
-            sub,
+            read_series(self.source, idx),
             index=idx,
             layout=self.layout,
             batch_size=self.batch_size,
             time_bucket=self.time_bucket,
         )
+
+    def batch(self, order: np.ndarray, b: int, *, train: bool) -> Batch:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == id(order) and ahead[1] == b:
+            return ahead[2].result()
+        return self._read(order, b)
+
+    def prefetch(self, order: np.ndarray, b: int) -> None:
+        """Start reading batch `b` of `order` in the background (lazy sources)."""
+        if not self.lazy or b >= self.num_batches(train=True):
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, "ctmodels-prefetch")
+        self._ahead = (id(order), b, self._pool.submit(self._read, order, b))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead = None
 
 
 class ArrayData:
@@ -112,6 +145,12 @@ class ArrayData:
             return jnp.take(x, jnp.asarray(idx), axis=0)
 
         return jax.tree.map(take, self.data)
+
+    def prefetch(self, order: np.ndarray, b: int) -> None:
+        """Arrays are in memory: nothing to read ahead."""
+
+    def close(self) -> None:
+        pass
 
 
 def as_data(x, batch_size: int, *, layout, time_bucket, name: str):

@@ -886,6 +886,8 @@ def fit(
                 loss_kwargs,
                 cfg,
             )
+            # the step runs asynchronously: read the next batch meanwhile
+            train_data.prefetch(epoch_order(state.epoch), state.batch + 1)
             out = jax.device_get(out)
             good = bool(out["finite"])
             if good:
@@ -975,6 +977,7 @@ def fit(
         raise
     finally:
         prog.close()
+        train_data.close()
         if term["installed"]:
             signal.signal(
                 signal.SIGTERM, signal.SIG_DFL if old_handler is None else old_handler
