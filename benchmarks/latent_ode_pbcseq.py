@@ -12,23 +12,22 @@ Models (hyperparameters sized like the job's latent ODE: state 8 / 24, MLPs 64 w
 
 | name | model | training task |
 | --- | --- | --- |
-| `LatentODE` | `LatentODE(latent_size=8, encoder_size=24, units=64)` | `interp_all` |
-| `RNNVAE` | `RNNVAE(latent_size=8, encoder_size=24, units=64)` | `interp_all` |
-| `ODERNN` | `ODERNN(hidden_size=24, units=64)` | `causal` (below) |
-| `GRUDelta` | `GRUDelta(hidden_size=24, units=64)` | `causal` (below) |
+| `LatentODE` | `LatentODE(latent_size=8, encoder_size=24, units=64)` | `mixed` |
+| `RNNVAE` | `RNNVAE(latent_size=8, encoder_size=24, units=64)` | `mixed` |
+| `ODERNN` | `ODERNN(hidden_size=24, units=64)` | `mixed` |
+| `GRUDelta` | `GRUDelta(hidden_size=24, units=64)` | `mixed` |
 | `LinearInterpolation`, `LOCF` | no training | - |
 
 `LatentODE` has the ODE-RNN encoder and dopri5 latent solve (the job's model).
-`interp_all`: the job's task, `interpolation_task(fraction=0.5, score="all")`.
-`causal`: ODE-RNN and GRU-Δt predict each time from the state strictly before it,
-so scoring every observed value is honest for them (on the context points it is
-one-step-ahead prediction). Each training step draws, with probability 1/2 each,
-either the job's interpolation task (context: a random half of the observed values;
-target: all observed values) or an extrapolation task (context: the values in the
-first half of each series' time span; target: all observed values, so the second
-half is a forecast from the last context state). Trained on interpolation alone
-they never see a long gap without updates, which is what the extrapolation test
-asks of them.
+`mixed` (the job's training task, `ctmodels._latent_job.mixed_task`): each training
+step draws, with probability 1/2 each, either an interpolation task (context: a
+random half of the observed values) or an extrapolation task (context: the values in
+the first half of each series' time span); the target is every observed value. The
+VAEs reconstruct the whole series from the context; ODE-RNN and GRU-Δt predict each
+time from the state strictly before it, so scoring every observed value is honest
+for them too (on the context points it is one-step-ahead prediction). Trained on
+interpolation alone, no model ever sees a long stretch without observations, which
+is what the extrapolation test asks of it.
 
 Test tasks (the job's `_tasks` / `_predict_grid` / `_mse`, identical masks for every
 model, checked): `interpolation` hides a random 50 % of the observed values and
@@ -70,7 +69,6 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -95,6 +93,7 @@ from ctmodels._latent_job import (  # noqa: E402
     _mse,
     _predict_grid,
     _tasks,
+    mixed_task,
 )
 from ctmodels.models import ODERNN, RNNVAE, GRUDelta, LatentODE  # noqa: E402
 from ctmodels.train import fit  # noqa: E402
@@ -156,28 +155,8 @@ def make_model(name, num_channels, seed):
     raise ValueError(name)
 
 
-_INTERP_ALL = functools.partial(cdata.interpolation_task, fraction=0.5, score="all")
-
-
-def causal_task(batch, *, key):
-    """Half the steps the job's interpolation task, half an extrapolation task that
-    scores every observed value (see the module docs). jit-safe."""
-    k1, k2 = jax.random.split(key)
-    a = _INTERP_ALL(batch, key=k1)
-    b = cdata.extrapolation_task(batch, split=0.5)
-    pick = jax.random.bernoulli(k2)
-    mask = jnp.where(pick, a.mask, b.mask)
-    return eqx.tree_at(lambda x: (x.mask, x.target_mask), batch, (mask, batch.mask))
-
-
-TRAIN_TASK = {
-    "LatentODE": ("interpolation(fraction=0.5, score='all')", _INTERP_ALL),
-    "RNNVAE": ("interpolation(fraction=0.5, score='all')", _INTERP_ALL),
-    "ODERNN": ("causal: 1/2 interpolation(0.5, all) + 1/2 extrapolation(0.5, all)",
-               causal_task),
-    "GRUDelta": ("causal: 1/2 interpolation(0.5, all) + 1/2 extrapolation(0.5, all)",
-                 causal_task),
-}  # fmt: skip
+_MIXED = "1/2 interpolation(0.5, score all) + 1/2 extrapolation(0.5, score all)"
+TRAIN_TASK = {name: (_MIXED, mixed_task) for name in LEARNED}
 
 
 def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr):

@@ -233,6 +233,34 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _process_wide_nan_checks() -> None:
+    """Run the command with Equinox's runtime checks in NaN mode (unless the user set
+    `EQX_ON_ERROR`), as if started with `EQX_ON_ERROR=nan`.
+
+    Diffrax's own checks then compile without host callbacks, and so do fit's
+    training steps (ctmodels' checks there already are; see
+    `ctmodels._errors.traced_failures`): JAX's persistent compilation cache can store
+    them and a second run starts warm. Nothing is lost: fit's NaN guard catches a
+    failed solve and names it, and predictions and evaluations keep ctmodels' own
+    checks, which raise. Only for the `ctmodels` command (a whole process), set
+    before anything is traced: changing it mid-process could mix cached traces.
+    """
+    import os
+
+    if "EQX_ON_ERROR" in os.environ:
+        return
+    import equinox._errors as eqx_errors
+
+    if hasattr(eqx_errors, "EQX_ON_ERROR"):
+        eqx_errors.EQX_ON_ERROR = "nan"
+
+
+def entry() -> int:
+    """The `ctmodels` command (and `python -m ctmodels`)."""
+    _process_wide_nan_checks()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -252,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

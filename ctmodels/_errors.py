@@ -11,6 +11,8 @@ Errors come in three tiers (see DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 from collections.abc import Iterable
 
@@ -194,14 +196,47 @@ def is_traced(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
+_ON_ERROR = contextvars.ContextVar("ctmodels_on_error", default="raise")
+
+
+@contextlib.contextmanager
+def traced_failures(mode: str):
+    """How ctmodels' value-dependent checks report a failure in code traced inside
+    this context: `"raise"` (the default: a runtime error through a host callback)
+    or `"nan"` (the checked value becomes NaN; no callback).
+
+    It covers ctmodels' own checks (a solve that failed with `throw=True`, unsorted
+    times, ...), which pass the mode to `eqx.error_if` explicitly, so compiled code
+    keeps the mode it was traced with. The checks inside Diffrax follow Equinox's
+    process-wide `EQX_ON_ERROR` setting. `ctmodels.train.fit` traces its steps with
+    `"nan"`: a failed solve then shows as a non-finite loss, which the NaN guard
+    handles (and diagnoses). With `EQX_ON_ERROR=nan` as well (the CLI sets it, see
+    `ctmodels._cli`), the compiled steps have no host callbacks, so JAX's persistent
+    compilation cache can store them.
+    """
+    if mode not in ("raise", "nan"):
+        raise ValueError(f"mode must be 'raise' or 'nan', got {mode!r}.")
+    token = _ON_ERROR.set(mode)
+    try:
+        yield
+    finally:
+        _ON_ERROR.reset(token)
+
+
+def error_if(x, pred, msg: str):
+    """`eqx.error_if` in the mode of `traced_failures` (default: raise)."""
+    return eqx.error_if(x, pred, msg, on_error=_ON_ERROR.get())
+
+
 def raise_if_failed_traced(
     result: RESULTS, x, entry: str, solver: str, hints: str = "", **context
 ):
-    """Under jit: attach a runtime error (static message per result code) to `x`."""
+    """Under jit: attach a runtime error (static message per result code) to `x`
+    (NaN instead inside `traced_failures("nan")`)."""
     msgs = [explain(entry, solver, code, hints=hints, **context) for code in CODES]
     index = result._value
     pred = result != RESULTS.successful
-    return eqx.branched_error_if(x, pred, index, msgs)
+    return eqx.branched_error_if(x, pred, index, msgs, on_error=_ON_ERROR.get())
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:

@@ -256,7 +256,7 @@ def check_times(ts, where: str = "ts"):
         return ts
     d = jnp.diff(ts)
     ok = jnp.all(jnp.isfinite(ts)) & (jnp.all(d > 0) | jnp.all(d < 0))
-    return eqx.error_if(ts, ~ok, msg)
+    return _errors.error_if(ts, ~ok, msg)
 
 
 def integrate(

@@ -4,7 +4,8 @@
 `ctmodels.data.from_xarray` accepts by default), splits it by series (80/10/10),
 normalises with statistics of the training split only (log first for channels whose
 attrs say `transform="log"`), trains a `LatentODE` with `ctmodels.train.fit`
-(checkpoints in `OUT/checkpoint`), then writes:
+(checkpoints in `OUT/checkpoint`) on `mixed_task` (half the steps interpolation,
+half extrapolation), then writes:
 
 - `history.csv` (one row per epoch), `metrics.json` (test-set interpolation and
   extrapolation MSE, in normalised units, with the baselines LOCF and linear
@@ -121,6 +122,19 @@ def _mse(pred, truth, mask) -> float:
     return float(((pred - truth) ** 2)[mask].sum() / n)
 
 
+def mixed_task(batch, *, key, fraction: float = 0.5, split: float = 0.5):
+    """The job's training task: with probability 1/2 each, an interpolation context
+    (a random `fraction` of the observed values hidden) or an extrapolation context
+    (the values in the first `split` of each series' time span); the target is every
+    observed value. Trained on interpolation alone, a model never sees a long
+    stretch without observations, which extrapolation asks of it. jit-safe."""
+    k_interp, k_pick = jax.random.split(key)
+    a = cdata.interpolation_task(batch, key=k_interp, fraction=fraction, score="all")
+    b = cdata.extrapolation_task(batch, split=split)
+    mask = jnp.where(jax.random.bernoulli(k_pick), a.mask, b.mask)
+    return eqx.tree_at(lambda x: (x.mask, x.target_mask), batch, (mask, batch.mask))
+
+
 @functools.cache  # the same task objects per setting: jit reuses its compilations
 def _tasks(fraction: float, split: float):
     return {
@@ -201,7 +215,7 @@ def fit_latent_ode(
         solver=solver,
     )
     model = LatentODE(ts.num_channels, **hyper, key=jax.random.key(seed))
-    task = functools.partial(cdata.interpolation_task, fraction=0.5, score="all")
+    task = mixed_task
     extra = {
         "job": "latent-ode",
         "job_version": _JOB_VERSION,

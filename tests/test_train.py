@@ -17,6 +17,7 @@ import optax
 import pandas as pd
 import pytest
 
+import ctmodels
 from ctmodels.data import TimeSeries, batches, interpolation_task
 from ctmodels.train import (
     _checkpoint as ckpt_module,
@@ -559,6 +560,100 @@ def test_nan_guard_skips_bad_step_and_leaves_params_unchanged():
             key=jax.random.key(0),
             max_nan_skips=3,
         )
+
+
+class Growth(eqx.Module):
+    """Fits `dy/dt = a y` through `ctmodels.integrate` (dopri5, few max_steps): a batch
+    whose rows ask for a long horizon (`x > 100`) makes the solve hit max_steps."""
+
+    a: jax.Array
+
+    def loss(self, batch, *, key):
+        x, y = batch
+
+        def one(t1, target):
+            sol = ctmodels.integrate(
+                lambda t, z, args: self.a * z,
+                jnp.ones(()),
+                jnp.stack([jnp.zeros(()), t1]),
+                solver="dopri5",
+                rtol=1e-6,
+                atol=1e-6,
+                max_steps=16,
+            )
+            return (sol.ys[-1] - target) ** 2
+
+        return jnp.mean(jax.vmap(one)(x, y)), {}
+
+
+def _growth_data(long_row=None):
+    x = np.linspace(0.1, 1.0, 16).astype(np.float32)
+    y = np.exp(0.5 * x).astype(np.float32)
+    if long_row is not None:
+        x[long_row] = 1e3
+    return x, y
+
+
+def test_solver_failure_in_fit_is_a_skipped_step_and_diagnosed():
+    """Inside fit a failed solve makes the step non-finite (skipped, parameters kept),
+    not a runtime error from inside the compiled step; `nan_policy="raise"` reruns the
+    step with the checks on and names the solver failure."""
+    model = Growth(jnp.array(0.1))
+    x, y = _growth_data(long_row=3)
+    out, hist = fit(
+        model, (x, y), epochs=2, batch_size=8, key=jax.random.key(0),
+        learning_rate=0.05, log=False,
+    )  # fmt: skip
+    assert hist.attrs["nan_skips"] == 2  # the batch with row 3, once per epoch
+    assert np.isfinite(out.a) and float(out.a) != 0.1
+    # outside fit, the same solve raises at run time
+    with pytest.raises(Exception, match="maximum number of steps"):
+        jax.jit(lambda m: m.loss((jnp.asarray(x), jnp.asarray(y)), key=None))(model)
+    with pytest.raises(FloatingPointError, match="maximum number of steps"):
+        fit(
+            model, (x, y), epochs=1, batch_size=8, key=jax.random.key(0),
+            nan_policy="raise", log=False,
+        )  # fmt: skip
+
+
+_CACHE_SCRIPT = """
+import os, sys, jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+sys.path.insert(0, sys.argv[2])
+import test_train as T
+from ctmodels.train import fit
+x, y = T._growth_data()
+fit(T.Growth(jnp.array(0.1)), (x, y), epochs=1, batch_size=8,
+    key=jax.random.key(0), log=False)
+"""
+
+
+def test_fit_steps_have_no_host_callbacks_and_persist_in_the_compilation_cache(
+    tmp_path,
+):
+    """With `EQX_ON_ERROR=nan` (which the CLI sets), fit's compiled train step has
+    no host callback, so JAX's persistent cache stores it: a second process reads it
+    back instead of compiling (no new cache entry)."""
+    cache = tmp_path / "jax-cache"
+    env = {**os.environ, "EQX_ON_ERROR": "nan", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env["JAX_ENABLE_X64"] = "1" if jax.config.jax_enable_x64 else "0"
+    script = tmp_path / "run.py"
+    script.write_text(_CACHE_SCRIPT)
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def run():
+        proc = subprocess.run(
+            [sys.executable, str(script), str(cache), here],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return {p.name for p in cache.iterdir()}
+
+    first = run()
+    assert any("_train_step" in name for name in first), first
+    assert run() == first  # every compilation was a cache hit
 
 
 def test_nan_rollback_lowers_learning_rate_and_recovers():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from .. import _errors
 from ..data import Batch
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -62,7 +62,7 @@ def reference_time(batch: Batch, t0: float | None) -> Float[Array, ""]:
     dtype = batch.times.dtype
     if t0 is not None:
         early = jnp.any(batch.time_mask & (batch.times < t0))
-        return eqx.error_if(
+        return _errors.error_if(
             jnp.asarray(t0, dtype),
             early,
             f"The batch has times before t0={t0}, the time of the initial latent "

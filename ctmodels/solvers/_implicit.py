@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import lineax as lx
 import optimistix as optx
 
+from .. import _errors
+
 # The stats key under which a linear solver of ours reports the 2-norm residual
 # `|A x - b|` of the solution it returns, so that `CheckedLinearSolver` can trust it.
 _RESIDUAL = "residual_norm"
@@ -68,7 +70,7 @@ class CheckedLinearSolver(lx.AbstractLinearSolver):
         # quirk (e.g. lineax GMRES "stagnation" at a residual we accept) should not
         # turn a usable solve into an opaque error, and a bad one raises ours below.
         result = lx.RESULTS.where(bad, result, lx.RESULTS.successful)
-        x = eqx.error_if(
+        x = _errors.error_if(
             x,
             bad,
             "ctmodels: the implicit backward pass's linear solve failed (its relative "

@@ -39,6 +39,7 @@ import optax
 import pandas as pd
 from jaxtyping import PRNGKeyArray
 
+from .._errors import traced_failures
 from ._checkpoint import (
     FIT_SUBDIR,
     jsonable,
@@ -292,6 +293,45 @@ def _eval_step(model, batch, index, eval_key, loss_kwargs, cfg):
         kwargs["kl_weight"] = jnp.array(1.0, jnp.float32)
     loss, metrics = _call_loss(model, batch, k_loss, kwargs)
     return {"loss": loss, "metrics": metrics, "weight": batch_weight(batch)}
+
+
+@eqx.filter_jit
+def _probe_step(model, batch, step, step_key, loss_kwargs, cfg):
+    """The train step's task, loss and gradient, compiled with solver errors raised."""
+    k_task, k_loss = jax.random.split(jax.random.fold_in(step_key, step))
+    if cfg.task is not None:
+        batch = cfg.task(batch, key=k_task)
+    kwargs = dict(loss_kwargs)
+    if cfg.pass_kl:
+        kwargs["kl_weight"] = jnp.array(1.0, jnp.float32)
+    return eqx.filter_value_and_grad(
+        lambda m: _call_loss(m, batch, k_loss, kwargs), has_aux=True
+    )(model)
+
+
+def _diagnose(state, batch, step_key, loss_kwargs, cfg) -> str | None:
+    """Why a step was not finite, if a solver failed: rerun it with errors raised.
+
+    The compiled train step turns solver failures into NaN (`traced_failures`); this
+    recompiles the step with the runtime checks on, only when `fit` is about to fail.
+    """
+    try:
+        with traced_failures("raise"):
+            out = _probe_step(
+                state.model,
+                batch,
+                jnp.asarray(state.step, jnp.int32),
+                step_key,
+                loss_kwargs,
+                cfg,
+            )
+            jax.block_until_ready(out)
+    except Exception as e:  # noqa: BLE001 - any runtime check that fired
+        text = str(e).strip()
+        for marker in ("\n\n\n", "\n-----"):
+            text = text.split(marker)[0]
+        return text.strip() or type(e).__name__
+    return None
 
 
 # ------------------------------------------------------------------ loop state
@@ -667,9 +707,11 @@ def fit(
         total = 0.0
         for i in range(valid_data.num_batches(train=False)):
             batch = valid_data.batch(order, i, train=False)
-            out = jax.device_get(
-                _eval_step(model, batch, jnp.asarray(i), eval_key, loss_kwargs, cfg)
-            )
+            with traced_failures("nan"):
+                out = _eval_step(
+                    model, batch, jnp.asarray(i), eval_key, loss_kwargs, cfg
+                )
+            out = jax.device_get(out)
             w = float(out["weight"])
             total += w
             for name, v in (("loss", out["loss"]), *out["metrics"].items()):
@@ -806,7 +848,12 @@ def fit(
             history=s.history + (row,),
         )
 
-    def nan_message(s: _State, out, what: str) -> str:
+    def nan_message(s: _State, out, what: str, batch=None) -> str:
+        cause = ""
+        if batch is not None:
+            found = _diagnose(s, batch, step_key, loss_kwargs, cfg)
+            if found:
+                cause = f" Cause: {found}"
         hint = (
             "checkpointing more often (checkpoint_every=) so that rollbacks return "
             "to parameters from before the divergence"
@@ -820,7 +867,7 @@ def fit(
             "lower learning_rate (or a stronger clip_norm), checking the data "
             "normalisation (standardised channels, no huge values or times), a "
             "tighter solver tolerance (rtol/atol) or a larger max_steps for ODE / "
-            f"fixed-point models, or {hint}."
+            f"fixed-point models, or {hint}.{cause}"
         )
 
     # ------------------------------------------------------------ signals
@@ -876,16 +923,17 @@ def fit(
                 state = snapshot = save_point(state)
                 continue
             batch = train_data.batch(epoch_order(state.epoch), state.batch, train=True)
-            new_model, new_opt_state, out = _train_step(
-                state.model,
-                state.opt_state,
-                batch,
-                jnp.asarray(state.step, jnp.int32),
-                {**hyper0, "lr_scale": f32(state.lr_scale)},
-                step_key,
-                loss_kwargs,
-                cfg,
-            )
+            with traced_failures("nan"):  # no host callbacks in the compiled step
+                new_model, new_opt_state, out = _train_step(
+                    state.model,
+                    state.opt_state,
+                    batch,
+                    jnp.asarray(state.step, jnp.int32),
+                    {**hyper0, "lr_scale": f32(state.lr_scale)},
+                    step_key,
+                    loss_kwargs,
+                    cfg,
+                )
             # the step runs asynchronously: read the next batch meanwhile
             train_data.prefetch(epoch_order(state.epoch), state.batch + 1)
             out = jax.device_get(out)
@@ -908,7 +956,9 @@ def fit(
                     last_kl=float(out["kl_weight"]),
                 )
             elif nan_policy == "raise":
-                raise FloatingPointError(nan_message(state, out, "non-finite loss"))
+                raise FloatingPointError(
+                    nan_message(state, out, "non-finite loss", batch)
+                )
             elif nan_policy == "rollback":
                 if state.rollbacks >= max_nan_skips:
                     raise FloatingPointError(
@@ -917,6 +967,7 @@ def fit(
                             out,
                             f"{state.rollbacks} rollbacks without reaching a new "
                             "save point",
+                            batch,
                         )
                     )
                 scale = state.lr_scale * _ROLLBACK_FACTOR
@@ -938,6 +989,7 @@ def fit(
                             state,
                             out,
                             f"{state.consecutive_bad + 1} consecutive skipped steps",
+                            batch,
                         )
                     )
                 new_state = dataclasses.replace(
