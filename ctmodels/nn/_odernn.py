@@ -174,6 +174,12 @@ class ODERNNEncoder(eqx.Module):
         `*B` (one interval per row): all rows are solved in ONE call, in the rescaled
         time `s = (t - t0) / (t1 - t0)` in `[0, 1]` (the field is autonomous, so this
         is the same ODE). A zero-length interval gives `h` back exactly.
+
+        With one fixed step per interval (`steps=1`, the default), an explicit
+        stepper and the `checkpoint` or `direct` adjoint, that step is taken by
+        calling the stepper directly rather than through `ctmodels.integrate`: the
+        same values and gradients, without the solve loop's compile and run time
+        (a NaN or inf state is still reported, with `integrate`'s message).
         """
         return self._evolve(h, t0, t1, check=True)
 
@@ -244,8 +250,8 @@ class ODERNNEncoder(eqx.Module):
 
         One series: `times [T]`, `inputs [T, D]`, `observed [T]`. A batch: leading
         axes `*B` on `inputs` and `observed`; `times` either `[*B, T]` or a shared
-        `[T]`. All rows advance together: each step makes one `integrate` call for
-        the whole batch (see `evolve`), which is much faster than vmapping over
+        `[T]`. All rows advance together: each step makes one `evolve` call for
+        the whole batch, which is much faster than vmapping over
         series.
 
         Only the observed positions are stepped through: each row's observations are
