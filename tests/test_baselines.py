@@ -221,6 +221,53 @@ def test_odernn_block_evolve_matches_euler_steps():
     np.testing.assert_array_equal(_evolve(enc, h, t(0.4), t(0.4)), h)  # zero-length
 
 
+@pytest.mark.parametrize("solver", ["euler", "dopri5"])
+def test_odernn_block_one_step_taken_directly_matches_integrate(solver):
+    """With one fixed step per interval the step is taken without `integrate` (under
+    a discretise-then-optimise adjoint): the same values as through `integrate` (the
+    backsolve adjoint keeps that path), and the gradient of the written-out step."""
+    kw = dict(units=5, solver=solver, steps=1, key=jax.random.key(3))
+    enc = ODERNNEncoder(2, 3, **kw)
+    ref = ODERNNEncoder(2, 3, adjoint="backsolve", **kw)
+    assert enc._direct() and not ref._direct()
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(4, 3))
+    t0, t1 = rng.uniform(0, 1, 4), rng.uniform(0, 1, 4)
+    np.testing.assert_allclose(
+        _evolve(enc, h, t0, t1), _evolve(ref, h, t0, t1), rtol=1e-14, atol=1e-15
+    )
+    times = np.sort(rng.uniform(0, 1, (2, 5)), 1)
+    x, obs = rng.normal(size=(2, 5, 2)), rng.uniform(size=(2, 5)) < 0.6
+    run = eqx.filter_jit(lambda e: e(times, x, obs, t_start=times[:, -1], t_final=0.0))
+    for a, b in zip(run(enc), run(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+    if solver == "euler":
+
+        def loss(e, written_out):
+            f = lambda h: jax.vmap(e.vector_field)(h)
+            span = (t1 - t0)[:, None]
+            h1 = h + span * f(h) if written_out else e.evolve(h, t0, t1)
+            return jnp.sum(jnp.sin(h1))
+
+        grad = eqx.filter_jit(eqx.filter_grad(loss))
+        g, g_ref = grad(enc, False), grad(enc, True)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_odernn_block_one_step_reports_nonfinite_states():
+    from ctmodels import SolverError
+
+    enc = ODERNNEncoder(2, 3, units=5, steps=1, key=jax.random.key(3))
+    enc = eqx.tree_at(lambda e: e.vector_field.layers[0].bias, enc, jnp.full(5, jnp.nan))
+    with pytest.raises(SolverError, match="NaN or infinite"):
+        enc.evolve(np.ones(3), 0.0, 0.5)
+    times, x = np.linspace(0, 1, 4), np.ones((4, 2))
+    obs = np.array([True, False, True, False])
+    with pytest.raises(Exception, match="NaN or infinite"):
+        eqx.filter_jit(lambda e: e(times, x, obs, t_start=1.0, reverse=True))(enc)
+
+
 # --------------------------------------------------------------- trainable models
 
 

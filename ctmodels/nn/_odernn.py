@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
+from .. import _errors
+from .._errors import RESULTS, SolverError
 from .._integrate import integrate
 from ..solvers import _registry
+from ..solvers._unrolled import UnrolledERK
 from ._gru import GRUUpdate
 from ._mlp import autonomous_field, mlp
 
@@ -39,6 +42,34 @@ def _rescaled_field(s, h, args):
     """`dh/ds = (t1 - t0) f(h)`: the ODE on `[t0, t1]` in the time `s` in `[0, 1]`."""
     field, span = args
     return span * autonomous_field(s, h, field)
+
+
+def _direct_step_ok(solver, adjoint) -> bool:
+    """Whether one fixed step over an interval can be taken by calling the stepper
+    directly instead of through `integrate`: an explicit stepper (Euler or an explicit
+    Runge--Kutta tableau) and a discretise-then-optimise adjoint (`checkpoint` or
+    `direct`, which differentiate exactly that step; `backsolve` differs)."""
+    solver, _ = _registry.resolve(solver, "ode")
+    adjoint, _ = _registry.resolve(adjoint, "adjoint")
+    explicit = isinstance(solver, diffrax.Euler | diffrax.AbstractERK | UnrolledERK)
+    explicit = explicit and not isinstance(solver, diffrax.AbstractImplicitSolver)
+    return explicit and isinstance(
+        adjoint, diffrax.RecursiveCheckpointAdjoint | diffrax.DirectAdjoint
+    )
+
+
+def _one_step(solver, field, span, h):
+    """One step of `solver` over `s` in [0, 1] of `dh/ds = span f(h)`: the step that
+    `integrate(..., dt0=1.0)` takes (the same values), without Diffrax's loop,
+    step-size bookkeeping and result checks. The caller checks for non-finite
+    states."""
+    solver, _ = _registry.resolve(solver, "ode")
+    terms = diffrax.ODETerm(_rescaled_field)
+    args = (field, span)
+    s0, s1 = jnp.zeros((), h.dtype), jnp.ones((), h.dtype)
+    state = solver.init(terms, s0, s1, h, args)
+    h1, _, _, _, _ = solver.step(terms, s0, s1, h, args, state, False)
+    return h1
 
 
 class ODERNNEncoder(eqx.Module):
@@ -143,11 +174,30 @@ class ODERNNEncoder(eqx.Module):
         `*B` (one interval per row): all rows are solved in ONE call, in the rescaled
         time `s = (t - t0) / (t1 - t0)` in `[0, 1]` (the field is autonomous, so this
         is the same ODE). A zero-length interval gives `h` back exactly.
+
+        With one fixed step per interval (`steps=1`, the default), an explicit
+        stepper and the `checkpoint` or `direct` adjoint, that step is taken by
+        calling the stepper directly rather than through `ctmodels.integrate`: the
+        same values and gradients, without the solve loop's compile and run time
+        (a NaN or inf state is still reported, with `integrate`'s message).
         """
+        return self._evolve(h, t0, t1, check=True)
+
+    def _direct(self) -> bool:
+        """Whether `evolve` takes its one fixed step directly (see `_one_step`)."""
+        return self.steps == 1 and _direct_step_ok(self.solver, self.adjoint)
+
+    def _evolve(self, h, t0, t1, *, check: bool):
+        """`evolve`; `check=False` skips the non-finite check of a direct step (the
+        scan of `__call__` checks its result once instead of at every step)."""
         if self.vector_field is None:
             return h
         span = jnp.asarray(t1, h.dtype) - jnp.asarray(t0, h.dtype)
         span = jnp.broadcast_to(span, h.shape[:-1])[..., None]
+        if self._direct():
+            h = jnp.asarray(h, jnp.result_type(h, float))
+            h1 = _one_step(self.solver, self.vector_field, span, h)
+            return self._check_finite(h1) if check else h1
         if self.steps is None:
             dt0, max_steps = None, self.max_steps
         else:
@@ -165,6 +215,22 @@ class ODERNNEncoder(eqx.Module):
             max_steps=max_steps,
         )
         return sol.ys[-1]
+
+    def _check_finite(self, h):
+        """The failure `integrate` reports for a fixed-step solve that produced NaN
+        or inf: a `SolverError` when eager, a runtime error under `jit`."""
+        _, name = _registry.resolve(self.solver, "ode")
+        msg = _errors.explain(
+            "integrate", name, "nonfinite", "in the ODE-RNN's evolution between updates"
+        )
+        bad = ~jnp.all(jnp.isfinite(h))
+        if not _errors.is_traced(h):
+            if bool(bad):
+                raise SolverError(
+                    msg, result=RESULTS.nonfinite, solver=name, entry="integrate"
+                )
+            return h
+        return eqx.error_if(h, bad, msg)
 
     def __call__(
         self,
@@ -184,8 +250,8 @@ class ODERNNEncoder(eqx.Module):
 
         One series: `times [T]`, `inputs [T, D]`, `observed [T]`. A batch: leading
         axes `*B` on `inputs` and `observed`; `times` either `[*B, T]` or a shared
-        `[T]`. All rows advance together: each step makes one `integrate` call for
-        the whole batch (see `evolve`), which is much faster than vmapping over
+        `[T]`. All rows advance together: each step makes one `evolve` call for
+        the whole batch, which is much faster than vmapping over
         series.
 
         Only the observed positions are stepped through: each row's observations are
@@ -251,7 +317,7 @@ class ODERNNEncoder(eqx.Module):
             h, t_last = carry
             move = obs | fin
             t = jnp.where(move, t, t_last)  # idle rows: a zero-length interval
-            h_minus = self.evolve(h, t_last, t)
+            h_minus = self._evolve(h, t_last, t, check=False)
             gap = jnp.abs(t - t_last)
             x_in = x if ode else jnp.concatenate([x, gap[..., None]], axis=-1)
             h_new = jnp.where(
@@ -306,6 +372,8 @@ class ODERNNEncoder(eqx.Module):
                 tuple(chunked(a) for a in (t_c, x_c, is_obs, is_final)),
             ),
         )
+        if ode and self._direct():
+            h = self._check_finite(h)  # the steps' check, once for the whole scan
         if not outputs:
             return h, None, None
         after = after.reshape((n_chunks * chunk,) + after.shape[2:])[:T]
