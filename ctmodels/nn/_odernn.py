@@ -230,7 +230,7 @@ class ODERNNEncoder(eqx.Module):
                     msg, result=RESULTS.nonfinite, solver=name, entry="integrate"
                 )
             return h
-        return eqx.error_if(h, bad, msg)
+        return _errors.error_if(h, bad, msg)
 
     def __call__(
         self,
