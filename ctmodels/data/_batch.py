@@ -223,9 +223,9 @@ def batches(
       each block, so that each batch of a lazy on-disk source reads one or two
       contiguous stretches of the file instead of `batch_size` scattered rows.
     - `layout`, `time_bucket`, `dtype`: see `make_batch`.
-    - `prefetch`: batches read ahead by a background thread, so that reading the
-      next batch overlaps with whatever consumes this one (a training step).
-      Default: 1 for a lazy source, 0 (no thread) for an in-memory `TimeSeries`.
+    - `prefetch`: batches read ahead by a background thread, so that reading (and
+      building) the next batch overlaps with whatever consumes this one (a training
+      step). Default 1; 0 builds each batch when it is asked for, with no thread.
 
     **Yields:** `Batch`es.
     """
@@ -233,7 +233,7 @@ def batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if prefetch is None:
-        prefetch = 0 if isinstance(source, TimeSeries) else 1
+        prefetch = 1
     if prefetch < 0:
         raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
     order = shuffle_order(

@@ -38,8 +38,9 @@ class SeriesData:
 
     A lazy source (anything but an in-memory `TimeSeries`) is shuffled by blocks of
     its `block_size` (as `batches(..., shuffle="block")`), so each batch reads one or
-    two contiguous stretches of the file, and the next training batch is read by a
-    background thread while the current step runs (`prefetch`).
+    two contiguous stretches of the file. For every source, the next training batch
+    is read and built by a background thread while the current step runs
+    (`prefetch`).
     """
 
     kind = "series"
@@ -82,8 +83,8 @@ class SeriesData:
         return self._read(order, b)
 
     def prefetch(self, order: np.ndarray, b: int) -> None:
-        """Start reading batch `b` of `order` in the background (lazy sources)."""
-        if not self.lazy or b >= self.num_batches(train=True):
+        """Start reading batch `b` of `order` in the background."""
+        if b >= self.num_batches(train=True):
             return
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, "ctmodels-prefetch")
