@@ -117,6 +117,24 @@ def parse_args(argv=None):
     p.add_argument("--periodic-only", action="store_true", help="skip pbcseq")
     p.add_argument("--periodic-series", type=int, default=1000)
     p.add_argument("--periodic-epochs", type=int, default=20)
+    p.add_argument(
+        "--periodic-time-scale",
+        default="span",
+        help="periodic data: divide times by this ('span': to [0, 1]; 1: "
+        "the paper's [0, 5])",
+    )
+    p.add_argument(
+        "--kl-anneal-epochs",
+        type=float,
+        default=0.0,
+        help="KL weight rises linearly over this many epochs (0: off)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=PATIENCE,
+        help="early-stopping patience in epochs (0: off)",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     args = p.parse_args(argv)
     if args.quick:
@@ -159,14 +177,17 @@ _MIXED = "1/2 interpolation(0.5, score all) + 1/2 extrapolation(0.5, score all)"
 TRAIN_TASK = {name: (_MIXED, mixed_task) for name in LEARNED}
 
 
-def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr):
+def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epochs=0.0,
+          patience=PATIENCE):  # fmt: skip
     model = make_model(name, train_n.num_channels, seed)
     task = TRAIN_TASK[name][1]
+    steps_per_epoch = -(-len(train_n) // batch_size)
     t0 = time.perf_counter()
     model, history = fit(
         model, train_n, valid=valid_n, epochs=epochs, batch_size=batch_size,
         key=jax.random.key(seed + 1), learning_rate=lr, task=task, eval_task=task,
-        layout="union", patience=PATIENCE, progress=False,
+        layout="union", patience=patience or None, progress=False,
+        kl_anneal_steps=int(kl_anneal_epochs * steps_per_epoch),
         loss_kwargs={"n_samples": N_SAMPLES},
     )  # fmt: skip
     info = {
@@ -207,6 +228,7 @@ def run_pbcseq(args, results):
                 model, info = train(
                     name, train_n, valid_n, seed=seed, epochs=args.epochs,
                     batch_size=args.batch_size, lr=args.lr,
+                    kl_anneal_epochs=args.kl_anneal_epochs, patience=args.patience,
                 )  # fmt: skip
             for tname in TASKS:
                 if model is not None:
@@ -289,7 +311,10 @@ def run_periodic(args, results):
     assert np.allclose(
         test_s.times[test_s.time_mask], test_truth.times[test_s.time_mask]
     )
-    norm = cdata.Normalizer.fit(train_s, time_scale="span")
+    scale = args.periodic_time_scale
+    norm = cdata.Normalizer.fit(
+        train_s, time_scale=scale if scale == "span" else float(scale)
+    )
     train_n, valid_n, truth_n = map(norm.transform, (train_s, valid_s, test_truth))
     truth = test_truth.values
     bs = 50
@@ -299,7 +324,8 @@ def run_periodic(args, results):
             log(f"periodic: training {name}")
             model, info = train(
                 name, train_n, valid_n, seed=seed, epochs=args.periodic_epochs,
-                batch_size=bs, lr=args.lr,
+                batch_size=bs, lr=args.lr, kl_anneal_epochs=args.kl_anneal_epochs,
+                patience=args.patience,
             )  # fmt: skip
         for tname in TASKS:
             task = truth_task(test_s.mask, tname)
