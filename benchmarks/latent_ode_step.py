@@ -228,6 +228,7 @@ def main(argv=None):
             self.dynamics = Dynamics(seq(m.dynamics))
             self.decoder = seq(m.decoder)
             self.log_std = float(np.log(m.obs_std))
+            self.std_shift = m.std_shift
 
         def gru(self, h, x):
             hx = torch.cat([h, x], -1)
@@ -252,7 +253,7 @@ def main(argv=None):
                 t_last = torch.where(obs, times[j], t_last)
             h = h + (t_ref - t_last)[:, None] * run(self.enc_field, h)
             mean, pre = run(self.to_z0, h).chunk(2, -1)
-            std = torch.nn.functional.softplus(pre) + 1e-5
+            std = torch.nn.functional.softplus(pre + self.std_shift) + 1e-5
             z0 = mean + std * eps  # [K, B, L]
             zs = torchdiffeq.odeint(
                 self.dynamics, z0, times, rtol=RTOL, atol=ATOL, method="dopri5"

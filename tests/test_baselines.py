@@ -259,7 +259,9 @@ def test_odernn_block_one_step_reports_nonfinite_states():
     from ctmodels import SolverError
 
     enc = ODERNNEncoder(2, 3, units=5, steps=1, key=jax.random.key(3))
-    enc = eqx.tree_at(lambda e: e.vector_field.layers[0].bias, enc, jnp.full(5, jnp.nan))
+    enc = eqx.tree_at(
+        lambda e: e.vector_field.layers[0].bias, enc, jnp.full(5, jnp.nan)
+    )
     with pytest.raises(SolverError, match="NaN or infinite"):
         enc.evolve(np.ones(3), 0.0, 0.5)
     times, x = np.linspace(0, 1, 4), np.ones((4, 2))

@@ -352,13 +352,20 @@ def test_adam_steps_reduce_the_loss(model, data):
         updates, state = opt.update(g, state, params)
         return optax.apply_updates(params, updates), state
 
+    def score(params):  # the same five latent draws before and after: less noise
+        return np.mean(
+            [
+                float(_value_and_grad(params, static, batch, jax.random.key(k))[0])
+                for k in range(5)
+            ]
+        )
+
     state = jax.jit(opt.init)(params)
-    losses = []
+    before = score(params)
     for i in range(60):
-        loss, g = _value_and_grad(params, static, batch, jax.random.key(100 + i))
+        _, g = _value_and_grad(params, static, batch, jax.random.key(100 + i))
         params, state = update(g, state, params)
-        losses.append(float(loss))
-    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert score(params) < 0.85 * before  # 0.72 here; the same draws: deterministic
 
 
 # ------------------------------------------------------------------ predict & API
@@ -448,6 +455,31 @@ def test_hyperparameters_rebuild_the_model():
     arrays = lambda t: jax.tree.leaves(eqx.filter(t, eqx.is_array))
     assert jax.tree.structure(m) == jax.tree.structure(m2)
     assert [x.shape for x in arrays(m)] == [x.shape for x in arrays(m2)]
+
+
+@pytest.mark.parametrize("cls", ["LatentODE", "RNNVAE"])
+def test_posterior_starts_with_the_requested_spread(data, cls):
+    """With the q(z0) head's last layer at zero (pre = 0), the posterior std is
+    exactly `posterior_std` (+ the 1e-5 floor); the default starts narrow."""
+    kw = TINY if cls == "LatentODE" else {"latent_size": 3, "encoder_size": 4}
+    for want in (0.02, 0.5):
+        m = MODELS[cls](2, **kw, posterior_std=want, key=jax.random.key(3))
+        last = m.to_z0.layers[-1]
+        m = eqx.tree_at(
+            lambda m: (m.to_z0.layers[-1].weight, m.to_z0.layers[-1].bias),
+            m,
+            (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+        )
+        _, std = m.posterior(data["union"])
+        np.testing.assert_allclose(np.asarray(std), want + 1e-5, rtol=1e-5)
+    assert (
+        dict(MODELS[cls](2, **kw, key=jax.random.key(3)).hyperparameters)[
+            "posterior_std"
+        ]
+        == 0.02
+    )
+    with pytest.raises(ValueError, match="posterior_std"):
+        MODELS[cls](2, **kw, posterior_std=0.0, key=jax.random.key(3))
 
 
 def test_errors(model, data):

@@ -164,6 +164,7 @@ class RNNVAE(eqx.Module):
     num_channels: int = eqx.field(static=True)
     latent_size: int = eqx.field(static=True)
     obs_std: float = eqx.field(static=True)
+    std_shift: float = eqx.field(static=True)
     t0: float | None = eqx.field(static=True)
     hyperparameters: tuple[tuple[str, Any], ...] = eqx.field(static=True)
 
@@ -176,6 +177,7 @@ class RNNVAE(eqx.Module):
         units: int = 100,
         obs_std: float = 0.01,
         learn_std: bool = False,
+        posterior_std: float = 0.02,
         t0: float | None = None,
         key: PRNGKeyArray,
     ):
@@ -186,6 +188,8 @@ class RNNVAE(eqx.Module):
         - `encoder_size`: size of the encoder GRU's state.
         - `units`: hidden units of the GRU gates and of the `q(z0)` MLP.
         - `obs_std`, `learn_std`: the observation noise.
+        - `posterior_std`: the spread of `q(z0)` when training starts (see
+          `LatentODE`).
         - `t0`: fixed reference time of `z0` (None: the batch's earliest time).
         - `key`: a JAX PRNG key.
         """
@@ -204,6 +208,7 @@ class RNNVAE(eqx.Module):
         self.num_channels = num_channels
         self.latent_size = latent_size
         self.obs_std = obs_std
+        self.std_shift = C.posterior_shift(posterior_std)
         self.t0 = t0
         self.hyperparameters = C.record(
             num_channels=num_channels,
@@ -212,6 +217,7 @@ class RNNVAE(eqx.Module):
             units=units,
             obs_std=obs_std,
             learn_std=learn_std,
+            posterior_std=posterior_std,
             t0=t0,
         )
 
@@ -230,7 +236,7 @@ class RNNVAE(eqx.Module):
             times, inputs, observed, t_start=t_start, reverse=True, outputs=False
         )
         mean, pre = jnp.split(apply(self.to_z0, h), 2, axis=-1)
-        return mean, jax.nn.softplus(pre) + 1e-5
+        return mean, jax.nn.softplus(pre + self.std_shift) + 1e-5
 
     def _decode(
         self,

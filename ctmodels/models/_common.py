@@ -266,3 +266,11 @@ def recurrent_inputs(model_name: str, num_channels: int, batch: Batch, queries=N
     elif batch.layout == "union":
         times = times[0]
     return times, inputs, observed, t_start, where
+
+
+def posterior_shift(posterior_std: float) -> float:
+    """The offset that makes `softplus(pre + shift)` equal `posterior_std` at `pre = 0`:
+    the spread of `q(z0)` when training starts (an untrained head gives `pre ~ 0`)."""
+    if not posterior_std > 0:
+        raise ValueError(f"posterior_std must be positive, got {posterior_std}.")
+    return float(math.log(math.expm1(posterior_std)))

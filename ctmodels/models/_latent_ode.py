@@ -100,6 +100,7 @@ class LatentODE(eqx.Module):
     atol: float = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     obs_std: float = eqx.field(static=True)
+    std_shift: float = eqx.field(static=True)
     t0: float | None = eqx.field(static=True)
     ce_weight: float = eqx.field(static=True)
     hyperparameters: tuple[tuple[str, Any], ...] = eqx.field(static=True)
@@ -122,6 +123,7 @@ class LatentODE(eqx.Module):
         encoder_steps: int | None = 1,
         obs_std: float = 0.01,
         learn_std: bool = False,
+        posterior_std: float = 0.02,
         num_static: int = 0,
         num_classes: int = 0,
         ce_weight: float = 100.0,
@@ -147,6 +149,12 @@ class LatentODE(eqx.Module):
         - `obs_std`: the observation noise std (fixed, or the initial value when
           `learn_std`).
         - `learn_std`: learn one noise std per channel.
+        - `posterior_std`: the spread of `q(z0)` when training starts (the `q(z0)`
+          head's std is `softplus(pre + c)`, with `c` chosen so that `pre = 0` gives
+          this). A wide initial posterior (`softplus(0) = 0.69`) against a small
+          `obs_std` makes the sampled trajectories so noisy that the model learns to
+          ignore `z0` and predicts the mean (on the periodic toy data it never
+          recovered); the paper's code also starts with a small spread.
         - `num_static`: number of static covariates (`batch.static`) fed to the
           `q(z0)` head; 0 ignores `batch.static`.
         - `num_classes`: > 0 adds a classifier of `batch.labels` from `z0`;
@@ -206,6 +214,7 @@ class LatentODE(eqx.Module):
         self.atol = atol
         self.max_steps = max_steps
         self.obs_std = obs_std
+        self.std_shift = C.posterior_shift(posterior_std)
         self.t0 = t0
         self.ce_weight = ce_weight
         self.hyperparameters = C.record(
@@ -223,6 +232,7 @@ class LatentODE(eqx.Module):
             encoder_solver=encoder_solver,
             encoder_steps=encoder_steps,
             obs_std=obs_std,
+            posterior_std=posterior_std,
             learn_std=learn_std,
             num_static=num_static,
             num_classes=num_classes,
@@ -268,7 +278,7 @@ class LatentODE(eqx.Module):
             h = jnp.concatenate([h, batch.static.astype(h.dtype)], axis=-1)
         out = apply(self.to_z0, h)
         mean, pre = jnp.split(out, 2, axis=-1)
-        std = jax.nn.softplus(pre) + 1e-5
+        std = jax.nn.softplus(pre + self.std_shift) + 1e-5
         return mean, std
 
     def _solve(self, z0, t_ref, times, poisson: bool):
