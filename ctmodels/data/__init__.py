@@ -12,7 +12,7 @@ from ._batch import (
     interpolation_task as interpolation_task,
     make_batch as make_batch,
     num_batches as num_batches,
-    read_series as read_series,
+    read_batch as read_batch,
     shuffle_order as shuffle_order,
 )
 from ._pandas import from_pandas as from_pandas

@@ -244,9 +244,9 @@ def batches(
     )
 
     def read(b: int) -> Batch:
-        return make_batch(
-            read_series(source, order[b * batch_size : (b + 1) * batch_size]),
-            index=order[b * batch_size : (b + 1) * batch_size],
+        return read_batch(
+            source,
+            order[b * batch_size : (b + 1) * batch_size],
             layout=layout,
             batch_size=batch_size,
             time_bucket=time_bucket,
@@ -303,13 +303,32 @@ def shuffle_order(
     return np.lexsort((u, rank[np.arange(n) // block_size])).astype(np.int64)
 
 
-def read_series(source: Any, idx: np.ndarray) -> TimeSeries:
-    """`source[idx]`, read in source order (contiguous for lazy on-disk sources)."""
+def read_batch(
+    source: Any,
+    idx: np.ndarray,
+    *,
+    layout: Literal["padded", "union"] = "padded",
+    batch_size: int | None = None,
+    time_bucket: int | str | None = "pow2",
+    dtype=None,
+) -> Batch:
+    """The `Batch` of series `idx` of `source` (in that order), as `batches` builds
+    it: the series are read in source order (contiguous for lazy on-disk sources),
+    then put back in the order of `idx`. Other arguments: see `make_batch`."""
     sort = np.argsort(idx, kind="stable")
     sub = source[idx[sort]]
     inv = np.empty_like(sort)
     inv[sort] = np.arange(len(sort))
-    return sub if np.array_equal(inv, np.arange(len(inv))) else sub[inv]
+    if not np.array_equal(inv, np.arange(len(inv))):
+        sub = sub[inv]
+    return make_batch(
+        sub,
+        index=idx,
+        layout=layout,
+        batch_size=batch_size,
+        time_bucket=time_bucket,
+        dtype=dtype,
+    )
 
 
 # ------------------------------------------------------------------------------ tasks

@@ -277,11 +277,10 @@ class _Layout:
         # synchronous scheduler because a block is a few small chunks and dask's
         # thread pool costs more than it saves (and competes with a training step)
         sub = xr.Dataset({n: ds[n].variable for n in names})
-        if index is not None:
-            if sd in sub.dims:
-                sub = sub.isel(
-                    {sd: index if isinstance(index, slice) else np.asarray(index)}
-                )
+        if index is not None and sd in sub.dims:
+            sub = sub.isel(
+                {sd: index if isinstance(index, slice) else np.asarray(index)}
+            )
         if self.squeeze_series:
             sub = sub.expand_dims(sd)
         sub = sub.load(scheduler="synchronous")

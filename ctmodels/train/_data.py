@@ -14,23 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..data import (
-    Batch,
-    TimeSeries,
-    make_batch,
-    num_batches,
-    read_series,
-    shuffle_order,
-)
+from ..data import Batch, TimeSeries, num_batches, read_batch, shuffle_order
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array))
-
-
-def _permutation(key, n: int) -> np.ndarray:
-    # the same call as `ctmodels.data.batches`, so both give the same epoch order
-    return shuffle_order(key, n, shuffle="full")
 
 
 class SeriesData:
@@ -61,16 +49,18 @@ class SeriesData:
         return num_batches(self.n, self.batch_size)
 
     def order(self, key) -> np.ndarray:
-        if key is None or not self.lazy:
-            return np.arange(self.n) if key is None else _permutation(key, self.n)
-        block = getattr(self.source, "block_size", None) or 4 * self.batch_size
-        return shuffle_order(key, self.n, shuffle="block", block_size=block)
+        # the same orders as `ctmodels.data.batches` (full / block shuffle)
+        return shuffle_order(
+            key,
+            self.n,
+            shuffle="block" if self.lazy else "full",
+            block_size=getattr(self.source, "block_size", None) or 4 * self.batch_size,
+        )
 
     def _read(self, order: np.ndarray, b: int) -> Batch:
-        idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-        return make_batch(
-            read_series(self.source, idx),
-            index=idx,
+        return read_batch(
+            self.source,
+            order[b * self.batch_size : (b + 1) * self.batch_size],
             layout=self.layout,
             batch_size=self.batch_size,
             time_bucket=self.time_bucket,
@@ -132,7 +122,7 @@ class ArrayData:
         return num_batches(self.n, self.batch_size)
 
     def order(self, key) -> np.ndarray:
-        return np.arange(self.n) if key is None else _permutation(key, self.n)
+        return shuffle_order(key, self.n, shuffle="full")
 
     def batch(self, order: np.ndarray, b: int, *, train: bool) -> Any:
         bs = self.batch_size

@@ -222,14 +222,10 @@ class _StepConfig:
     pass_kl: bool
 
 
-@eqx.filter_jit
-def _train_step(model, opt_state, batch, step, hyper, step_key, loss_kwargs, cfg):
-    """One guarded optimizer step: task, loss, gradient, update, NaN guard.
-
-    `hyper` holds traced scalars: `lr_scale` (rollback factor), `peak_lr`,
-    `total_steps`, `clip_norm`, `kl_steps`.
-    """
-    _TRACES["train_step"] += 1
+def _step_inputs(batch, step, hyper, step_key, loss_kwargs, cfg):
+    """What training step `step` feeds the loss: its task applied to `batch`, its loss
+    key, and the loss keyword arguments with the annealed KL weight (returned too;
+    NaN when the loss takes none)."""
     k_task, k_loss = jax.random.split(jax.random.fold_in(step_key, step))
     if cfg.task is not None:
         batch = cfg.task(batch, key=k_task)
@@ -244,6 +240,20 @@ def _train_step(model, opt_state, batch, step, hyper, step_key, loss_kwargs, cfg
         kwargs["kl_weight"] = kl
     else:
         kl = jnp.array(jnp.nan, jnp.float32)
+    return batch, k_loss, kwargs, kl
+
+
+@eqx.filter_jit
+def _train_step(model, opt_state, batch, step, hyper, step_key, loss_kwargs, cfg):
+    """One guarded optimizer step: task, loss, gradient, update, NaN guard.
+
+    `hyper` holds traced scalars: `lr_scale` (rollback factor), `peak_lr`,
+    `total_steps`, `clip_norm`, `kl_steps`.
+    """
+    _TRACES["train_step"] += 1
+    batch, k_loss, kwargs, kl = _step_inputs(
+        batch, step, hyper, step_key, loss_kwargs, cfg
+    )
 
     def loss_fn(m):
         return _call_loss(m, batch, k_loss, kwargs)
@@ -296,20 +306,17 @@ def _eval_step(model, batch, index, eval_key, loss_kwargs, cfg):
 
 
 @eqx.filter_jit
-def _probe_step(model, batch, step, step_key, loss_kwargs, cfg):
+def _probe_step(model, batch, step, hyper, step_key, loss_kwargs, cfg):
     """The train step's task, loss and gradient, compiled with solver errors raised."""
-    k_task, k_loss = jax.random.split(jax.random.fold_in(step_key, step))
-    if cfg.task is not None:
-        batch = cfg.task(batch, key=k_task)
-    kwargs = dict(loss_kwargs)
-    if cfg.pass_kl:
-        kwargs["kl_weight"] = jnp.array(1.0, jnp.float32)
+    batch, k_loss, kwargs, _ = _step_inputs(
+        batch, step, hyper, step_key, loss_kwargs, cfg
+    )
     return eqx.filter_value_and_grad(
         lambda m: _call_loss(m, batch, k_loss, kwargs), has_aux=True
     )(model)
 
 
-def _diagnose(state, batch, step_key, loss_kwargs, cfg) -> str | None:
+def _diagnose(state, batch, hyper, step_key, loss_kwargs, cfg) -> str | None:
     """Why a step was not finite, if a solver failed: rerun it with errors raised.
 
     The compiled train step turns solver failures into NaN (`traced_failures`); this
@@ -321,6 +328,7 @@ def _diagnose(state, batch, step_key, loss_kwargs, cfg) -> str | None:
                 state.model,
                 batch,
                 jnp.asarray(state.step, jnp.int32),
+                hyper,
                 step_key,
                 loss_kwargs,
                 cfg,
@@ -851,7 +859,7 @@ def fit(
     def nan_message(s: _State, out, what: str, batch=None) -> str:
         cause = ""
         if batch is not None:
-            found = _diagnose(s, batch, step_key, loss_kwargs, cfg)
+            found = _diagnose(s, batch, hyper0, step_key, loss_kwargs, cfg)
             if found:
                 cause = f" Cause: {found}"
         hint = (
