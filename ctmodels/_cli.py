@@ -50,14 +50,16 @@ def _fit(ns) -> int:
             batch_size=ns.batch_size,
             latent_size=ns.latent_size,
             learning_rate=ns.learning_rate,
+            epochs=ns.epochs,
         )
-        if ns.epochs is not None:
-            options["epochs"] = ns.epochs
+        if ns.patience is not None:
+            options["patience"] = ns.patience or None
         progress = False if ns.quiet else None
         metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
         test = metrics["test"]
         summary = {
             "out": str(ns.out),
+            "recipe": metrics["recipe"],
             "epochs_run": metrics["epochs_run"],
             "fit_seconds": metrics["fit_seconds"],
             "test_interpolation_mse": test["interpolation"]["mse"],
@@ -152,16 +154,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument(
+        "--epochs", type=int, default=None,
+        help="training epochs (default: the dataset's recipe; latent-ode: 40, "
+        "periodic 200)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--solver", default=None,
         help="ODE solver registry name (default dopri5 for latent-ode, tsit5 for "
         "neural-ode)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32, help="series per batch")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help="series per batch (default: the dataset's recipe; 32, periodic 50)",
+    )  # fmt: skip
     p.add_argument("--latent-size", type=int, default=8, help="latent state size")
-    p.add_argument("--learning-rate", type=float, default=1e-2, help="Adam step")
+    p.add_argument(
+        "--learning-rate", type=float, default=None,
+        help="peak Adam step of the warmup-cosine schedule (default: the dataset's "
+        "recipe; 1e-2, periodic 2e-3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--patience", type=int, default=None,
+        help="latent-ode: early-stopping patience in epochs, 0 = off (default: the "
+        "dataset's recipe; 10, periodic off)",
+    )  # fmt: skip
     p.add_argument(
         "--adjoint",
         default="checkpoint",

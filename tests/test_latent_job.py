@@ -54,6 +54,44 @@ def test_fit_writes_outputs(fitted):
     np.testing.assert_array_equal(pred["series"].values, src["series"].values)
 
 
+def test_fit_records_its_recipe(fitted):
+    # a file gets the default recipe, with the caller's settings over it
+    from ctmodels._latent_job import DEFAULT_RECIPE
+
+    _, _, metrics = fitted
+    want = dict(DEFAULT_RECIPE, epochs=2, batch_size=16)
+    assert metrics["recipe"] == want
+    assert metrics["epochs_run"] <= 2
+
+
+def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
+    import ctmodels._latent_job as job
+
+    assert job.recipe("periodic") == job.RECIPES["periodic"]
+    assert job.recipe("pbcseq") == job.DEFAULT_RECIPE
+    job.recipe("periodic")["epochs"] = -1  # a copy: the table is not changed
+    assert job.RECIPES["periodic"]["epochs"] == 200
+    seen = []
+
+    def fake_fit(data, out, **options):
+        seen.append(options)
+        test = {"mse": 0.0, "baselines": {}}
+        return {"recipe": {}, "epochs_run": 0, "fit_seconds": 0.0,
+                "test": {"interpolation": test, "extrapolation": test}}  # fmt: skip
+
+    monkeypatch.setattr(job, "fit_latent_ode", fake_fit)
+    base = ["fit", "latent-ode", "--data", "periodic", "--out", str(tmp_path)]
+    assert main(base) == 0
+    assert main(base + ["--epochs", "3", "--learning-rate", "0.1", "--patience", "0",
+                        "--batch-size", "8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    # unset options reach the job as "use the recipe"; --patience 0 turns it off
+    assert seen[0]["epochs"] is None and seen[0]["learning_rate"] is None
+    assert seen[0]["batch_size"] is None and "patience" not in seen[0]
+    assert (seen[1]["epochs"], seen[1]["learning_rate"]) == (3, 0.1)
+    assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, None)
+
+
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
     path, out, _ = fitted
     src = xr.load_dataset(path).isel(series=slice(0, 6))
