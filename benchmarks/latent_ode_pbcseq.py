@@ -4,9 +4,12 @@ The setting of `ctmodels fit latent-ode` (`ctmodels._latent_job.fit_latent_ode`)
 pbcseq (312 patients, 7 lab channels, up to 16 irregular visits), split by series
 80/10/10 with the seed, normalised with statistics of the training split only (log
 first for the channels whose attrs say `transform="log"`, times scaled by the span),
-trained with `ctmodels.train.fit` (Adam, `--lr` 1e-2 on the default warmup-cosine
-schedule, batch `--batch-size` 32, `--epochs` 40, union layout, early stopping on the
-validation loss with patience 10 and the best epoch restored, 3 latent samples).
+trained with `ctmodels.train.fit` on the job's training recipe for the dataset
+(`ctmodels._latent_job.recipe`; pbcseq: Adam with peak step 1e-2 on the default
+warmup-cosine schedule, batch 32, 40 epochs, early stopping on the validation loss
+with patience 10; periodic: 2e-3, batch 50, 200 epochs, no early stopping; the
+best epoch is restored either way; `--lr`, `--batch-size`, `--epochs` /
+`--periodic-epochs`, `--patience` override it), union layout, 3 latent samples.
 
 Models (hyperparameters sized like the job's latent ODE: state 8 / 24, MLPs 64 wide):
 
@@ -39,7 +42,7 @@ scored values of the test split. LOCF and linear interpolation use the job's
 `--periodic` adds the toy periodic data of Rubanova et al. (2019)
 (`datasets.load("periodic", n_series=1000)`: 100 shared irregular times on [0, 5],
 each series observes 50 with noise 0.01), split 80/10/10 by the first seed, every
-model trained for `--periodic-epochs` with the same recipe (batch 50), and scored
+model trained on the periodic recipe (above), and scored
 against the noise-free truth `y_true` of the test series at every grid time:
 `interpolation` = condition on all 50 noisy observations, score the truth at all
 100 times; `extrapolation` = condition on the observations in the first half of the
@@ -94,6 +97,7 @@ from ctmodels._latent_job import (  # noqa: E402
     _predict_grid,
     _tasks,
     mixed_task,
+    recipe,
 )
 from ctmodels.models import ODERNN, RNNVAE, GRUDelta, LatentODE  # noqa: E402
 from ctmodels.train import fit  # noqa: E402
@@ -103,20 +107,21 @@ FIXED = ("LinearInterpolation", "LOCF")
 MODELS = LEARNED + FIXED
 TASKS = ("interpolation", "extrapolation")
 N_SAMPLES = 3
-PATIENCE = 10
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--epochs", type=int, default=None, help="pbcseq (default: recipe)")
+    p.add_argument("--batch-size", type=int, default=None, help="(default: recipe)")
+    p.add_argument("--lr", type=float, default=None, help="peak step (default: recipe)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--periodic", action="store_true", help="add the periodic case")
     p.add_argument("--periodic-only", action="store_true", help="skip pbcseq")
     p.add_argument("--periodic-series", type=int, default=1000)
-    p.add_argument("--periodic-epochs", type=int, default=20)
+    p.add_argument(
+        "--periodic-epochs", type=int, default=None, help="(default: recipe)"
+    )
     p.add_argument(
         "--periodic-time-scale",
         default="span",
@@ -132,18 +137,29 @@ def parse_args(argv=None):
     p.add_argument(
         "--patience",
         type=int,
-        default=PATIENCE,
-        help="early-stopping patience in epochs (0: off)",
+        default=None,
+        help="early-stopping patience in epochs, 0: off (default: recipe)",
     )
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
-        args.epochs = min(args.epochs, 3)
+        args.epochs = min(args.epochs or 3, 3)
         args.periodic_series = min(args.periodic_series, 200)
-        args.periodic_epochs = min(args.periodic_epochs, 3)
+        args.periodic_epochs = min(args.periodic_epochs or 3, 3)
     args.periodic = args.periodic or args.periodic_only
     return args
+
+
+def plan_for(args, data):
+    """The job's training recipe for `data` with the command line's overrides."""
+    plan = recipe(data)
+    epochs = args.epochs if data == "pbcseq" else args.periodic_epochs
+    given = {"epochs": epochs, "learning_rate": args.lr, "batch_size": args.batch_size}
+    plan.update({k: v for k, v in given.items() if v is not None})
+    if args.patience is not None:
+        plan["patience"] = args.patience or None
+    return plan
 
 
 def emit(obj):
@@ -178,7 +194,7 @@ TRAIN_TASK = {name: (_MIXED, mixed_task) for name in LEARNED}
 
 
 def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epochs=0.0,
-          patience=PATIENCE):  # fmt: skip
+          patience=None):  # fmt: skip
     model = make_model(name, train_n.num_channels, seed)
     task = TRAIN_TASK[name][1]
     steps_per_epoch = -(-len(train_n) // batch_size)
@@ -215,6 +231,7 @@ def run_pbcseq(args, results):
     ts = cdata.from_xarray(ds, static=[])
     log_ch = _log_channels(ds, ts.channels)
     tasks = _tasks(0.5, 0.5)
+    plan = plan_for(args, "pbcseq")
     for seed in args.seeds:
         train_s, valid_s, test_s = cdata.split_series(ts, (0.8, 0.1, 0.1), seed=seed)
         norm = cdata.Normalizer.fit(train_s, log=log_ch, time_scale="span")
@@ -226,15 +243,15 @@ def run_pbcseq(args, results):
             if name in LEARNED:
                 log(f"pbcseq seed {seed}: training {name}")
                 model, info = train(
-                    name, train_n, valid_n, seed=seed, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr,
-                    kl_anneal_epochs=args.kl_anneal_epochs, patience=args.patience,
+                    name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
+                    batch_size=plan["batch_size"], lr=plan["learning_rate"],
+                    kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
                 )  # fmt: skip
             for tname in TASKS:
                 if model is not None:
                     mean, _, ctx, tgt = _predict_grid(
                         model, test_n, key=jax.random.key(seed + 1000),
-                        n_samples=N_SAMPLES, batch_size=args.batch_size,
+                        n_samples=N_SAMPLES, batch_size=plan["batch_size"],
                         task=tasks[tname],
                     )  # fmt: skip
                     mse = _mse(mean, test_n.values, tgt)
@@ -243,7 +260,7 @@ def run_pbcseq(args, results):
                         _, _, ctx, tgt = _predict_grid(
                             make_model("GRUDelta", ts.num_channels, 0), test_n,
                             key=jax.random.key(seed + 1000), n_samples=N_SAMPLES,
-                            batch_size=args.batch_size, task=tasks[tname],
+                            batch_size=plan["batch_size"], task=tasks[tname],
                         )  # fmt: skip
                         masks[tname] = (ctx, tgt)
                     ctx, tgt = masks[tname]
@@ -317,15 +334,16 @@ def run_periodic(args, results):
     )
     train_n, valid_n, truth_n = map(norm.transform, (train_s, valid_s, test_truth))
     truth = test_truth.values
-    bs = 50
+    plan = plan_for(args, "periodic")
+    bs = plan["batch_size"]
     for name in args.models:
         info, model = {}, None
         if name in LEARNED:
             log(f"periodic: training {name}")
             model, info = train(
-                name, train_n, valid_n, seed=seed, epochs=args.periodic_epochs,
-                batch_size=bs, lr=args.lr, kl_anneal_epochs=args.kl_anneal_epochs,
-                patience=args.patience,
+                name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
+                batch_size=bs, lr=plan["learning_rate"],
+                kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
             )  # fmt: skip
         for tname in TASKS:
             task = truth_task(test_s.mask, tname)
@@ -447,12 +465,11 @@ def main(argv=None):
     summary.update(
         {
             "seeds": args.seeds,
-            "epochs": args.epochs,
-            "periodic_epochs": args.periodic_epochs if args.periodic else None,
+            "recipe": {
+                "pbcseq": None if args.periodic_only else plan_for(args, "pbcseq"),
+                "periodic": plan_for(args, "periodic") if args.periodic else None,
+            },
             "periodic_series": args.periodic_series if args.periodic else None,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "patience": PATIENCE,
             "n_samples": N_SAMPLES,
             "train_tasks": {m: TRAIN_TASK[m][0] for m in LEARNED},
             "units": "MSE in normalised units (train-split statistics)",

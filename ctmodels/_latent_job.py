@@ -55,8 +55,12 @@ DEFAULT_RECIPE: dict[str, Any] = {
 #: after 200), at 2e-3 for 200 epochs it learns the oscillation (0.105) and
 #: extrapolates it (0.096); early stopping would end the run on that plateau.
 RECIPES: dict[str, dict[str, Any]] = {
-    "periodic": {"epochs": 200, "learning_rate": 2e-3, "batch_size": 50,
-                 "patience": None},  # fmt: skip
+    "periodic": {
+        "epochs": 200,
+        "learning_rate": 2e-3,
+        "batch_size": 50,
+        "patience": None,
+    },  # fmt: skip
 }
 
 
