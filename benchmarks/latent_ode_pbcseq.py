@@ -26,7 +26,7 @@ Models (hyperparameters sized like the job's latent ODE: state 8 / 24, MLPs 64 w
 step draws, with probability 1/2 each, either an interpolation task (context: a
 random half of the observed values) or an extrapolation task (context: the values in
 the first half of each series' time span); the target is every observed value. The
-VAEs reconstruct the whole series from the context; ODE-RNN and GRU-Δt predict each
+VAEs reconstruct the series from the context; ODE-RNN and GRU-Δt predict each
 time from the state strictly before it, so scoring every observed value is honest
 for them too (on the context points it is one-step-ahead prediction). Trained on
 interpolation alone, no model ever sees a long stretch without observations, which
@@ -91,6 +91,7 @@ import jax.numpy as jnp  # noqa: E402
 import ctmodels.data as cdata  # noqa: E402
 import ctmodels.datasets as datasets  # noqa: E402
 from ctmodels._latent_job import (  # noqa: E402
+    EVAL_SAMPLES,
     _baseline_mse,
     _log_channels,
     _mse,
@@ -106,7 +107,7 @@ LEARNED = ("LatentODE", "RNNVAE", "ODERNN", "GRUDelta")
 FIXED = ("LinearInterpolation", "LOCF")
 MODELS = LEARNED + FIXED
 TASKS = ("interpolation", "extrapolation")
-N_SAMPLES = 3
+N_SAMPLES = 3  # training (IWAE samples)
 
 
 def parse_args(argv=None):
@@ -251,7 +252,7 @@ def run_pbcseq(args, results):
                 if model is not None:
                     mean, _, ctx, tgt = _predict_grid(
                         model, test_n, key=jax.random.key(seed + 1000),
-                        n_samples=N_SAMPLES, batch_size=plan["batch_size"],
+                        n_samples=EVAL_SAMPLES, batch_size=plan["batch_size"],
                         task=tasks[tname],
                     )  # fmt: skip
                     mse = _mse(mean, test_n.values, tgt)
@@ -350,7 +351,7 @@ def run_periodic(args, results):
             if model is not None:
                 mean, _, ctx, tgt = _predict_grid(
                     model, truth_n, key=jax.random.key(seed + 1000),
-                    n_samples=N_SAMPLES, batch_size=bs, task=task,
+                    n_samples=EVAL_SAMPLES, batch_size=bs, task=task,
                 )  # fmt: skip
             else:
                 _, _, ctx, tgt = _predict_grid(
@@ -471,6 +472,7 @@ def main(argv=None):
             },
             "periodic_series": args.periodic_series if args.periodic else None,
             "n_samples": N_SAMPLES,
+            "eval_samples": EVAL_SAMPLES,
             "train_tasks": {m: TRAIN_TASK[m][0] for m in LEARNED},
             "units": "MSE in normalised units (train-split statistics)",
             "quick": args.quick,

@@ -54,6 +54,34 @@ def test_fit_writes_outputs(fitted):
     np.testing.assert_array_equal(pred["series"].values, src["series"].values)
 
 
+def test_mixed_task_draws_interpolation_or_extrapolation():
+    import jax
+
+    from ctmodels._latent_job import mixed_task
+
+    ts = cd.from_xarray(D.load("pbcseq").isel(series=slice(0, 12)), static=[])
+    batch = next(iter(cd.batches(ts, 12, layout="union")))
+    obs = np.asarray(batch.mask)
+    times = np.asarray(batch.times)[..., None]
+    ot = np.where(obs, times, np.nan)
+    first = np.nanmin(ot, axis=(1, 2))[:, None, None]
+    last = np.nanmax(ot, axis=(1, 2))[:, None, None]
+    early = times <= first + 0.5 * (last - first)
+    kinds = set()
+    for i in range(16):
+        t = mixed_task(batch, key=jax.random.key(i))
+        mask, target = np.asarray(t.mask), np.asarray(t.target_mask)
+        assert not (mask & ~obs).any()
+        assert (target == obs).all()  # every observed value is scored
+        if (mask == (obs & early)).all():
+            kinds.add("extrapolation")  # the context: the first half of the span
+        else:  # about half of the values hidden at random, some late ones kept
+            assert 0.3 < 1 - mask.sum() / obs.sum() < 0.7
+            assert (mask & ~early).any()
+            kinds.add("interpolation")
+    assert kinds == {"interpolation", "extrapolation"}
+
+
 def test_fit_records_its_recipe(fitted):
     # a file gets the default recipe, with the caller's settings over it
     from ctmodels._latent_job import DEFAULT_RECIPE
