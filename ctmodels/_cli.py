@@ -51,6 +51,7 @@ def _fit(ns) -> int:
             latent_size=ns.latent_size,
             learning_rate=ns.learning_rate,
             epochs=ns.epochs,
+            adjoint=ns.adjoint,
         )
         if ns.patience is not None:
             options["patience"] = ns.patience or None
@@ -70,9 +71,17 @@ def _fit(ns) -> int:
         return 0
     from ._node_job import run_neural_ode
 
-    options = dict(seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint)
-    if ns.epochs is not None:
-        options["epochs"] = ns.epochs
+    if ns.patience is not None:
+        raise ValueError(
+            "--patience applies to latent-ode only: the neural-ode job trains for "
+            "--epochs without early stopping."
+        )
+    options = dict(
+        seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint,
+        latent=ns.latent_size,
+    )  # fmt: skip
+    given = {"epochs": ns.epochs, "batch_size": ns.batch_size, "lr": ns.learning_rate}
+    options.update({k: v for k, v in given.items() if v is not None})
     metrics = run_neural_ode(data=ns.data, out=ns.out, progress=not ns.quiet, **options)
     print(json.dumps(metrics, indent=1, default=str))
     return 0
@@ -156,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
         "--epochs", type=int, default=None,
-        help="training epochs (default: the dataset's recipe; latent-ode: 40, "
-        "periodic 200)",
+        help="training epochs (default: latent-ode: the dataset's recipe, 40, "
+        "periodic 200; neural-ode: 150)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
@@ -167,13 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--batch-size", type=int, default=None,
-        help="series per batch (default: the dataset's recipe; 32, periodic 50)",
+        help="series per batch (default 32; latent-ode on periodic: 50)",
     )  # fmt: skip
     p.add_argument("--latent-size", type=int, default=8, help="latent state size")
     p.add_argument(
         "--learning-rate", type=float, default=None,
-        help="peak Adam step of the warmup-cosine schedule (default: the dataset's "
-        "recipe; 1e-2, periodic 2e-3)",
+        help="peak Adam step (default: latent-ode: the dataset's recipe, 1e-2, "
+        "periodic 2e-3; neural-ode: 3e-3)",
     )  # fmt: skip
     p.add_argument(
         "--patience", type=int, default=None,

@@ -228,6 +228,7 @@ def fit_latent_ode(
     encoder_size: int = 24,
     units: int = 64,
     solver: str = "dopri5",
+    adjoint: str = "checkpoint",
     learning_rate: float | None = None,
     n_samples: int = 3,
     patience: int | None | str = FROM_RECIPE,
@@ -272,6 +273,7 @@ def fit_latent_ode(
         encoder_size=encoder_size,
         units=units,
         solver=solver,
+        adjoint=adjoint,
     )
     model = LatentODE(ts.num_channels, **hyper, key=jax.random.key(seed))
     task = mixed_task

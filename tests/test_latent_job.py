@@ -118,6 +118,25 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert seen[0]["batch_size"] is None and "patience" not in seen[0]
     assert (seen[1]["epochs"], seen[1]["learning_rate"]) == (3, 0.1)
     assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, None)
+    assert seen[0]["adjoint"] == "checkpoint"
+
+
+def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
+    import ctmodels._node_job as node
+
+    seen = []
+    monkeypatch.setattr(node, "run_neural_ode", lambda **kw: seen.append(kw) or {})
+    base = ["fit", "neural-ode", "--data", "pbcseq", "--out", str(tmp_path)]
+    assert main(base) == 0
+    assert main(base + ["--batch-size", "8", "--learning-rate", "0.1",
+                        "--latent-size", "3", "--epochs", "2"]) == 0  # fmt: skip
+    assert {"batch_size", "lr", "epochs"}.isdisjoint(seen[0])  # the job's defaults
+    assert (seen[1]["batch_size"], seen[1]["lr"]) == (8, 0.1)
+    assert (seen[1]["latent"], seen[1]["epochs"]) == (3, 2)
+    capsys.readouterr()
+    assert main(base + ["--patience", "3"]) == 2  # not silently ignored
+    err = capsys.readouterr().err.strip()
+    assert "--patience applies to latent-ode only" in err and len(err.splitlines()) == 1
 
 
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
