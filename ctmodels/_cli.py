@@ -54,7 +54,7 @@ def _fit(ns) -> int:
             adjoint=ns.adjoint,
         )
         if ns.patience is not None:
-            options["patience"] = ns.patience or None
+            options["patience"] = ns.patience
         progress = False if ns.quiet else None
         metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
         test = metrics["test"]

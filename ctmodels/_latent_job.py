@@ -71,6 +71,32 @@ def recipe(data_name: str) -> dict[str, Any]:
     return dict(RECIPES.get(str(data_name), DEFAULT_RECIPE))
 
 
+def _resolve_recipe(data, *, epochs, learning_rate, batch_size, patience):
+    """The training plan of `fit_latent_ode`: the recipe of the bundled dataset
+    `data` (`DEFAULT_RECIPE` for a file, whatever its name) with the settings the
+    caller gave over it. Checks them before any work is done."""
+    plan = dict(DEFAULT_RECIPE) if _is_file(data) else recipe(str(data))
+    given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
+    plan.update({k: v for k, v in given.items() if v is not None})
+    if not (isinstance(patience, str) and patience == FROM_RECIPE):
+        plan["patience"] = patience
+    for name in ("epochs", "batch_size"):
+        v = plan[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+    lr = plan["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"learning_rate must be a number > 0, got {lr!r}.")
+    p = plan["patience"]
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+        raise ValueError(
+            f"patience must be None or an int >= 0 (0 or None: no early stopping), "
+            f"got {p!r}."
+        )
+    plan["patience"] = p or None
+    return plan
+
+
 #: Posterior samples behind the predictive means that metrics score (`metrics.json`,
 #: `evaluate`): the mean of a few samples adds their spread / K to the MSE.
 EVAL_SAMPLES = 32
@@ -79,11 +105,17 @@ EVAL_SAMPLES = 32
 FROM_RECIPE: Any = "recipe"
 
 
+def _is_file(data: str | Path) -> bool:
+    """Whether `_open` reads `data` from a file (else it is a dataset name)."""
+    path = Path(str(data))
+    return path.suffix in (".nc", ".nc4", ".netcdf") or path.exists()
+
+
 def _open(data: str | Path) -> tuple[xr.Dataset, str]:
     from . import datasets
 
     path = Path(str(data))
-    if path.suffix in (".nc", ".nc4", ".netcdf") or path.exists():
+    if _is_file(data):
         if not path.exists():
             raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
         if path.suffix == ".zarr" or path.is_dir():
@@ -240,7 +272,8 @@ def fit_latent_ode(
     `epochs`, `batch_size`, `learning_rate` left as None and `patience` left as
     `FROM_RECIPE` take the dataset's training recipe (`recipe(name)`: `RECIPES` for
     the datasets that need their own, else `DEFAULT_RECIPE`: 40 epochs, batch 32,
-    peak learning rate 1e-2, patience 10); `patience=None` turns early stopping off.
+    peak learning rate 1e-2, patience 10); `patience=None` or 0 turns early stopping
+    off. A file gets `DEFAULT_RECIPE` whatever its name.
     The recipe used is recorded in `metrics.json` (`"recipe"`).
 
     Returns the metrics dict (also written to `OUT/metrics.json`).
@@ -249,15 +282,13 @@ def fit_latent_ode(
     from .train import fit
 
     t_start = _time.perf_counter()
+    plan = _resolve_recipe(
+        data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+        patience=patience,
+    )  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds, data_name = _open(data)
-    # recipes are per bundled dataset; a file gets the default whatever its name
-    plan = recipe(data_name) if data_name == str(data) else dict(DEFAULT_RECIPE)
-    given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
-    plan.update({k: v for k, v in given.items() if v is not None})
-    if not (isinstance(patience, str) and patience == FROM_RECIPE):
-        plan["patience"] = patience
     epochs, learning_rate = plan["epochs"], plan["learning_rate"]
     batch_size, patience = plan["batch_size"], plan["patience"]
     ts = cdata.from_xarray(ds, static=[])
@@ -323,7 +354,7 @@ def fit_latent_ode(
     # predictions for every series, conditioned on all its observations
     ts_n = norm.transform(ts)
     mean, std, _, _ = _predict_grid(
-        model, ts_n, key=jax.random.key(seed + 2), n_samples=n_samples * 4,
+        model, ts_n, key=jax.random.key(seed + 2), n_samples=EVAL_SAMPLES,
         batch_size=batch_size,
     )  # fmt: skip
     mu, sd = norm.inverse(mean, std)

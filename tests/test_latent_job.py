@@ -90,6 +90,7 @@ def test_fit_records_its_recipe(fitted):
     want = dict(DEFAULT_RECIPE, epochs=2, batch_size=16)
     assert metrics["recipe"] == want
     assert metrics["epochs_run"] <= 2
+    assert metrics["hyperparameters"]["adjoint"] == "checkpoint"
 
 
 def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
@@ -99,6 +100,22 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert job.recipe("pbcseq") == job.DEFAULT_RECIPE
     job.recipe("periodic")["epochs"] = -1  # a copy: the table is not changed
     assert job.RECIPES["periodic"]["epochs"] == 200
+    unset = dict(epochs=None, learning_rate=None, batch_size=None,
+                 patience=job.FROM_RECIPE)  # fmt: skip
+    key = lambda p: (p["learning_rate"], p["epochs"], p["patience"])  # noqa: E731
+    assert key(job._resolve_recipe("periodic", **unset)) == (2e-3, 200, None)
+    plan = job._resolve_recipe("periodic", **dict(unset, epochs=5, patience=3))
+    assert key(plan) == (2e-3, 5, 3)
+    assert job._resolve_recipe("pbcseq", **dict(unset, patience=0))["patience"] is None
+    # a file gets the default recipe whatever its name, with or without a suffix
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "periodic").write_text("")
+    for name in ("periodic", "periodic.nc"):
+        assert job._resolve_recipe(name, **unset) == job.DEFAULT_RECIPE
+    for bad in (dict(epochs=0), dict(batch_size=2.5), dict(learning_rate=-1.0),
+                dict(patience=-1)):  # fmt: skip
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            job._resolve_recipe("pbcseq", **dict(unset, **bad))
     seen = []
 
     def fake_fit(data, out, **options):
@@ -117,7 +134,7 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert seen[0]["epochs"] is None and seen[0]["learning_rate"] is None
     assert seen[0]["batch_size"] is None and "patience" not in seen[0]
     assert (seen[1]["epochs"], seen[1]["learning_rate"]) == (3, 0.1)
-    assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, None)
+    assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, 0)
     assert seen[0]["adjoint"] == "checkpoint"
 
 
