@@ -31,7 +31,9 @@ implementation and then of the other on the same batches. A sample is the mean t
 per step of one round; `median_s`/`min_s` are over the rounds.
 
 Output: one JSON line per implementation, then a summary line with
-`torch_over_ctmodels` (> 1 means ctmodels is faster). The cost of a step grows as
+`torch_over_ctmodels` (> 1 means ctmodels is faster; the ratio of the medians),
+`torch_over_ctmodels_by_min` and `torch_over_ctmodels_per_round(_median)` (each
+round's ratio). The cost of a step grows as
 training makes the latent dynamics harder (more dopri5 steps; both implementations
 alike), so the lines also report the solver work at the end of the run:
 `final_latent_steps` (JAX: dopri5 steps of the latent solve) and
@@ -341,6 +343,8 @@ def main(argv=None):
     nfe_torch = tmodel.dynamics.nfe
 
     med = {k: statistics.median(v) for k, v in samples_s.items()}
+    pairs = zip(samples_s["ctmodels"], samples_s["torchdiffeq"], strict=True)
+    per_round = [t / c for c, t in pairs]
     for impl, first_loss, first_s in (
         ("ctmodels", loss_j, t_first_j),
         ("torchdiffeq", loss_t, t_first_t),
@@ -366,6 +370,10 @@ def main(argv=None):
             "torch_over_ctmodels": med["torchdiffeq"] / med["ctmodels"],
             "torch_over_ctmodels_by_min": min(samples_s["torchdiffeq"])
             / min(samples_s["ctmodels"]),
+            # rounds interleave, so each round's ratio compares like with like (the
+            # step cost grows with training in both implementations)
+            "torch_over_ctmodels_per_round": [round(r, 3) for r in per_round],
+            "torch_over_ctmodels_per_round_median": statistics.median(per_round),
             "first_loss_rel_diff": abs(loss_j - loss_t) / abs(loss_t),
             "series": n_series,
             "times": n_times,
