@@ -92,13 +92,14 @@ import ctmodels.data as cdata  # noqa: E402
 import ctmodels.datasets as datasets  # noqa: E402
 from ctmodels._latent_job import (  # noqa: E402
     EVAL_SAMPLES,
+    FROM_RECIPE,
     _baseline_mse,
     _log_channels,
     _mse,
     _predict_grid,
+    _resolve_recipe,
     _tasks,
     mixed_task,
-    recipe,
 )
 from ctmodels.models import ODERNN, RNNVAE, GRUDelta, LatentODE  # noqa: E402
 from ctmodels.train import fit  # noqa: E402
@@ -154,13 +155,13 @@ def parse_args(argv=None):
 
 def plan_for(args, data):
     """The job's training recipe for `data` with the command line's overrides."""
-    plan = recipe(data)
-    epochs = args.epochs if data == "pbcseq" else args.periodic_epochs
-    given = {"epochs": epochs, "learning_rate": args.lr, "batch_size": args.batch_size}
-    plan.update({k: v for k, v in given.items() if v is not None})
-    if args.patience is not None:
-        plan["patience"] = args.patience or None
-    return plan
+    return _resolve_recipe(
+        data,
+        epochs=args.epochs if data == "pbcseq" else args.periodic_epochs,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        patience=FROM_RECIPE if args.patience is None else args.patience,
+    )
 
 
 def emit(obj):

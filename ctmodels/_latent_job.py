@@ -75,6 +75,8 @@ def _resolve_recipe(data, *, epochs, learning_rate, batch_size, patience):
     """The training plan of `fit_latent_ode`: the recipe of the bundled dataset
     `data` (`DEFAULT_RECIPE` for a file, whatever its name) with the settings the
     caller gave over it. Checks them before any work is done."""
+    from .train._fit import _is_int
+
     plan = dict(DEFAULT_RECIPE) if _is_file(data) else recipe(str(data))
     given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     plan.update({k: v for k, v in given.items() if v is not None})
@@ -82,13 +84,13 @@ def _resolve_recipe(data, *, epochs, learning_rate, batch_size, patience):
         plan["patience"] = patience
     for name in ("epochs", "batch_size"):
         v = plan[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not _is_int(v) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
     lr = plan["learning_rate"]
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
         raise ValueError(f"learning_rate must be a number > 0, got {lr!r}.")
     p = plan["patience"]
-    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 0):
+    if p is not None and (not _is_int(p) or p < 0):
         raise ValueError(
             f"patience must be None or an int >= 0 (0 or None: no early stopping), "
             f"got {p!r}."

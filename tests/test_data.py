@@ -363,8 +363,9 @@ def test_split_series_partitions():
 # ------------------------------------------------------------------------ lazy
 
 
-def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
-    pytest.importorskip("dask")
+def _spied_pbcseq_file(tmp_path, monkeypatch):
+    """pbcseq written to netCDF, and a list that records each `(variable, key)` the
+    netCDF backend reads from it."""
     import xarray.backends.netCDF4_ as nc4
 
     path = tmp_path / "pbc.nc"
@@ -377,17 +378,28 @@ def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
         return original(self, key)
 
     monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    return path, reads
+
+
+def _rows_read(reads, variables=("bili",)) -> set[int]:
+    """The series (of pbcseq's 312) that the recorded reads of `variables` touched."""
+    rows = set()
+    for name, key in reads:
+        if name in variables:
+            rows |= set(np.arange(312)[key[0]].tolist())
+    return rows
+
+
+def test_lazy_netcdf_reads_only_requested_batches(tmp_path, monkeypatch):
+    pytest.importorskip("dask")
+    path, reads = _spied_pbcseq_file(tmp_path, monkeypatch)
     with xr.open_dataset(path, chunks={"series": 8}) as ds:
         src = cd.from_xarray(ds, block_size=8)
         assert isinstance(src, cd.LazyTimeSeries) and len(src) == 312
         reads.clear()
         batch_iter = cd.batches(src, 8, layout="padded", prefetch=0)
         batch = next(batch_iter)
-        series_read = set()
-        for name, key in reads:
-            if name in ("bili", "albumin"):
-                rows = np.arange(312)[key[0]]
-                series_read |= set(rows.tolist())
+        series_read = _rows_read(reads, ("bili", "albumin"))
         assert series_read == set(range(8)), series_read
         eager = cd.from_xarray(D.load("pbcseq"))
         ref = cd.make_batch(eager[np.arange(8)], layout="padded", batch_size=8)
@@ -399,19 +411,7 @@ def test_block_shuffled_prefetched_epoch_reads_each_block_once(tmp_path, monkeyp
     the same batches as in memory, every series once, every block read once (also
     when the short last block shifts batches off the block boundaries)."""
     pytest.importorskip("dask")
-    import xarray.backends.netCDF4_ as nc4
-
-    path = tmp_path / "pbc.nc"
-    D.load("pbcseq").to_netcdf(path)
-    reads = []
-    original = nc4.NetCDF4ArrayWrapper._getitem
-
-    def spy(self, key):
-        if self.variable_name == "bili":
-            reads.append(key[0])
-        return original(self, key)
-
-    monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    path, reads = _spied_pbcseq_file(tmp_path, monkeypatch)
     eager = cd.from_xarray(D.load("pbcseq"))
     key = jax.random.key(3)
     order = cd.shuffle_order(key, 312, shuffle="block", block_size=40)
@@ -423,7 +423,8 @@ def test_block_shuffled_prefetched_epoch_reads_each_block_once(tmp_path, monkeyp
         src = cd.from_xarray(ds, block_size=40)
         reads.clear()
         got = list(cd.batches(src, 16, key=key, shuffle="block", layout="padded"))
-        assert len(reads) == 8  # one contiguous read per block (312 = 7 * 40 + 32)
+        bili_reads = [key for name, key in reads if name == "bili"]
+        assert len(bili_reads) == 8  # one contiguous read per block (312 = 7*40 + 32)
         want = list(
             cd.batches(
                 eager, 16, key=key, shuffle="block", block_size=40, layout="padded"
@@ -443,18 +444,7 @@ def test_block_shuffled_prefetched_epoch_reads_each_block_once(tmp_path, monkeyp
 
 
 def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
-    import xarray.backends.netCDF4_ as nc4
-
-    path = tmp_path / "pbc.nc"
-    D.load("pbcseq").to_netcdf(path)
-    reads = []
-    original = nc4.NetCDF4ArrayWrapper._getitem
-
-    def spy(self, key):
-        reads.append((self.variable_name, key))
-        return original(self, key)
-
-    monkeypatch.setattr(nc4.NetCDF4ArrayWrapper, "_getitem", spy)
+    path, reads = _spied_pbcseq_file(tmp_path, monkeypatch)
     eager = cd.from_xarray(D.load("pbcseq"))
     with xr.open_dataset(path) as ds:
         src = cd.from_xarray(ds, lazy=True, block_size=16)
@@ -470,19 +460,11 @@ def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
             np.testing.assert_array_equal(
                 got.meta.series_ids, eager.meta.series_ids[idx]
             )
-
         # a request over two blocks reads those blocks (block 0 is still cached),
         # not the range between
-        def rows_read():
-            rows = set()
-            for name, key in reads:
-                if name == "bili":
-                    rows |= set(np.arange(312)[key[0]].tolist())
-            return rows
-
         reads.clear()
         d = src[np.array([300, 0])]
-        assert rows_read() == set(range(288, 304))
+        assert _rows_read(reads) == set(range(288, 304))
         np.testing.assert_array_equal(d.nan_values(), eager[[300, 0]].nan_values())
         np.testing.assert_array_equal(
             d.meta.series_ids, eager.meta.series_ids[[300, 0]]
@@ -490,5 +472,5 @@ def test_lazy_block_cache_reads_each_block_once(tmp_path, monkeypatch):
         # a scattered request (over more blocks) reads just the requested series
         reads.clear()
         e = src[np.array([0, 150, 300])]
-        assert rows_read() == {0, 150, 300}
+        assert _rows_read(reads) == {0, 150, 300}
         np.testing.assert_array_equal(e.nan_values(), eager[[0, 150, 300]].nan_values())

@@ -240,7 +240,7 @@ def batches(
         key,
         n,
         shuffle=shuffle,
-        block_size=block_size or getattr(source, "block_size", None) or 4 * batch_size,
+        block_size=block_size or default_block_size(source, batch_size),
     )
 
     def read(b: int) -> Batch:
@@ -273,6 +273,12 @@ def batches(
         finally:
             for f in pending:
                 f.cancel()
+
+
+def default_block_size(source: Any, batch_size: int) -> int:
+    """The block of a block shuffle: a lazy source's own `block_size` (the blocks it
+    reads and caches), else `4 * batch_size`."""
+    return getattr(source, "block_size", None) or 4 * batch_size
 
 
 def shuffle_order(

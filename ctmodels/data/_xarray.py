@@ -387,12 +387,14 @@ class LazyTimeSeries:
             parts = [self._block(int(k)) for k in ks]
         if len(parts) == 1:
             return parts[0][index - ks[0] * B]
-        both = _concat(parts)
-        first = len(parts[0])
-        local = np.where(
-            index // B == ks[0], index - ks[0] * B, index - ks[1] * B + first
+        # the requested series of each block, joined, then in the order asked for
+        # (joining only the selections: not two whole blocks per batch)
+        first = index // B == ks[0]
+        pos = np.concatenate([np.flatnonzero(first), np.flatnonzero(~first)])
+        got = _concat(
+            [parts[0][index[first] - ks[0] * B], parts[1][index[~first] - ks[1] * B]]
         )
-        return both[local]
+        return got if np.array_equal(pos, np.arange(len(pos))) else got[np.argsort(pos)]
 
     def load(self) -> TimeSeries:
         return self.layout.convert(self.ds)
@@ -405,7 +407,7 @@ class LazyTimeSeries:
 
 
 def _concat(parts: list[TimeSeries]) -> TimeSeries:
-    """Series of blocks of one file, one after the other (same time axis length)."""
+    """Series from blocks of one file, one after the other (same time axis length)."""
 
     def cat(name):
         xs = [getattr(p, name) for p in parts]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import Batch, TimeSeries, num_batches, read_batch, shuffle_order
+from ..data._batch import default_block_size
 
 
 def _is_array(x: Any) -> bool:
@@ -54,7 +55,7 @@ class SeriesData:
             key,
             self.n,
             shuffle="block" if self.lazy else "full",
-            block_size=getattr(self.source, "block_size", None) or 4 * self.batch_size,
+            block_size=default_block_size(self.source, self.batch_size),
         )
 
     def _read(self, order: np.ndarray, b: int) -> Batch:
