@@ -40,29 +40,48 @@ alike), so the lines also report the solver work at the end of the run:
 `final_latent_nfe_fwd` (torchdiffeq: vector-field evaluations of a forward pass,
 about 6 per step).
 
+`--device gpu` runs both on the first GPU instead (JAX's default GPU backend, torch on
+`cuda`; same model, data and timing), for the GPU figure in benchmarks/README.md; the
+issue's target is the CPU setting.
+
 Usage:
-  python benchmarks/latent_ode_step.py [--reps N] [--steps N] [--quick]
+  python benchmarks/latent_ode_step.py [--reps N] [--steps N] [--quick] [--device gpu]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-# One thread everywhere; must be set before jax / torch are imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+def _device_from_argv(argv):
+    """`--device` read before jax / torch are imported (it decides their settings)."""
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "cpu"
+
+
+DEVICE = _device_from_argv(sys.argv[1:])
+if DEVICE == "cpu":
+    # One thread everywhere; must be set before jax / torch are imported.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_v, "1")
+else:  # one GPU each; no up-front grab of most of its memory
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # compile the step as `ctmodels fit` does: runtime checks in NaN mode, no host callbacks
 os.environ.setdefault("EQX_ON_ERROR", "nan")
-for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -77,6 +96,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="training steps per round")
     p.add_argument("--quick", action="store_true", help="small sizes, smoke run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each (the issue's setting); gpu: JAX and torch on "
+        "the first GPU",
+    )
     return p.parse_args(argv)
 
 
@@ -242,12 +268,14 @@ def main(argv=None):
 
         def loss(self, times, values, context, eps):
             B, T, _ = values.shape
-            x = torch.where(context, values, torch.zeros(()))
+            x = torch.where(context, values, values.new_zeros(()))
             inputs = torch.cat([x, context.float()], -1)
             observed = context.any(-1)
             t_ref = times[0]
-            t_last = torch.where(observed, times, torch.tensor(-float("inf"))).amax(1)
-            h = torch.zeros(B, self.enc_field[-1].out_features)
+            t_last = torch.where(observed, times, times.new_tensor(-float("inf"))).amax(
+                1
+            )
+            h = values.new_zeros(B, self.enc_field[-1].out_features)
             for j in reversed(range(T)):  # ODE-RNN backwards; one Euler step
                 h_minus = h + (times[j] - t_last)[:, None] * run(self.enc_field, h)
                 obs = observed[:, j]
@@ -268,13 +296,16 @@ def main(argv=None):
             bound = torch.logsumexp(ll + lp - lq, 0) - np.log(eps.shape[0])
             return -bound.sum() / (B * T * values.shape[-1])
 
-    tmodel = TorchLatentODE(model)
+    dev = torch.device("cuda" if args.device == "gpu" else "cpu")
+    tmodel = TorchLatentODE(model).to(dev)
     topt = torch.optim.Adam(tmodel.parameters(), lr=LR)
-    tgrid = torch.from_numpy(grid.astype(np.float32))
+    tgrid = torch.from_numpy(grid.astype(np.float32)).to(dev)
     tbatches = [
         (
-            torch.from_numpy(values[i * batch : (i + 1) * batch].astype(np.float32)),
-            torch.from_numpy(context[i * batch : (i + 1) * batch]),
+            torch.from_numpy(values[i * batch : (i + 1) * batch].astype(np.float32)).to(
+                dev
+            ),
+            torch.from_numpy(context[i * batch : (i + 1) * batch]).to(dev),
         )
         for i in range(n_batches)
     ]
@@ -285,7 +316,7 @@ def main(argv=None):
     def torch_step(i, key):
         v, c = tbatches[i]
         topt.zero_grad()
-        loss = tmodel.loss(tgrid, v, c, torch.from_numpy(eps_of(key)))
+        loss = tmodel.loss(tgrid, v, c, torch.from_numpy(eps_of(key)).to(dev))
         loss.backward()
         topt.step()
         return float(loss.detach())
@@ -386,6 +417,11 @@ def main(argv=None):
             "reps": reps,
             "steps_per_rep": steps,
             "quick": args.quick,
+            "device": args.device,
+            "jax_device": jax.devices()[0].device_kind,
+            "torch_device": (
+                torch.cuda.get_device_name() if args.device == "gpu" else "cpu"
+            ),
             "load_avg_1min": os.getloadavg()[0],
             "jax": jax.__version__,
             "torch": torch.__version__,
