@@ -7,7 +7,8 @@
 # It expects JAX with CUDA, torch with CUDA and torchdiffeq installed (the lent GPU
 # machines' image has them). Packages that image lacks (netCDF4, cftime) can sit as
 # wheels in .whl/ and are installed into /tmp/site first. Each part has its own time
-# limit, so one hang does not eat the others; OUTDIR collects the logs:
+# limit, so one hang does not eat the others (GPU_CHECK_ONLY=pytest stops after the
+# smoke test); OUTDIR collects the logs:
 #
 #   env.txt       GPU, driver and package versions
 #   pytest.txt    the smoke test: CI's test command with JAX on the GPU
@@ -39,10 +40,13 @@ EOF
 } 2>&1 | tee "$out/env.txt"
 
 echo "== smoke test: the test suite (CI's command) with JAX on the GPU"
-# pytest-xdist, where installed, spreads the files over 8 processes sharing the GPU
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout "${GPU_CHECK_PYTEST_S:-200}" python3 -m pytest -q -m "not slow" \
-    -p no:cacheprovider --durations=15 $xdist 2>&1 | tee "$out/pytest.txt"
+# pytest-xdist, where installed, spreads the tests over processes sharing the GPU
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(($(nproc) - 1))")
+timeout "${GPU_CHECK_PYTEST_S:-240}" python3 -m pytest -q -m "not slow" \
+    -p no:cacheprovider -p no:benchmark -rfEs --tb=short --durations=15 $xdist \
+    2>&1 | tee "$out/pytest.txt"
+
+[ "${GPU_CHECK_ONLY:-}" = pytest ] && exit 0
 
 echo "== quick-start job on the GPU"
 rm -rf /tmp/ctmodels-gpu-run
