@@ -375,6 +375,10 @@ def test_resume_with_different_run_is_refused(tmp_path):
             (x, y),
             **{**args, "key": jax.random.key(1)},
         )
+    with pytest.raises(ValueError, match="monitor: checkpoint 'loss', now 'mae'"):
+        fit(
+            Regressor(3, 1, key=jax.random.key(0)), (x, y), **{**args, "monitor": "mae"}
+        )
     # resume=False starts afresh
     _, hist = fit(Regressor(6, 1, key=jax.random.key(0)), (x2, y), resume=False, **args)
     assert hist.attrs["resumed_from_step"] is None
@@ -716,6 +720,38 @@ def test_early_stopping_returns_best_model():
     np.testing.assert_allclose(float(loss), hist["valid_loss"].min(), rtol=1e-5)
 
 
+class Contrarian(Regressor):
+    """Reports the negated MSE as a metric: monitoring it keeps the worst epoch."""
+
+    def loss(self, batch, *, key):
+        mse, _ = super().loss(batch, key=key)
+        return mse, {"neg_mse": -mse}
+
+
+def test_monitor_chooses_the_epoch_by_the_named_metric():
+    x, y = _arrays(32)
+    xv, yv = x[:16], -y[:16] + 1.0  # the validation loss rises as training goes on
+    model = Contrarian(3, 1, key=jax.random.key(0))
+    out, hist = fit(
+        model, (x, y), valid=(xv, yv), epochs=6, batch_size=8, key=jax.random.key(0),
+        learning_rate=5e-2, schedule="constant", monitor="neg_mse", log=False,
+    )  # fmt: skip
+    best = hist.attrs["best_epoch"]
+    assert hist.attrs["monitor"] == "neg_mse"
+    # the loss's best epoch is not the monitored one: the test can tell them apart
+    assert hist["valid_loss"].idxmin() != hist["valid_neg_mse"].idxmin()
+    assert hist["valid_neg_mse"].idxmin() == best - 1
+    assert hist.attrs["best_valid"] == hist["valid_neg_mse"].min()
+    assert hist.attrs["best_valid_loss"] == hist["valid_loss"].iloc[best - 1]
+    loss, _ = out.loss((jnp.asarray(xv), jnp.asarray(yv)), key=jax.random.key(0))
+    np.testing.assert_allclose(float(loss), hist["valid_loss"].max(), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"monitor='mse'.*\['loss', 'neg_mse'\]"):
+        fit(
+            model, (x, y), valid=(xv, yv), epochs=1, batch_size=8,
+            key=jax.random.key(0), monitor="mse", log=False,
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------ bad arguments
 
 
@@ -737,6 +773,8 @@ def test_bad_arguments():
         fit(m, (x, y), epochs=1, key=k, patience=2)
     with pytest.raises(ValueError, match="nan_policy"):
         fit(m, (x, y), epochs=1, key=k, nan_policy="ignore")
+    with pytest.raises(ValueError, match="monitor must be the name"):
+        fit(m, (x, y), epochs=1, key=k, monitor="")
     with pytest.raises(ValueError, match="kl_weight"):
         fit(m, (x, y), epochs=1, key=k, kl_anneal_steps=10)
     with pytest.raises(ValueError, match="schedule"):

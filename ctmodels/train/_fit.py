@@ -414,6 +414,7 @@ def fit(
     resume: bool = True,
     patience: int | None = None,
     restore_best: bool = True,
+    monitor: str = "loss",
     nan_policy: Literal["skip", "rollback", "raise"] = "skip",
     max_nan_skips: int = 20,
     progress: bool | None = None,
@@ -481,10 +482,14 @@ def fit(
       arguments must describe the same run). With the same arguments the result is
       bitwise the same as an uninterrupted run (on the same device). `False` starts
       afresh and overwrites it.
-    - `patience`: stop when the validation loss has not improved for this many
-      epochs (needs `valid`).
+    - `patience`: stop when the validation loss (or `monitor`) has not improved for
+      this many epochs (needs `valid`).
     - `restore_best`: with `valid`, return the model of the best validation loss
-      (otherwise the last one).
+      (or `monitor`; otherwise the last one).
+    - `monitor`: which validation value `patience` and `restore_best` minimise: the
+      loss (default) or one of the metrics the loss returns, by name (e.g. `"mse"`
+      when the MSE is what will be reported). An unknown name is an error at the
+      end of the first epoch, listing the names there are.
     - `nan_policy`: what to do with a step whose loss or gradient is not finite. The
       step never changes the parameters or optimizer state (this is decided inside
       the compiled step). `"skip"`: count it and go on, failing after
@@ -510,7 +515,8 @@ def fit(
     `time` (seconds since the start of training), `nan_skips`. Its `attrs` hold
     `compilations` (how many times this call traced, i.e. compiled, the train and
     eval steps: once per batch shape; 0 when an earlier `fit` already compiled the
-    same configuration), `best_epoch`, `best_valid_loss`, `stopped_early`,
+    same configuration), `monitor`, `best_epoch`, `best_valid` (the best monitored
+    value), `best_valid_loss` (the validation loss at `best_epoch`), `stopped_early`,
     `nan_skips`, `steps` and `resumed_from_step`.
 
     **Raises:** `ValueError` for bad arguments or a checkpoint of a different run;
@@ -564,6 +570,11 @@ def fit(
         )
     if not _is_int(max_nan_skips) or max_nan_skips < 1:
         raise ValueError(f"max_nan_skips must be an int >= 1, got {max_nan_skips!r}.")
+    if not isinstance(monitor, str) or not monitor:
+        raise ValueError(
+            f"monitor must be the name of a validation value ('loss' or a metric of "
+            f"the loss, e.g. 'mse'), got {monitor!r}."
+        )
     if patience is not None:
         if not _is_int(patience) or patience < 1:
             raise ValueError(f"patience must be an int >= 1, got {patience!r}.")
@@ -669,6 +680,7 @@ def fit(
         else None,
         "clip_norm": clip_norm if optimizer is None else None,
         "kl_anneal_steps": int(kl_anneal_steps),
+        "monitor": monitor,
         "task": _describe(task),
         "eval_task": _describe(eval_task),
         "loss_kwargs": {k: _describe(v) for k, v in sorted(loss_kwargs.items())},
@@ -824,7 +836,13 @@ def fit(
         stop = False
         if valid_data is not None:
             row.update(evaluate(s.model))
-            v = row.get("valid_loss", math.nan)
+            if f"valid_{monitor}" not in row:
+                names = sorted(k[6:] for k in row if k.startswith("valid_"))
+                raise ValueError(
+                    f"monitor={monitor!r} is not a validation value of this model's "
+                    f"loss; it has {names}. Pass one of them."
+                )
+            v = row[f"valid_{monitor}"]
             if math.isfinite(v) and (best_loss is None or v < best_loss):
                 best_model, best_loss, best_epoch, bad = s.model, v, s.epoch + 1, 0
             else:
@@ -838,7 +856,7 @@ def fit(
         prog.summary(row)
         if stop:
             prog.message(
-                f"early stopping: no improvement of valid_loss for {bad} epochs "
+                f"early stopping: no improvement of valid_{monitor} for {bad} epochs "
                 f"(best {best_loss:.6g} at epoch {best_epoch})"
             )
         return dataclasses.replace(
@@ -1046,7 +1064,12 @@ def fit(
     history = history_frame(state)
     history.attrs["compilations"] = {k: _TRACES[k] - traces0[k] for k in _TRACES}
     history.attrs["best_epoch"] = state.best_epoch
-    history.attrs["best_valid_loss"] = state.best_loss
+    history.attrs["monitor"] = monitor
+    history.attrs["best_valid"] = state.best_loss
+    best_rows = [r for r in state.history if r["epoch"] == state.best_epoch]
+    history.attrs["best_valid_loss"] = (
+        best_rows[0].get("valid_loss") if best_rows else None
+    )
     history.attrs["stopped_early"] = state.stopped_early
     history.attrs["nan_skips"] = state.nan_skips
     history.attrs["resumed_from_step"] = resumed_from
@@ -1057,6 +1080,10 @@ def fit(
         else state.model
     )
     return out_model, history
+
+
+# run settings added after checkpoints were first written: their value in those
+_COMPARE_DEFAULTS = {"monitor": "loss"}
 
 
 def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint_dir):
@@ -1084,7 +1111,7 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
                     f"model hyperparameter {k}: checkpoint {o.get(k, '<absent>')!r}, "
                     f"now {n.get(k, '<absent>')!r}"
                 )
-    old_cmp = meta.get("compare", {})
+    old_cmp = {**_COMPARE_DEFAULTS, **meta.get("compare", {})}
     for k in sorted(set(old_cmp) | set(compare)):
         if k == "model_class":
             continue
