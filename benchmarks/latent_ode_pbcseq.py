@@ -8,8 +8,9 @@ trained with `ctmodels.train.fit` on the job's training recipe for the dataset
 (`ctmodels._latent_job.recipe`; pbcseq: Adam with peak step 1e-2 on the default
 warmup-cosine schedule, batch 32, 40 epochs, early stopping on the validation loss
 with patience 10; periodic: 2e-3, batch 50, 200 epochs, no early stopping; the
-best epoch is restored either way; `--lr`, `--batch-size`, `--epochs` /
-`--periodic-epochs`, `--patience` override it), union layout, 3 latent samples.
+epoch of the best validation loss is restored either way; `--lr`, `--batch-size`,
+`--epochs` / `--periodic-epochs`, `--patience`, `--monitor` override it), union
+layout, 3 latent samples.
 
 Models (hyperparameters sized like the job's latent ODE: state 8 / 24, MLPs 64 wide):
 
@@ -142,6 +143,12 @@ def parse_args(argv=None):
         default=None,
         help="early-stopping patience in epochs, 0: off (default: recipe)",
     )
+    p.add_argument(
+        "--monitor",
+        default=None,
+        help="validation value for early stopping and the restored epoch, 'loss' or "
+        "a metric such as 'mse' (default: recipe)",
+    )
     p.add_argument("--quick", action="store_true", help="1 seed, few epochs")
     args = p.parse_args(argv)
     if args.quick:
@@ -161,7 +168,7 @@ def plan_for(args, data):
         learning_rate=args.lr,
         batch_size=args.batch_size,
         patience=FROM_RECIPE if args.patience is None else args.patience,
-    )
+    ) | ({} if args.monitor is None else {"monitor": args.monitor})
 
 
 def emit(obj):
@@ -196,7 +203,7 @@ TRAIN_TASK = {name: (_MIXED, mixed_task) for name in LEARNED}
 
 
 def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epochs=0.0,
-          patience=None):  # fmt: skip
+          patience=None, monitor="loss"):  # fmt: skip
     model = make_model(name, train_n.num_channels, seed)
     task = TRAIN_TASK[name][1]
     steps_per_epoch = -(-len(train_n) // batch_size)
@@ -204,25 +211,20 @@ def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epo
     model, history = fit(
         model, train_n, valid=valid_n, epochs=epochs, batch_size=batch_size,
         key=jax.random.key(seed + 1), learning_rate=lr, task=task, eval_task=task,
-        layout="union", patience=patience or None, progress=False,
+        layout="union", patience=patience or None, monitor=monitor, progress=False,
         kl_anneal_steps=int(kl_anneal_epochs * steps_per_epoch),
         loss_kwargs={"n_samples": N_SAMPLES},
     )  # fmt: skip
     info = {
         "train_task": TRAIN_TASK[name][0],
         "epochs_run": int(len(history)),
-        "best_valid_loss": _best(history),
+        "monitor": history.attrs["monitor"],
+        "best_epoch": history.attrs["best_epoch"],
+        "best_valid_loss": history.attrs["best_valid_loss"],
         "fit_s": round(time.perf_counter() - t0, 1),
         "compilations": history.attrs.get("compilations"),
     }
     return model, info
-
-
-def _best(history):
-    for col in ("valid_loss", "val_loss", "valid/loss"):
-        if col in history.columns:
-            return float(np.nanmin(history[col].to_numpy(float)))
-    return None
 
 
 # ------------------------------------------------------------------------- pbcseq
@@ -248,6 +250,7 @@ def run_pbcseq(args, results):
                     name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                     batch_size=plan["batch_size"], lr=plan["learning_rate"],
                     kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
+                    monitor=plan["monitor"],
                 )  # fmt: skip
             for tname in TASKS:
                 if model is not None:
@@ -346,6 +349,7 @@ def run_periodic(args, results):
                 name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                 batch_size=bs, lr=plan["learning_rate"],
                 kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
+                monitor=plan["monitor"],
             )  # fmt: skip
         for tname in TASKS:
             task = truth_task(test_s.mask, tname)
