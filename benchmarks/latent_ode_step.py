@@ -1,4 +1,5 @@
-"""Latent-ODE training step: ctmodels.models.LatentODE vs the same model in torchdiffeq.
+"""Latent-ODE training step: ctmodels.models.LatentODE vs the same model in torchdiffeq
+and in plain Diffrax.
 
 The periodic configuration of Rubanova, Chen & Duvenaud (2019)'s code: 1000 series of a
 noisy sine (random frequency, amplitude and phase), 100 time points (one shared random
@@ -19,6 +20,11 @@ noise samples (the first step's losses are printed side by side):
   (`h + dt * f(h)`, which is what the paper's code does for small gaps; cheaper than
   calling `odeint` per gap), and `torchdiffeq.odeint(..., method="dopri5")` for the
   latent ODE over the shared grid; autograd backprop; `torch.optim.Adam`.
+- `diffrax`: the same model written by hand in JAX, Diffrax and Equinox, without
+  ctmodels: the encoder as a `lax.scan` over the time positions (the same Euler step
+  and GRU update), `diffrax.diffeqsolve(Dopri5(), SaveAt(ts=grid), PIDController)`
+  with its default adjoint for the latent ODE, the same optax Adam, jitted, on the
+  same parameter pytree. The issue asks that ctmodels not be slower than this.
 
 The JAX step is compiled as `ctmodels.train.fit` under the `ctmodels` command
 compiles its steps: `traced_failures("nan")` and `EQX_ON_ERROR=nan`, so a failed
@@ -26,12 +32,13 @@ solve gives a NaN loss (fit's NaN guard) instead of a host callback; host callba
 also cost ~0.7 ms per call in dispatch.
 
 Timing: the JAX step is AOT-compiled first (trace/lower and compile times reported);
-then `--reps` interleaved rounds, each running `--steps` training steps of one
-implementation and then of the other on the same batches. A sample is the mean time
+then `--reps` interleaved rounds, each running `--steps` training steps of each
+implementation in turn on the same batches. A sample is the mean time
 per step of one round; `median_s`/`min_s` are over the rounds.
 
 Output: one JSON line per implementation, then a summary line with
 `torch_over_ctmodels` (> 1 means ctmodels is faster; the ratio of the medians),
+`diffrax_over_ctmodels` (likewise against plain Diffrax),
 `torch_over_ctmodels_by_min` and `torch_over_ctmodels_per_round(_median)` (each
 round's ratio). The cost of a step grows as
 training makes the latent dynamics harder (more dopri5 steps; both implementations
@@ -212,6 +219,100 @@ def main(argv=None):
     step_c = lowered.compile()
     t_compile = time.perf_counter() - t0
 
+    # ------------------------------------------------------------------ plain Diffrax
+    # The same model written directly in JAX + Diffrax + Equinox, as a user would by
+    # hand (no ctmodels code): a `lax.scan` for the ODE-RNN encoder (Euler step and
+    # GRU update per time position, backwards), `diffrax.diffeqsolve(Dopri5(),
+    # SaveAt(ts=...), PIDController(rtol, atol))` with its default adjoint for the
+    # latent ODE, on the same parameter pytree (so the same weights and Adam state).
+    import diffrax
+
+    def p_mlp(m, x):  # an eqx.nn.MLP (tanh) over leading axes, as one matmul a layer
+        for i, layer in enumerate(m.layers):
+            x = x @ layer.weight.T + layer.bias
+            if i < len(m.layers) - 1:
+                x = jnp.tanh(x)
+        return x
+
+    def p_gru(g, h, x):
+        hx = jnp.concatenate([h, x], -1)
+        a = jnp.tanh(hx @ g.gate_hidden.weight.T + g.gate_hidden.bias)
+        a = a.reshape(hx.shape[0], 2, -1)
+        gates = jnp.einsum("gou,bgu->gbo", g.gate_weight, a)
+        u, r = jax.nn.sigmoid(gates + g.gate_bias[:, None, :])
+        c = jnp.tanh(p_mlp(g.candidate, jnp.concatenate([r * h, x], -1)))
+        return (1 - u) * c + u * h
+
+    def plain_loss(m, times, values, context, eps):
+        B, T, _ = values.shape
+        enc = m.encoder
+        x = jnp.where(context, values, 0.0)
+        inputs = jnp.concatenate([x, context.astype(values.dtype)], -1)
+        observed = context.any(-1)
+        t_last0 = jnp.where(observed, times, -jnp.inf).max(1)
+        h0 = jnp.zeros((B, enc.gru.gate_bias.shape[-1]), values.dtype)
+
+        def body(carry, j):  # ODE-RNN backwards in time; one Euler step per gap
+            h, t_last = carry
+            h_minus = h + (times[j] - t_last)[:, None] * p_mlp(enc.vector_field, h)
+            obs = observed[:, j]
+            h = jnp.where(obs[:, None], p_gru(enc.gru, h_minus, inputs[:, j]), h)
+            return (h, jnp.where(obs, times[j], t_last)), None
+
+        (h, t_last), _ = jax.lax.scan(body, (h0, t_last0), jnp.arange(T)[::-1])
+        h = h + (times[0] - t_last)[:, None] * p_mlp(enc.vector_field, h)
+        mean, pre = jnp.split(p_mlp(m.to_z0, h), 2, -1)
+        std = jax.nn.softplus(pre + m.std_shift) + 1e-5
+        z0 = mean + std * eps  # [K, B, L]
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, z, dyn: p_mlp(dyn, z)),
+            diffrax.Dopri5(),
+            t0=times[0],
+            t1=times[-1],
+            dt0=None,
+            y0=z0,
+            args=m.dynamics,
+            saveat=diffrax.SaveAt(ts=times),
+            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+        )
+        pred = jnp.moveaxis(p_mlp(m.decoder, sol.ys), 0, 2)  # [K, B, T, C]
+        log_std = float(np.log(m.obs_std))
+        z = (values - pred) / m.obs_std
+        ll = (-0.5 * z**2 - log_std - 0.5 * np.log(2 * np.pi)).sum((2, 3))
+        lq = (-0.5 * eps**2 - jnp.log(std) - 0.5 * np.log(2 * np.pi)).sum(-1)
+        lp = (-0.5 * z0**2 - 0.5 * np.log(2 * np.pi)).sum(-1)
+        bound = jax.nn.logsumexp(ll + lp - lq, 0) - np.log(eps.shape[0])
+        return -bound.sum() / (B * T * values.shape[-1])
+
+    pgrid = jnp.asarray(grid, jnp.float32)
+    pbatches = [
+        (
+            jnp.asarray(values[i * batch : (i + 1) * batch], jnp.float32),
+            jnp.asarray(context[i * batch : (i + 1) * batch]),
+        )
+        for i in range(n_batches)
+    ]
+
+    def plain_step(params, opt_state, v, c, key):
+        eps = jax.random.normal(key, (samples, batch, latent))  # as LatentODE.loss
+
+        def f(p):
+            return plain_loss(eqx.combine(p, static), pgrid, v, c, eps)
+
+        loss, grads = jax.value_and_grad(f)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params_p = params  # the same initial weights
+    t0 = time.perf_counter()
+    lowered_p = jax.jit(plain_step).lower(
+        params_p, opt.init(params_p), *pbatches[0], key0
+    )
+    t_lower_p = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain_c = lowered_p.compile()
+    t_compile_p = time.perf_counter() - t0
+
     # ------------------------------------------------------------------ torch
     def lin(layer):
         m = torch.nn.Linear(layer.in_features, layer.out_features)
@@ -330,11 +431,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     loss_t = torch_step(0, key0)
     t_first_t = time.perf_counter() - t0
+    opt_state_p = opt.init(params_p)
+    t0 = time.perf_counter()
+    params_p, opt_state_p, loss_p = plain_c(params_p, opt_state_p, *pbatches[0], key0)
+    loss_p = float(loss_p)
+    t_first_p = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ timing
     keys = [jax.random.key(100 + i) for i in range(n_batches)]
-    samples_s = {"ctmodels": [], "torchdiffeq": []}
-    losses = {"ctmodels": [], "torchdiffeq": []}
+    samples_s = {"ctmodels": [], "torchdiffeq": [], "diffrax": []}
+    losses = {"ctmodels": [], "torchdiffeq": [], "diffrax": []}
     k = 1
     for _ in range(reps):
         idx = [(k + s) % n_batches for s in range(steps)]
@@ -350,6 +456,14 @@ def main(argv=None):
             loss = torch_step(i, keys[i])
         samples_s["torchdiffeq"].append((time.perf_counter() - t0) / steps)
         losses["torchdiffeq"].append(loss)
+        t0 = time.perf_counter()
+        for i in idx:
+            params_p, opt_state_p, loss = plain_c(
+                params_p, opt_state_p, *pbatches[i], keys[i]
+            )
+        jax.block_until_ready(loss)
+        samples_s["diffrax"].append((time.perf_counter() - t0) / steps)
+        losses["diffrax"].append(float(loss))
 
     # solver work at the end of the run: dopri5 steps of the latent solve (JAX, on
     # the last batch) and vector-field evaluations of torchdiffeq's last forward
@@ -376,9 +490,17 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in samples_s.items()}
     pairs = zip(samples_s["ctmodels"], samples_s["torchdiffeq"], strict=True)
     per_round = [t / c for c, t in pairs]
+    pairs = zip(samples_s["ctmodels"], samples_s["diffrax"], strict=True)
+    per_round_p = [p / c for c, p in pairs]
+    compile_times = {
+        "ctmodels": (t_lower, t_compile),
+        "diffrax": (t_lower_p, t_compile_p),
+        "torchdiffeq": (0.0, 0.0),
+    }
     for impl, first_loss, first_s in (
         ("ctmodels", loss_j, t_first_j),
         ("torchdiffeq", loss_t, t_first_t),
+        ("diffrax", loss_p, t_first_p),
     ):
         emit(
             {
@@ -389,10 +511,10 @@ def main(argv=None):
                 "first_step_loss": first_loss,
                 "last_loss": losses[impl][-1],
                 "first_step_s": first_s,
-                "trace_lower_s": t_lower if impl == "ctmodels" else 0.0,
-                "compile_s": t_compile if impl == "ctmodels" else 0.0,
+                "trace_lower_s": compile_times[impl][0],
+                "compile_s": compile_times[impl][1],
                 "final_latent_steps": n_steps_jax if impl == "ctmodels" else None,
-                "final_latent_nfe_fwd": None if impl == "ctmodels" else nfe_torch,
+                "final_latent_nfe_fwd": nfe_torch if impl == "torchdiffeq" else None,
             }
         )
     emit(
@@ -406,6 +528,12 @@ def main(argv=None):
             "torch_over_ctmodels_per_round": [round(r, 3) for r in per_round],
             "torch_over_ctmodels_per_round_median": statistics.median(per_round),
             "first_loss_rel_diff": abs(loss_j - loss_t) / abs(loss_t),
+            # the same model in plain Diffrax + Equinox (>= 1: ctmodels not slower)
+            "diffrax_over_ctmodels": med["diffrax"] / med["ctmodels"],
+            "diffrax_over_ctmodels_by_min": min(samples_s["diffrax"])
+            / min(samples_s["ctmodels"]),
+            "diffrax_over_ctmodels_per_round_median": statistics.median(per_round_p),
+            "first_loss_rel_diff_diffrax": abs(loss_j - loss_p) / abs(loss_p),
             "series": n_series,
             "times": n_times,
             "context": n_context,
