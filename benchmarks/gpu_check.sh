@@ -14,8 +14,8 @@
 #   pytest.txt    the smoke test: CI's test command with JAX on the GPU
 #   fit.txt       `ctmodels fit latent-ode --data pbcseq` (the quick start) on the GPU,
 #                 with its wall time; metrics.json of that run
-#   step_gpu.jsonl  benchmarks/latent_ode_step.py --device gpu (JAX vs torchdiffeq,
-#                 both on the GPU)
+#   step_gpu.jsonl  benchmarks/latent_ode_step.py --device gpu (ctmodels, plain
+#                 Diffrax and torchdiffeq, all on the GPU; its stderr in step_gpu.err)
 set -uo pipefail
 out=${1:-/tmp/ctmodels-gpu-check}
 mkdir -p "$out"
@@ -56,6 +56,6 @@ timeout "${GPU_CHECK_FIT_S:-110}" python3 -m ctmodels fit latent-ode --data pbcs
 python3 -c "print('fit wall_s', round($EPOCHREALTIME - $start, 1))" | tee -a "$out/fit.txt"
 cp /tmp/ctmodels-gpu-run/metrics.json "$out/" 2>/dev/null
 
-echo "== training step, JAX vs torchdiffeq, both on the GPU"
+echo "== training step: ctmodels, plain Diffrax and torchdiffeq, all on the GPU"
 timeout "${GPU_CHECK_STEP_S:-110}" python3 benchmarks/latent_ode_step.py \
-    --device gpu --reps 7 2>&1 | tee "$out/step_gpu.jsonl"
+    --device gpu --reps 7 2>"$out/step_gpu.err" | tee "$out/step_gpu.jsonl"

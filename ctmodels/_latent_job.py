@@ -41,8 +41,8 @@ _JOB_VERSION = 1
 #: `learning_rate`, `epochs`, `batch_size`, and early stopping after `patience`
 #: epochs without a better validation `monitor` (None: off; the best epoch is
 #: restored either way). Monitoring the validation MSE instead of the loss was
-#: measured on pbcseq over 6 seeds and changed nothing beyond training noise
-#: (benchmarks/README.md), so the loss it stays. Measured with `benchmarks/latent_ode_pbcseq.py` (figures in
+#: measured on pbcseq over 6 seeds and changed nothing beyond training noise, so
+#: the loss it stays. Measured with `benchmarks/latent_ode_pbcseq.py` (figures in
 #: benchmarks/README.md).
 DEFAULT_RECIPE: dict[str, Any] = {
     "epochs": 40,
@@ -278,8 +278,9 @@ def fit_latent_ode(
     `epochs`, `batch_size`, `learning_rate` left as None and `patience` left as
     `FROM_RECIPE` take the dataset's training recipe (`recipe(name)`: `RECIPES` for
     the datasets that need their own, else `DEFAULT_RECIPE`: 40 epochs, batch 32,
-    peak learning rate 1e-2, patience 10); `patience=None` or 0 turns early stopping
-    off. A file gets `DEFAULT_RECIPE` whatever its name.
+    peak learning rate 1e-2, patience 10, early stopping and the restored epoch on
+    the validation loss: `monitor`); `patience=None` or 0 turns early stopping off.
+    A file gets `DEFAULT_RECIPE` whatever its name.
     The recipe used is recorded in `metrics.json` (`"recipe"`).
 
     Returns the metrics dict (also written to `OUT/metrics.json`).
@@ -337,7 +338,7 @@ def fit_latent_ode(
         layout="union",
         checkpoint_dir=out / "checkpoint",
         patience=patience,
-        monitor=plan["monitor"],
+        monitor=plan.get("monitor", "loss"),
         progress=progress,
         extra_state=extra,
         loss_kwargs={"n_samples": n_samples},

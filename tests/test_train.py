@@ -377,7 +377,10 @@ def test_resume_with_different_run_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="monitor: checkpoint 'loss', now 'mae'"):
         fit(
-            Regressor(3, 1, key=jax.random.key(0)), (x, y), **{**args, "monitor": "mae"}
+            Regressor(3, 1, key=jax.random.key(0)),
+            (x, y),
+            valid=(x, y),
+            **{**args, "monitor": "mae"},
         )
     # resume=False starts afresh
     _, hist = fit(Regressor(6, 1, key=jax.random.key(0)), (x2, y), resume=False, **args)
@@ -730,25 +733,30 @@ class Contrarian(Regressor):
 
 def test_monitor_chooses_the_epoch_by_the_named_metric():
     x, y = _arrays(32)
-    xv, yv = x[:16], -y[:16] + 1.0  # the validation loss rises as training goes on
+    xv, yv = x[:16], y[:16]  # validation agrees with training: its loss falls
     model = Contrarian(3, 1, key=jax.random.key(0))
     out, hist = fit(
-        model, (x, y), valid=(xv, yv), epochs=6, batch_size=8, key=jax.random.key(0),
-        learning_rate=5e-2, schedule="constant", monitor="neg_mse", log=False,
+        model, (x, y), valid=(xv, yv), epochs=20, batch_size=8, key=jax.random.key(0),
+        learning_rate=5e-2, schedule="constant", monitor="neg_mse", patience=2,
+        log=False,
     )  # fmt: skip
-    best = hist.attrs["best_epoch"]
+    # the monitored value is best at epoch 1 (the worst loss); two more epochs
+    # without improving it stop the run, and epoch 1's model comes back
     assert hist.attrs["monitor"] == "neg_mse"
-    # the loss's best epoch is not the monitored one: the test can tell them apart
-    assert hist["valid_loss"].idxmin() != hist["valid_neg_mse"].idxmin()
-    assert hist["valid_neg_mse"].idxmin() == best - 1
-    assert hist.attrs["best_valid"] == hist["valid_neg_mse"].min()
-    assert hist.attrs["best_valid_loss"] == hist["valid_loss"].iloc[best - 1]
+    assert hist["valid_loss"].is_monotonic_decreasing
+    assert hist.attrs["best_epoch"] == 1
+    assert hist.attrs["stopped_early"] and len(hist) == 3
+    assert hist.attrs["best_valid"] == hist["valid_neg_mse"].iloc[0]
+    assert hist.attrs["best_valid_loss"] == hist["valid_loss"].iloc[0]
     loss, _ = out.loss((jnp.asarray(xv), jnp.asarray(yv)), key=jax.random.key(0))
-    np.testing.assert_allclose(float(loss), hist["valid_loss"].max(), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), hist["valid_loss"].iloc[0], rtol=1e-5)
+    assert float(loss) > hist["valid_loss"].iloc[-1]  # not the last model
+    # a name the loss does not return: an error before any training
     with pytest.raises(ValueError, match=r"monitor='mse'.*\['loss', 'neg_mse'\]"):
         fit(
             model, (x, y), valid=(xv, yv), epochs=1, batch_size=8,
             key=jax.random.key(0), monitor="mse", log=False,
+            callback=lambda info: pytest.fail("trained before checking monitor"),
         )  # fmt: skip
 
 
@@ -775,6 +783,8 @@ def test_bad_arguments():
         fit(m, (x, y), epochs=1, key=k, nan_policy="ignore")
     with pytest.raises(ValueError, match="monitor must be the name"):
         fit(m, (x, y), epochs=1, key=k, monitor="")
+    with pytest.raises(ValueError, match="pass valid= as well"):
+        fit(m, (x, y), epochs=1, key=k, monitor="mae")
     with pytest.raises(ValueError, match="kl_weight"):
         fit(m, (x, y), epochs=1, key=k, kl_anneal_steps=10)
     with pytest.raises(ValueError, match="schedule"):

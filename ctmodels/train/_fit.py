@@ -294,6 +294,10 @@ def _train_step(model, opt_state, batch, step, hyper, step_key, loss_kwargs, cfg
 def _eval_step(model, batch, index, eval_key, loss_kwargs, cfg):
     """Loss and metrics of one validation batch (inference mode, fixed key)."""
     _TRACES["eval_step"] += 1
+    return _eval_outputs(model, batch, index, eval_key, loss_kwargs, cfg)
+
+
+def _eval_outputs(model, batch, index, eval_key, loss_kwargs, cfg):
     model = eqx.nn.inference_mode(model)
     k_task, k_loss = jax.random.split(jax.random.fold_in(eval_key, index))
     if cfg.eval_task is not None:
@@ -488,8 +492,8 @@ def fit(
       (or `monitor`; otherwise the last one).
     - `monitor`: which validation value `patience` and `restore_best` minimise: the
       loss (default) or one of the metrics the loss returns, by name (e.g. `"mse"`
-      when the MSE is what will be reported). An unknown name is an error at the
-      end of the first epoch, listing the names there are.
+      when the MSE is what will be reported; needs `valid`). An unknown name is an
+      error before training starts, listing the names there are.
     - `nan_policy`: what to do with a step whose loss or gradient is not finite. The
       step never changes the parameters or optimizer state (this is decided inside
       the compiled step). `"skip"`: count it and go on, failing after
@@ -574,6 +578,10 @@ def fit(
         raise ValueError(
             f"monitor must be the name of a validation value ('loss' or a metric of "
             f"the loss, e.g. 'mse'), got {monitor!r}."
+        )
+    if monitor != "loss" and valid is None:
+        raise ValueError(
+            f"monitor={monitor!r} names a validation value: pass valid= as well."
         )
     if patience is not None:
         if not _is_int(patience) or patience < 1:
@@ -741,6 +749,20 @@ def fit(
             for k, v in sums.items()
         }
 
+    if monitor != "loss":  # a name the loss returns? (shapes only: nothing runs)
+        batch0 = valid_data.batch(valid_data.order(None), 0, train=False)
+        with traced_failures("nan"):
+            shapes = eqx.filter_eval_shape(
+                _eval_outputs, model, batch0, jnp.asarray(0), eval_key, loss_kwargs,
+                cfg,
+            )  # fmt: skip
+        names = sorted(["loss", *shapes["metrics"]])
+        if monitor not in names:
+            raise ValueError(
+                f"monitor={monitor!r} is not a validation value of this model's "
+                f"loss; it has {names}. Pass one of them."
+            )
+
     # ------------------------------------------------------------ initial / resumed
     opt_state0 = opt.init(eqx.filter(model, eqx.is_inexact_array))
     state = _State(model=_strong(model), opt_state=_strong(opt_state0))
@@ -836,12 +858,6 @@ def fit(
         stop = False
         if valid_data is not None:
             row.update(evaluate(s.model))
-            if f"valid_{monitor}" not in row:
-                names = sorted(k[6:] for k in row if k.startswith("valid_"))
-                raise ValueError(
-                    f"monitor={monitor!r} is not a validation value of this model's "
-                    f"loss; it has {names}. Pass one of them."
-                )
             v = row[f"valid_{monitor}"]
             if math.isfinite(v) and (best_loss is None or v < best_loss):
                 best_model, best_loss, best_epoch, bad = s.model, v, s.epoch + 1, 0
