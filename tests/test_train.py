@@ -387,6 +387,27 @@ def test_resume_with_different_run_is_refused(tmp_path):
     assert hist.attrs["resumed_from_step"] is None
 
 
+def test_checkpoint_from_before_monitor_resumes_as_loss(tmp_path):
+    """Checkpoints written before `fit` had `monitor` lack it in their run
+    description: they resume as `monitor="loss"` and refuse another monitor."""
+    from ctmodels.train._checkpoint import FIT_SUBDIR, HEADER
+
+    x, y = _arrays(32)
+    args = dict(
+        valid=(x[:16], y[:16]), epochs=1, batch_size=8, key=jax.random.key(0),
+        checkpoint_dir=tmp_path, log=False,
+    )  # fmt: skip
+    fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    path = tmp_path / FIT_SUBDIR / HEADER
+    header = json.loads(path.read_text())
+    assert header["metadata"]["compare"].pop("monitor") == "loss"
+    path.write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="monitor: checkpoint 'loss', now 'mae'"):
+        fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), monitor="mae", **args)
+    _, hist = fit(Regressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    assert hist.attrs["resumed_from_step"] == 4
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     script = textwrap.dedent(
