@@ -250,7 +250,7 @@ def run_pbcseq(args, results):
                     name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                     batch_size=plan["batch_size"], lr=plan["learning_rate"],
                     kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
-                    monitor=plan.get("monitor", "loss"),
+                    monitor=plan["monitor"],
                 )  # fmt: skip
             for tname in TASKS:
                 if model is not None:
@@ -349,7 +349,7 @@ def run_periodic(args, results):
                 name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                 batch_size=bs, lr=plan["learning_rate"],
                 kl_anneal_epochs=args.kl_anneal_epochs, patience=plan["patience"],
-                monitor=plan.get("monitor", "loss"),
+                monitor=plan["monitor"],
             )  # fmt: skip
         for tname in TASKS:
             task = truth_task(test_s.mask, tname)

@@ -254,6 +254,19 @@ def main(argv=None):
         c = jnp.tanh(p_mlp(g.candidate, jnp.concatenate([r * h, x], -1)))
         return (1 - u) * c + u * h
 
+    def plain_solve(dynamics, z0, times):  # latent states at `times`: [T, K, B, L]
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, z, dyn: p_mlp(dyn, z)),
+            diffrax.Dopri5(),
+            t0=times[0],
+            t1=times[-1],
+            dt0=None,
+            y0=z0,
+            args=dynamics,
+            saveat=diffrax.SaveAt(ts=times),
+            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
+        )
+
     def plain_loss(m, times, values, context, eps):
         B, T, _ = values.shape
         enc = m.encoder
@@ -275,17 +288,7 @@ def main(argv=None):
         mean, pre = jnp.split(p_mlp(m.to_z0, h), 2, -1)
         std = jax.nn.softplus(pre + m.std_shift) + 1e-5
         z0 = mean + std * eps  # [K, B, L]
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, z, dyn: p_mlp(dyn, z)),
-            diffrax.Dopri5(),
-            t0=times[0],
-            t1=times[-1],
-            dt0=None,
-            y0=z0,
-            args=m.dynamics,
-            saveat=diffrax.SaveAt(ts=times),
-            stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-        )
+        sol = plain_solve(m.dynamics, z0, times)
         pred = jnp.moveaxis(p_mlp(m.decoder, sol.ys), 0, 2)  # [K, B, T, C]
         log_std = float(np.log(m.obs_std))
         z = (values - pred) / m.obs_std
@@ -496,17 +499,8 @@ def main(argv=None):
             atol=ATOL,
         ).stats["num_steps"]
     )
-    sol_p = diffrax.diffeqsolve(  # the plain version's own weights after training
-        diffrax.ODETerm(lambda t, z, dyn: p_mlp(dyn, z)),
-        diffrax.Dopri5(),
-        t0=pgrid[0],
-        t1=pgrid[-1],
-        dt0=None,
-        y0=z0,
-        args=eqx.combine(params_p, static).dynamics,
-        saveat=diffrax.SaveAt(ts=pgrid),
-        stepsize_controller=diffrax.PIDController(rtol=RTOL, atol=ATOL),
-    )
+    # the plain version's own weights after training
+    sol_p = plain_solve(eqx.combine(params_p, static).dynamics, z0, pgrid)
     n_steps_plain = int(sol_p.stats["num_steps"])
     tmodel.dynamics.nfe = 0
     torch_step(idx[-1], teps[idx[-1]])

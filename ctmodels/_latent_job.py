@@ -71,8 +71,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def recipe(data_name: str) -> dict[str, Any]:
     """The training recipe for the bundled dataset `data_name`: its entry of
-    `RECIPES`, else `DEFAULT_RECIPE` (also what data from a file gets); a new dict."""
-    return dict(RECIPES.get(str(data_name), DEFAULT_RECIPE))
+    `RECIPES` over `DEFAULT_RECIPE` (a setting an entry leaves out is the default's;
+    data from a file gets the default); a new dict."""
+    return {**DEFAULT_RECIPE, **RECIPES.get(str(data_name), {})}
 
 
 def _resolve_recipe(data, *, epochs, learning_rate, batch_size, patience):
@@ -338,7 +339,7 @@ def fit_latent_ode(
         layout="union",
         checkpoint_dir=out / "checkpoint",
         patience=patience,
-        monitor=plan.get("monitor", "loss"),
+        monitor=plan["monitor"],
         progress=progress,
         extra_state=extra,
         loss_kwargs={"n_samples": n_samples},
