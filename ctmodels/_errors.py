@@ -239,6 +239,27 @@ def raise_if_failed_traced(
     return eqx.branched_error_if(x, pred, index, msgs, on_error=_ON_ERROR.get())
 
 
+def discard_failed_callbacks() -> None:
+    """Drop a runtime-check failure that was already caught and reported.
+
+    On a GPU, a check that fires inside compiled code (an Equinox runtime error from
+    a host callback) also fails JAX's runtime token of that device, and JAX raises it
+    again at its next effects barrier: at the latest when the interpreter exits, as
+    an "Exception ignored in atexit callback" traceback after a run that handled the
+    error (seen on an H200 after `fit` diagnosed a failed solve). Call this after
+    catching such an error: it waits for outstanding effects and, if they re-raise
+    the failure, forgets the failed tokens (JAX has no public way to; the next
+    computation starts new ones). On a CPU the error is raised once, at dispatch,
+    and this only waits.
+    """
+    try:
+        jax.effects_barrier()
+    except Exception:  # noqa: BLE001 - the failure already caught, raised again
+        from jax._src import dispatch
+
+        dispatch.runtime_tokens.clear()
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 import ctmodels
+from ctmodels._errors import discard_failed_callbacks
 from ctmodels.data import TimeSeries, batches, interpolation_task
 from ctmodels.train import (
     _checkpoint as ckpt_module,
@@ -640,11 +641,35 @@ def test_solver_failure_in_fit_is_a_skipped_step_and_diagnosed():
         jax.block_until_ready(
             jax.jit(lambda m: m.loss((jnp.asarray(x), jnp.asarray(y)), key=None))(model)
         )
+    discard_failed_callbacks()  # that error is handled (GPU: see the test below)
     with pytest.raises(FloatingPointError, match="maximum number of steps"):
         fit(
             model, (x, y), epochs=1, batch_size=8, key=jax.random.key(0),
             nan_policy="raise", log=False,
         )  # fmt: skip
+    # fit's diagnosis caught the probe's error: nothing re-raises it later (on a GPU
+    # it would, through the runtime token, at the latest at exit)
+    jax.effects_barrier()
+
+
+def test_discard_failed_callbacks_drops_a_failed_runtime_token():
+    """On a GPU a runtime check that fired in a host callback also fails JAX's
+    runtime token, which JAX raises again at every effects barrier (and at exit),
+    even after the error was caught. Simulated with a token whose wait fails:
+    `discard_failed_callbacks` leaves the barrier clean."""
+    from jax._src import dispatch
+
+    class FailedToken:
+        def block_until_ready(self):
+            raise RuntimeError("INTERNAL: CpuCallback error calling callback")
+
+    dispatch.runtime_tokens.set_output_runtime_token(jax.devices()[0], FailedToken())
+    for _ in range(2):  # JAX keeps a failed token: it raises every time
+        with pytest.raises(RuntimeError, match="CpuCallback"):
+            jax.effects_barrier()
+    discard_failed_callbacks()
+    jax.effects_barrier()
+    discard_failed_callbacks()  # nothing pending: only waits
 
 
 _CACHE_SCRIPT = """

@@ -39,7 +39,7 @@ import optax
 import pandas as pd
 from jaxtyping import PRNGKeyArray
 
-from .._errors import traced_failures
+from .._errors import discard_failed_callbacks, traced_failures
 from ._checkpoint import (
     FIT_SUBDIR,
     jsonable,
@@ -339,6 +339,7 @@ def _diagnose(state, batch, hyper, step_key, loss_kwargs, cfg) -> str | None:
             )
             jax.block_until_ready(out)
     except Exception as e:  # noqa: BLE001 - any runtime check that fired
+        discard_failed_callbacks()  # reported below; not again at exit (GPU)
         text = str(e).strip()
         for marker in ("\n\n\n", "\n-----"):
             text = text.split(marker)[0]
