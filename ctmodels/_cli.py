@@ -114,6 +114,18 @@ def _evaluate(ns) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (else a one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"expected an int >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .solvers import KINDS
@@ -153,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="fit a model to a dataset",
         description="Fit a model and write history.csv, metrics.json, "
-        "predictions.nc and plot.png into --out.",
+        "predictions.nc and plots into --out (latent-ode: plots/series_<id>.png and "
+        "the checkpoint/ that predict and evaluate read; neural-ode: plot.png).",
     )
     p.add_argument(
         "model", choices=("latent-ode", "neural-ode"), help="the model to fit"
@@ -178,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None,
         help="series per batch (default 32; latent-ode on periodic: 50)",
     )  # fmt: skip
-    p.add_argument("--latent-size", type=int, default=8, help="latent state size")
+    p.add_argument(
+        "--latent-size", type=_positive_int, default=8, help="latent state size"
+    )
     p.add_argument(
         "--learning-rate", type=float, default=None,
         help="peak Adam step (default: latent-ode: the dataset's recipe, 1e-2, "
@@ -212,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument("--out", required=True, help="output netCDF path")
-    p.add_argument("--samples", type=int, default=16, help="posterior samples")
+    p.add_argument(
+        "--samples", type=_positive_int, default=16,
+        help="posterior samples (default 16)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--plots", default=None, help="directory for per-series PNGs")
     p.set_defaults(func=_predict)
@@ -220,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate",
         help="interpolation/extrapolation MSE of a fitted latent ODE",
-        description="Hide 50%% of the observed values (interpolation) or the second "
+        description="Hide 50% of the observed values (interpolation) or the second "
         "half of each series' time span (extrapolation) and report the MSE of the "
         "model and of LOCF / linear interpolation, in normalised units, as JSON.",
     )

@@ -20,6 +20,7 @@ half extrapolation) with the dataset's training recipe (`recipe`), then writes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time as _time
@@ -295,7 +296,8 @@ def fit_latent_ode(
         patience=patience,
     )  # fmt: skip
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory.")
     ds, data_name = _open(data)
     epochs, learning_rate = plan["epochs"], plan["learning_rate"]
     batch_size, patience = plan["batch_size"], plan["patience"]
@@ -316,11 +318,15 @@ def fit_latent_ode(
     )
     model = LatentODE(ts.num_channels, **hyper, key=jax.random.key(seed))
     task = mixed_task
+    # only now (the data and the settings passed their checks): no empty output
+    # directory is left behind by a run that could not start
+    out.mkdir(parents=True, exist_ok=True)
     extra = {
         "job": "latent-ode",
         "job_version": _JOB_VERSION,
         "data": str(data),
         "channels": list(ts.channels),
+        "time_units": ts.meta.time_units,
         "normalizer": norm.to_dict(),
         "n_samples": n_samples,
         "split_seed": seed,
@@ -428,6 +434,30 @@ def _read_like(data, channels):
     return ds, ts
 
 
+def _in_training_units(ts: cdata.TimeSeries, units: str | None) -> cdata.TimeSeries:
+    """`ts` with its times in the checkpoint's time unit `units`, for the model
+    (outputs keep the data's own times). Datetime times become days and float times
+    take their `units` attribute, so a file with visit dates given to a model trained
+    on years would otherwise be 365 times too slow. Times without a unit (float
+    times without a `units` attribute), or a checkpoint without one, are taken as
+    they are."""
+    from .data._xarray import _UNIT_SECONDS, _unit
+
+    have = ts.meta.time_units
+    if not units or not have or have == units:
+        return ts
+    try:
+        factor = _UNIT_SECONDS[_unit(have)] / _UNIT_SECONDS[_unit(units)]
+    except ValueError:
+        raise ValueError(
+            f"The data's times are in {have!r} but the model was trained on times "
+            f"in {units!r}, and ctmodels cannot convert between them: give the "
+            f"times in {units!r} (or set the time variable's `units` attribute to "
+            f"one of {sorted(_UNIT_SECONDS)})."
+        ) from None
+    return dataclasses.replace(ts, times=ts.times * factor)
+
+
 def predict_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
@@ -440,20 +470,29 @@ def predict_checkpoint(
 ) -> xr.Dataset:
     """Condition on the observed values of `data` and write predictions at every
     position with a valid time to `out` (netCDF, same dims and coordinates)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(
+            f"--out {str(out)!r} is a directory; give a file path, e.g. "
+            f"{str(out / 'predictions.nc')!r}."
+        )
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
     _, ts = _read_like(data, extra["channels"])
+    model_ts = norm.transform(_in_training_units(ts, extra.get("time_units")))
     mean, std, _, _ = _predict_grid(
-        model, norm.transform(ts), key=jax.random.key(seed), n_samples=n_samples,
+        model, model_ts, key=jax.random.key(seed), n_samples=n_samples,
         batch_size=int(extra.get("batch_size", 32)),
     )  # fmt: skip
     mu, sd = norm.inverse(mean, std)
     pred = cdata.to_xarray(ts, mean=mu, std=sd)
     pred.attrs.update({"model": "ctmodels LatentODE", "checkpoint": str(checkpoint)})
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    pred.to_netcdf(tmp)
-    tmp.replace(out)
+    try:
+        pred.to_netcdf(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     if plots is not None:
         from ._plot import plot_series
 
@@ -483,8 +522,9 @@ def evaluate_checkpoint(
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
     _, ts = _read_like(data, extra["channels"])
     tasks = ("interpolation", "extrapolation") if task == "both" else (task,)
+    ts_n = norm.transform(_in_training_units(ts, extra.get("time_units")))
     metrics = _evaluate(
-        model, norm.transform(ts), seed=seed, n_samples=n_samples,
+        model, ts_n, seed=seed, n_samples=n_samples,
         batch_size=int(extra.get("batch_size", 32)), fraction=fraction, split=split,
         tasks=tasks,
     )  # fmt: skip

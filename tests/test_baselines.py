@@ -386,3 +386,22 @@ def test_errors(data):
         ODERNN(2, solver="euler", steps=None, key=jax.random.key(0))
     with pytest.raises(ValueError, match="times"):
         LOCF(2).predict(data["union"], times=jnp.zeros((2, 2, 2)))
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="GRUDelta: hidden_size must be >= 1"):
+        GRUDelta(2, hidden_size=0, key=key)
+    with pytest.raises(ValueError, match="ODERNN: units must be an int"):
+        ODERNN(2, units=None, key=key)
+    with pytest.raises(ValueError, match="RNNVAE: latent_size"):
+        RNNVAE(2, latent_size=0, key=key)
+    vae = RNNVAE(2, latent_size=2, encoder_size=4, units=8, key=key)
+    with pytest.raises(ValueError, match="n_samples"):
+        vae.predict(data["union"], key=key, n_samples=0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        vae.predict(data["union"], key=key, times=[0.5, 0.2])
+    # the filters place queries in time order themselves: unsorted is fine, NaN not
+    gru = GRUDelta(2, hidden_size=4, units=8, key=key)
+    m1, _ = gru.predict(data["union"], times=[0.2, 0.5])
+    m2, _ = gru.predict(data["union"], times=[0.5, 0.2])
+    np.testing.assert_allclose(m1, m2[:, ::-1], rtol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        gru.predict(data["union"], times=[0.2, np.inf])

@@ -210,3 +210,96 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     rc = main(["fit", "latent-ode", "--data", "pbcseqq", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "Did you mean 'pbcseq'" in err
+
+
+def _predict_bili(out, ds, path, **kw):
+    from ctmodels._latent_job import predict_checkpoint
+
+    ds.to_netcdf(path)
+    return predict_checkpoint(out, path, path.with_suffix(".pred.nc"), n_samples=3,
+                              **kw)["bili"].values  # fmt: skip
+
+
+def test_predict_converts_the_time_unit_to_the_checkpoints(fitted, tmp_path):
+    """pbcseq's times are in years; the same visits as dates (from_xarray: days) or
+    in days give the same predictions (oracle: the file in years); a unit ctmodels
+    cannot convert is refused."""
+    path, out, _ = fitted
+    src = xr.load_dataset(path).isel(series=slice(0, 5))
+    assert src["time"].attrs["units"] == "years"
+    want = _predict_bili(out, src, tmp_path / "years.nc")
+    years = src["time"].values
+    in_days = years * 365.25
+    days = src.assign_coords(time=(("series", "obs"), in_days, {"units": "days"}))
+    np.testing.assert_allclose(_predict_bili(out, days, tmp_path / "d.nc"), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    ns = np.where(np.isnan(years), 0, years * 365.25 * 86400e9).round()
+    dates = np.datetime64("2001-01-01", "ns") + ns.astype("timedelta64[ns]")
+    dates = np.where(np.isnan(years), np.datetime64("NaT"), dates)
+    dated = src.assign_coords(time=(("series", "obs"), dates))
+    np.testing.assert_allclose(_predict_bili(out, dated, tmp_path / "dt.nc"), want,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    odd = src.assign_coords(time=(("series", "obs"), years, {"units": "fortnights"}))
+    with pytest.raises(ValueError, match="trained on times in 'years'.*cannot convert"):
+        _predict_bili(out, odd, tmp_path / "odd.nc")
+
+
+def test_job_errors_leave_no_debris(fitted, tmp_path, capsys):
+    """A directory as predict's --out, a non-positive value in a log channel, a
+    dataset too small to split, --samples 0: one clear line each (or a usage error),
+    and no stray .tmp file or empty output directory."""
+    path, out, _ = fitted
+    (tmp_path / "pred").mkdir()
+    rc = main(["predict", "--checkpoint", str(out), "--data", str(path),
+               "--out", str(tmp_path / "pred")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a directory; give a file path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred"]
+    bad = xr.load_dataset(path).isel(series=slice(0, 3))
+    assert bad["bili"].attrs.get("transform") == "log"
+    bad["bili"][1, 0] = 0.0
+    bad.to_netcdf(tmp_path / "bad.nc")
+    rc = main(["predict", "--checkpoint", str(out), "--data", str(tmp_path / "bad.nc"),
+               "--out", str(tmp_path / "p.nc")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert "'bili' is log-transformed" in err and "the first: 0" in err
+    assert not (tmp_path / "p.nc").exists()
+    xr.load_dataset(path).isel(series=slice(0, 2)).to_netcdf(tmp_path / "two.nc")
+    rc = main(["fit", "latent-ode", "--data", str(tmp_path / "two.nc"),
+               "--out", str(tmp_path / "run"), "--epochs", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs at least 3 series" in err
+    assert not (tmp_path / "run").exists()
+    for argv in (["predict", "--checkpoint", str(out), "--data", str(path), "--out",
+                  str(tmp_path / "q.nc"), "--samples", "0"],
+                 ["fit", "latent-ode", "--data", "pbcseq", "--out", str(tmp_path / "r"),
+                  "--latent-size", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "expected an int >= 1, got 0" in err
+    assert not (tmp_path / "q.nc").exists() and not (tmp_path / "r").exists()
+
+
+def test_damaged_checkpoint_says_so(fitted, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = fitted
+    ck = tmp_path / "ck"
+    shutil.copytree(out / "checkpoint", ck)
+    header = ck / "checkpoint" / "checkpoint.json"  # fit's layout
+    text = header.read_text()
+    header.write_text(text[: len(text) // 2])
+    rc = main(["evaluate", "--checkpoint", str(ck), "--data", "pbcseq"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint.json is damaged (not valid JSON" in err
+    header.write_text(text)
+    eqx_files = sorted(header.parent.glob("*.eqx"))
+    assert eqx_files
+    for name in eqx_files:
+        name.write_bytes(name.read_bytes()[:100])
+    from ctmodels.train import load_checkpoint
+
+    with pytest.raises(ValueError, match="or the file is damaged"):
+        load_checkpoint(ck)

@@ -89,8 +89,22 @@ class Normalizer:
             )
 
     def transform(self, ts: TimeSeries) -> TimeSeries:
-        """Data units -> model units (values and times)."""
+        """Data units -> model units (values and times). The observed values of log
+        channels must be > 0 (as in `fit`)."""
         self._check(ts)
+        for c, lg in enumerate(self.log):
+            bad = ts.mask[..., c] & ~(ts.values[..., c] > 0) if lg else None
+            if lg and bad.any():
+                b, t = (int(i) for i in np.argwhere(bad)[0])
+                ids = getattr(getattr(ts, "meta", None), "series_ids", None)
+                where = f"series {ids[b]!r}" if ids is not None else f"series {b}"
+                raise ValueError(
+                    f"Channel {self.channels[c]!r} is log-transformed (the "
+                    f"normalisation was fitted so), so its observed values must be "
+                    f"> 0, but {int(bad.sum())} are not (the first: "
+                    f"{ts.values[b, t, c]:g} in {where} at position {t}). Correct "
+                    "them, or mark them missing (NaN)."
+                )
         x = ts.values.copy()
         for c, lg in enumerate(self.log):
             if lg:
@@ -152,7 +166,10 @@ def split_series(
         )
     n = len(ts)
     if n < len(fractions):
-        raise ValueError(f"Cannot split {n} series into {len(fractions)} parts.")
+        raise ValueError(
+            f"Cannot split {n} series into {len(fractions)} parts (train / "
+            f"validation / test ...): it needs at least {len(fractions)} series."
+        )
     order = np.random.default_rng(seed).permutation(n)
     bounds = np.round(np.cumsum(fractions) * n).astype(int)
     bounds = np.maximum(bounds, np.arange(1, len(bounds) + 1))

@@ -102,7 +102,9 @@ class _Layout:
         if len(dims) != 1:
             raise ValueError(
                 f"Time {time!r} has dims {tvar.dims}: expected one time/obs dim "
-                f"(shared 1-D time) or ({series_dim!r}, obs) per-series times."
+                f"(shared 1-D time) or ({series_dim!r}, obs) per-series times. If "
+                f"the series dim has another name, rename it to {series_dim!r} "
+                "(ds.rename) or pass series_dim='<name>'."
             )
         self.obs_dim = str(dims[0])
         self.shared_time = series_dim not in tvar.dims

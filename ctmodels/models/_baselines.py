@@ -74,6 +74,10 @@ class GRUDelta(eqx.Module):
           channel starting from `obs_std`).
         - `key`: a JAX PRNG key.
         """
+        C.check_sizes(
+            "GRUDelta", num_channels=(num_channels, 1), hidden_size=(hidden_size, 1),
+            units=(units, 0),
+        )  # fmt: skip
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}.")
         k1, k2 = jax.random.split(key)
@@ -193,6 +197,10 @@ class RNNVAE(eqx.Module):
         - `t0`: fixed reference time of `z0` (None: the batch's earliest time).
         - `key`: a JAX PRNG key.
         """
+        C.check_sizes(
+            "RNNVAE", num_channels=(num_channels, 1), latent_size=(latent_size, 1),
+            encoder_size=(encoder_size, 1), units=(units, 0),
+        )  # fmt: skip
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}.")
         ks = jax.random.split(key, 4)
@@ -306,11 +314,12 @@ class RNNVAE(eqx.Module):
         `z0` combined with the observation noise), as `LatentODE.predict`. `times`
         (`[Q]` or `[B, Q]`, non-decreasing per row) are decoded as the series'
         times."""
+        C.check_samples(n_samples)
         t_ref = C.reference_time(batch, self.t0)
         if times is None:
             times, valid = batch.times, batch.time_mask
         else:
-            times = C.query_times(batch, times)
+            times = C.query_times(batch, times, ordered=True)
             valid = jnp.ones(times.shape, bool)
             if self.t0 is None:
                 t_ref = jnp.minimum(t_ref, jnp.min(times))

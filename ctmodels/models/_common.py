@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from .. import _errors
@@ -149,6 +150,16 @@ def gaussian_objective(
     return nll, {"loss": nll, "nll": nll, "mse": mse}
 
 
+def check_sizes(model_name: str, **sizes: tuple[Any, int]) -> None:
+    """Constructor sizes `name=(value, minimum)`: ints (not bools) >= the minimum,
+    else a `ValueError` naming the argument (before any array is built)."""
+    for name, (v, lo) in sizes.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            raise ValueError(f"{model_name}: {name} must be an int, got {v!r}.")
+        if v < lo:
+            raise ValueError(f"{model_name}: {name} must be >= {lo}, got {v}.")
+
+
 def check_samples(n_samples, objective="iwae") -> None:
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
@@ -207,8 +218,41 @@ def noise_log_std(log_std: Array | None, obs_std: float, num_channels: int, dtyp
     return jnp.full((num_channels,), math.log(obs_std), dtype)
 
 
-def query_times(batch: Batch, times) -> Float[Array, "B Q"]:
-    """`times` given to `predict` (`[Q]` for every row, or `[B, Q]`) as `[B, Q]`."""
+def check_query_times(times, *, ordered: bool) -> None:
+    """Check `times` given to a model's `predict` where they are concrete (traced
+    times pass unchecked): not empty, finite, and (`ordered`) non-decreasing along
+    the last axis. Raises a `ValueError` that quotes the caller's values (instead of
+    a solver failure or an error about internal, padded times later)."""
+    if isinstance(times, jax.core.Tracer):
+        return
+    t = np.asarray(times)
+    if t.size == 0:
+        raise ValueError("times is empty: give at least one time to predict at.")
+    if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
+        raise ValueError(f"times must be real numbers, got dtype {t.dtype}.")
+    bad = ~np.isfinite(t)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"times must be finite: {int(bad.sum())} of them are NaN or infinite "
+            f"(the first at index {at if t.ndim > 1 else at[0]}: {t[at]})."
+        )
+    if ordered and t.shape[-1] > 1:
+        down = np.diff(t, axis=-1) < 0
+        if down.any():
+            at = tuple(int(i) for i in np.argwhere(down)[0])
+            row, j = at[:-1], at[-1]
+            raise ValueError(
+                f"times must be non-decreasing{' in every row' if row else ''}: "
+                f"{t[row + (j + 1,)]} follows {t[row + (j,)]} at index "
+                f"{row + (j + 1,) if row else j + 1}. Sort them (np.sort) first."
+            )
+
+
+def query_times(batch: Batch, times, *, ordered: bool = False) -> Float[Array, "B Q"]:
+    """`times` given to `predict` (`[Q]` for every row, or `[B, Q]`) as `[B, Q]`,
+    checked by `check_query_times`."""
+    check_query_times(times, ordered=ordered)
     times = jnp.asarray(times, batch.times.dtype)
     if times.ndim == 1:
         return jnp.broadcast_to(times, (batch.batch_size, times.shape[0]))

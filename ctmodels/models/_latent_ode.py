@@ -167,6 +167,11 @@ class LatentODE(eqx.Module):
         if encoder not in ("odernn", "rnn"):
             raise ValueError(f"encoder must be 'odernn' or 'rnn', got {encoder!r}.")
         check_ode_solver(solver, None, "LatentODE's solver")
+        C.check_sizes(
+            "LatentODE", num_channels=(num_channels, 1), latent_size=(latent_size, 1),
+            encoder_size=(encoder_size, 1), units=(units, 0), depth=(depth, 0),
+            num_static=(num_static, 0), num_classes=(num_classes, 0),
+        )  # fmt: skip
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}.")
         ks = jax.random.split(key, 6)
@@ -452,10 +457,12 @@ class LatentODE(eqx.Module):
 
         **Returns:** `(mean, std)`, each `[B, T, C]` (`T2` with `times`).
         """
+        C.check_samples(n_samples)
         t_ref = C.reference_time(batch, self.t0)
         if times is None:
             times, shared = batch.times, batch.layout == "union"
         else:
+            C.check_query_times(times, ordered=True)
             times = jnp.asarray(times, batch.times.dtype)
             if times.ndim not in (1, 2) or (
                 times.ndim == 2 and times.shape[0] != batch.batch_size
@@ -479,6 +486,8 @@ class LatentODE(eqx.Module):
     ) -> Float[Array, "n T C"]:
         """Noise-free sample paths from the prior: `z0 ~ N(0, I)` at `times[0]`,
         decoded at `times` (non-decreasing). **Returns:** `[n_samples, T, C]`."""
+        C.check_samples(n_samples)
+        C.check_query_times(times, ordered=True)
         times = jnp.asarray(times)
         if not jnp.issubdtype(times.dtype, jnp.floating):
             times = times.astype(jnp.result_type(float))

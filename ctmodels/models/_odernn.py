@@ -84,6 +84,10 @@ class ODERNN(eqx.Module):
           channel starting from `obs_std`).
         - `key`: a JAX PRNG key.
         """
+        C.check_sizes(
+            "ODERNN", num_channels=(num_channels, 1), hidden_size=(hidden_size, 1),
+            units=(units, 0),
+        )  # fmt: skip
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}.")
         k1, k2 = jax.random.split(key)

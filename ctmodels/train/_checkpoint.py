@@ -240,10 +240,17 @@ def read_header(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if where is None:
         raise FileNotFoundError(
             f"No checkpoint at {os.fspath(path)!r} (expected a folder with "
-            f"{HEADER}, written by save_checkpoint or fit(checkpoint_dir=...))."
+            f"{HEADER}, written by `ctmodels fit --out`, save_checkpoint or "
+            "fit(checkpoint_dir=...))."
         )
-    with open(where / HEADER, encoding="utf-8") as f:
-        header = json.load(f)
+    try:
+        with open(where / HEADER, encoding="utf-8") as f:
+            header = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{where / HEADER} is damaged (not valid JSON: {e}); it was cut short "
+            "or edited. Use another copy of the checkpoint."
+        ) from e
     if header.get("format") != FORMAT:
         raise ValueError(f"{where / HEADER} is not a ctmodels checkpoint.")
     if header.get("version", 0) > VERSION:
@@ -262,11 +269,13 @@ def read_tree(where: Path, header: dict, name: str, like: Any) -> Any:
         )
     try:
         return eqx.tree_deserialise_leaves(where / files[name], like)
-    except Exception as e:  # structure / shape / dtype mismatch
+    except Exception as e:  # structure / shape / dtype mismatch, or a damaged file
         raise ValueError(
-            f"Could not load {name!r} from checkpoint {where}: it does not match the "
-            f"structure given ({type(e).__name__}: {e}). Build the model with the "
-            "same class and hyperparameters as the saved one."
+            f"Could not load {name!r} from checkpoint {where} "
+            f"({files[name]}): it does not match the structure given, or the file is "
+            f"damaged ({type(e).__name__}: {e}). If the file is intact, build the "
+            "model with the same class and hyperparameters as the saved one; if it "
+            "was cut short (e.g. copied while being written), use another copy."
         ) from e
 
 
