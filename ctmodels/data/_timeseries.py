@@ -205,8 +205,10 @@ class TimeSeries(eqx.Module):
         if empty.any():
             s = int(np.flatnonzero(empty)[0])
             raise ValueError(
-                f"TimeSeries series {s} (of {S}; {int(empty.sum())} in all) has no "
-                "observed value. Drop empty series before building a TimeSeries."
+                f"The data's series {s} (position {s} of {S} along the series dim; "
+                f"{int(empty.sum())} such series in all) has no observed value. Drop "
+                "series without observations from the data first (e.g. "
+                "ds.dropna('series', how='all') or ds.isel(series=...))."
             )
         if static is not None:
             static = _as_float_array(static, "static", 2 if np.ndim(static) == 2 else 1)
