@@ -65,6 +65,7 @@ def _fit(ns) -> int:
             "fit_seconds": metrics["fit_seconds"],
             "test_interpolation_mse": test["interpolation"]["mse"],
             "test_extrapolation_mse": test["extrapolation"]["mse"],
+            "test_coverage_90": {k: v.get("coverage_90") for k, v in test.items()},
             "baselines": {k: v["baselines"] for k, v in test.items()},
         }
         print(json.dumps(summary, indent=1, default=str))

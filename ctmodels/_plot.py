@@ -1,4 +1,5 @@
-"""Plots: observed points, predicted mean and a +-2 std band, one PNG per series."""
+"""Plots: observed points, predicted mean and a 95% predictive band, one PNG per
+series."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ import xarray as xr
 
 def _safe(name) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+
+
+def predictive_interval(
+    mean: np.ndarray, std: np.ndarray, *, log: bool = False, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """The central `level` interval of a predictive distribution given its mean and
+    std: Gaussian (`mean +- z std`), or for a log-transformed channel (`log`) the
+    log-normal with that mean and std, `exp(m +- z s)` with `s^2 = log(1 + std^2 /
+    mean^2)` and `m = log(mean) - s^2 / 2` (positive, and skewed like the data)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    mean, std = np.asarray(mean, float), np.asarray(std, float)
+    if not log:
+        return mean - z * std, mean + z * std
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.sqrt(np.log1p((std / mean) ** 2))
+        m = np.log(mean) - s**2 / 2
+    return np.exp(m - z * s), np.exp(m + z * s)
 
 
 def plot_series(
@@ -26,7 +46,8 @@ def plot_series(
     title: str = "",
 ) -> list[Path]:
     """One PNG per series: a panel per channel with the observed values (dots), the
-    predicted mean (line) and mean +- 2 std (band).
+    predicted mean (line) and the central 95% predictive interval (band; log-normal
+    for channels whose attrs say `transform="log"`, see `predictive_interval`).
 
     `observed` and `predicted` share dims and coordinates (as `to_xarray` writes them);
     `predicted` holds `V` (mean) and `V_std` for each channel `V`. Returns the paths.
@@ -69,9 +90,11 @@ def plot_series(
             ok = ~np.isnan(mu)
             if f"{ch}_std" in pred:
                 sd = np.asarray(pred[f"{ch}_std"].values)[order]
+                log = pred[ch].attrs.get("transform") == "log"
+                lo, hi = predictive_interval(mu, sd, log=log)
                 ax.fill_between(
-                    tp[ok], (mu - 2 * sd)[ok], (mu + 2 * sd)[ok], alpha=0.25,
-                    color="tab:blue", lw=0, label="mean +- 2 std",
+                    tp[ok], lo[ok], hi[ok], alpha=0.25, color="tab:blue", lw=0,
+                    label="95% predictive interval",
                 )  # fmt: skip
             ax.plot(tp[ok], mu[ok], color="tab:blue", lw=1.5, label="predicted mean")
             y = np.asarray(obs[ch].values)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import equinox as eqx
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
@@ -42,6 +44,7 @@ def test_fit_writes_outputs(fitted):
     for task in ("interpolation", "extrapolation"):
         entry = saved["test"][task]
         assert np.isfinite(entry["mse"]) and entry["points"] > 0
+        assert 0.0 <= entry["coverage_90"] <= 1.0
         assert set(entry["baselines"]) == {"locf", "linear_interpolation"}
     pred = xr.load_dataset(out / "predictions.nc")
     src = xr.load_dataset(path)
@@ -303,3 +306,130 @@ def test_damaged_checkpoint_says_so(fitted, tmp_path, capsys):
 
     with pytest.raises(ValueError, match="or the file is damaged"):
         load_checkpoint(ck)
+
+
+class _Offset(eqx.Module):
+    """A stand-in model whose prediction misses every value by `bias` and whose own
+    spread is `sqrt(var + noise^2)`: the calibration's oracle is known."""
+
+    bias: float
+    var: float
+    noise: float
+
+    def _noise_log_std(self, dtype):
+        return jnp.full((2,), np.log(self.noise), dtype)
+
+    def predict(self, batch, *, key, n_samples):
+        mean = batch.values + self.bias * jnp.arange(1, 3)  # channel c misses by c*bias
+        std = jnp.sqrt(self.var + self.noise**2) * jnp.ones_like(mean)
+        return mean, std
+
+
+def test_calibrate_spread_against_the_closed_form():
+    """Channel c's errors are c * bias; the model explains `var` of their square:
+    the residual std is sqrt((c * bias)^2 - var), at least the model's noise; the
+    calibrated intervals then hold the values exactly when they are wide enough."""
+    from ctmodels._latent_job import _coverage, calibrate_spread
+    from ctmodels.models._predict import with_spread as _calibrated_std
+
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 1, (6, 5)), axis=1)
+    ts = cd.TimeSeries.from_arrays(t, rng.normal(size=(6, 5, 2)))
+    model = _Offset(bias=0.3, var=0.05, noise=0.01)
+    scale = calibrate_spread(model, ts, seed=0, n_samples=2, batch_size=4)
+    np.testing.assert_allclose(scale, [np.sqrt(0.09 - 0.05), np.sqrt(0.36 - 0.05)],
+                               rtol=1e-5)  # fmt: skip
+    small = _Offset(bias=0.1, var=0.05, noise=0.01)  # spread already too wide
+    np.testing.assert_allclose(
+        calibrate_spread(small, ts, seed=0, n_samples=2, batch_size=4), 0.01, rtol=1e-5
+    )
+    std = np.full(ts.values.shape, np.sqrt(0.05 + 0.01**2))
+    cal = _calibrated_std(model, std, scale)
+    np.testing.assert_allclose(cal[..., 1], np.sqrt(0.36), rtol=1e-6)
+    mean = ts.values + np.array([0.3, 0.6])
+    # errors of exactly one calibrated std: inside a 90% interval (z = 1.64)
+    assert _coverage(mean, cal, ts.values, ts.mask) == 1.0
+    # uncalibrated (z * std = 0.37): channel 0's errors (0.3) inside, channel 1's out
+    assert _coverage(mean, std, ts.values, ts.mask) == 0.5
+
+
+def test_predict_uses_the_calibration(fitted, tmp_path):
+    """predict's V_std includes the validation residual scale written by fit (wider
+    than the model's own spread, the same means); without calibration.json it is the
+    model's own."""
+    import shutil
+
+    from ctmodels._latent_job import predict_checkpoint
+
+    path, out, _ = fitted
+    cal = json.loads((out / "checkpoint" / "calibration.json").read_text())
+    assert set(cal["residual_std"]) == set(
+        xr.load_dataset(path).attrs["channels"].split()
+    )
+    assert min(cal["residual_std"].values()) > 0.01  # above the model's noise
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
+    q = tmp_path / "q.nc"
+    src.to_netcdf(q)
+    with_cal = predict_checkpoint(out, q, tmp_path / "a.nc", n_samples=3)
+    bare = tmp_path / "bare"
+    shutil.copytree(out / "checkpoint", bare)
+    (bare / "calibration.json").unlink()
+    own = predict_checkpoint(bare, q, tmp_path / "b.nc", n_samples=3)
+    assert own.attrs["spread"].startswith("the model's own")
+    valid = np.isfinite(own["bili_std"].values)
+    for v in ("albumin", "bili"):  # an affine channel and a log channel
+        wider = with_cal[f"{v}_std"].values > own[f"{v}_std"].values
+        assert wider[valid].all()
+    # the same model means; in original units a log channel's mean is the log-normal
+    # exp(mu + s^2 / 2), so a wider s raises it (and the median exp(mu) stays put)
+    np.testing.assert_allclose(with_cal["albumin"].values, own["albumin"].values)
+    assert (with_cal["bili"].values[valid] > own["bili"].values[valid]).all()
+
+
+def test_predictive_interval_against_scipy():
+    """Affine channels: the Gaussian interval; log channels: the log-normal with the
+    given mean and std (scipy's quantiles), so the band stays positive."""
+    from scipy import stats
+
+    from ctmodels._plot import predictive_interval
+
+    mean, std = np.array([2.0, 10.0]), np.array([1.5, 30.0])
+    lo, hi = predictive_interval(mean, std)
+    np.testing.assert_allclose(lo, stats.norm.ppf(0.025, mean, std))
+    np.testing.assert_allclose(hi, stats.norm.ppf(0.975, mean, std))
+    lo, hi = predictive_interval(mean, std, log=True)
+    s2 = np.log1p((std / mean) ** 2)
+    dist = stats.lognorm(s=np.sqrt(s2), scale=np.exp(np.log(mean) - s2 / 2))
+    np.testing.assert_allclose(dist.mean(), mean)  # the parametrisation is right
+    np.testing.assert_allclose(dist.std(), std)
+    np.testing.assert_allclose(lo, dist.ppf(0.025))
+    np.testing.assert_allclose(hi, dist.ppf(0.975))
+    assert (lo > 0).all()
+
+
+def test_load_fitted_predicts_at_any_times_in_data_units(fitted, tmp_path):
+    """The Python route to what `ctmodels predict` writes, at any times: a fitted
+    job's checkpoint carries its normaliser, calibrated spread and time unit."""
+    import jax
+
+    from ctmodels._latent_job import predict_checkpoint
+    from ctmodels.models import load_fitted, predict
+
+    path, out, _ = fitted
+    fit = load_fitted(out)
+    assert fit.time_units == "years" and len(fit.spread) == len(fit.channels) == 7
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
+    q = np.array([0.0, 1.0, 3.0, 8.0])  # years; 8 is past every visit
+    years = predict(fit, src, q, key=jax.random.key(0), n_samples=4)
+    t = src["time"].values * 365.25
+    days = src.assign_coords(time=(("series", "obs"), t, {"units": "days"}))
+    in_days = predict(fit, days, q * 365.25, key=jax.random.key(0), n_samples=4)
+    np.testing.assert_array_equal(in_days["time"].values, q * 365.25)
+    for v in ("bili", "bili_std", "albumin"):
+        np.testing.assert_allclose(in_days[v].values, years[v].values, rtol=1e-4)
+    assert (years["bili_std"].values > 0).all()
+    # on the file's own grid: exactly what `ctmodels predict` writes
+    src.to_netcdf(tmp_path / "s.nc")
+    cli = predict_checkpoint(out, tmp_path / "s.nc", tmp_path / "p.nc", n_samples=4)
+    own = predict(fit, src, key=jax.random.key(0), n_samples=4, batch_size=16)
+    xr.testing.assert_allclose(own[["bili", "bili_std"]], cli[["bili", "bili_std"]])

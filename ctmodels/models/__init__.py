@@ -13,3 +13,8 @@ from ._baselines import (
 from ._catalog import MODELS as MODELS
 from ._latent_ode import LatentODE as LatentODE
 from ._odernn import ODERNN as ODERNN
+from ._predict import (
+    Fitted as Fitted,
+    load_fitted as load_fitted,
+    predict as predict,
+)

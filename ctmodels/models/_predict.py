@@ -1,0 +1,271 @@
+"""`predict`: a trained model's predictive mean and spread as xarray, in data units."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+from jaxtyping import PRNGKeyArray
+
+from .. import data as cdata
+from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
+from . import _common as C
+
+
+@eqx.filter_jit
+def _predict_batch(model, batch, key, n_samples, times):
+    """One compiled prediction (module level: repeated calls with the same model
+    structure, batch bucket, `n_samples` and query shape reuse the compilation)."""
+    return model.predict(batch, key=key, n_samples=n_samples, times=times)
+
+
+def model_spread(model, std: np.ndarray) -> np.ndarray:
+    """The variance in `std` (a model's predictive std, model units) that is not its
+    observation noise: `std^2 - noise^2` (`std^2` for a model without one)."""
+    std = np.asarray(std, np.float64)
+    if not hasattr(model, "_noise_log_std"):
+        return std**2
+    noise = np.exp(np.asarray(model._noise_log_std(jnp.float32), np.float64))
+    return np.maximum(std**2 - noise**2, 0.0)
+
+
+def with_spread(model, std: np.ndarray, spread) -> np.ndarray:
+    """`std` with the residual std per channel `spread` (model units) in place of
+    the model's observation noise; `std` itself when `spread` is None."""
+    if spread is None:
+        return std
+    return np.sqrt(model_spread(model, std) + np.asarray(spread, np.float64) ** 2)
+
+
+def time_factor(have: str | None, want: str | None) -> float:
+    """What times in unit `have` are multiplied by to be in unit `want` (1 when either
+    is unknown or they are the same). Datetime times count in days and float times
+    carry their `units` attribute, so a file with visit dates given to a model
+    trained on years would otherwise be 365 times too slow."""
+    if not want or not have or have == want:
+        return 1.0
+    try:
+        return _UNIT_SECONDS[_unit(have)] / _UNIT_SECONDS[_unit(want)]
+    except ValueError:
+        raise ValueError(
+            f"The data's times are in {have!r} but the model was trained on times "
+            f"in {want!r}, and ctmodels cannot convert between them: give the "
+            f"times in {want!r} (or set the time variable's `units` attribute to "
+            f"one of {sorted(_UNIT_SECONDS)})."
+        ) from None
+
+
+class Fitted(NamedTuple):
+    """A model fitted by `ctmodels fit latent-ode`, with what its predictions need
+    (see `load_fitted`; `predict` accepts it in place of a model)."""
+
+    model: Any
+    normalizer: cdata.Normalizer
+    spread: list[float] | None
+    time_units: str | None
+    channels: tuple[str, ...]
+
+
+def load_fitted(checkpoint: str | Path) -> Fitted:
+    """Load what `ctmodels fit latent-ode --out DIR` saved (`DIR` or
+    `DIR/checkpoint`): the model, the training data's `Normalizer`, the
+    validation-calibrated residual std per channel (`calibration.json`; None if
+    absent) and the training data's time unit, for `predict`:
+
+    ```python
+    fitted = ctmodels.models.load_fitted("runs/pbcseq")
+    pred = ctmodels.models.predict(fitted, xr.load_dataset("patients.nc"),
+                                   [0.0, 1.0, 2.0, 5.0], key=jax.random.key(0))
+    ```
+    """
+    from .._latent_job import _load, _resolve_checkpoint
+
+    model, normalizer, extra = _load(_resolve_checkpoint(checkpoint))
+    return Fitted(
+        model, normalizer, extra["scale"], extra.get("time_units"),
+        tuple(extra["channels"]),
+    )  # fmt: skip
+
+
+def _series(series, normalizer) -> cdata.TimeSeries:
+    if isinstance(series, xr.Dataset):
+        channels = None if normalizer is None else list(normalizer.channels)
+        if channels is not None:
+            missing = [c for c in channels if c not in series.data_vars]
+            if missing:
+                raise ValueError(
+                    f"The dataset lacks the normaliser's channels {missing} (channels: "
+                    f"{channels})."
+                )
+        series = cdata.from_xarray(series, variables=channels, static=[])
+    if isinstance(series, cdata.LazyTimeSeries):
+        series = series.load()
+    if not isinstance(series, cdata.TimeSeries):
+        raise TypeError(
+            "series must be a ctmodels.data.TimeSeries or an xarray.Dataset, got "
+            f"{type(series).__name__}."
+        )
+    return series
+
+
+def _query_floats(meta, times) -> tuple[np.ndarray, np.ndarray]:
+    """Requested times as floats in the series' time units (and as given, for the
+    output coordinate)."""
+    t = np.asarray(times)
+    kind = meta.time_kind
+    if np.issubdtype(t.dtype, np.datetime64) or np.issubdtype(t.dtype, np.timedelta64):
+        want = "datetime" if np.issubdtype(t.dtype, np.datetime64) else "timedelta"
+        if kind != want:
+            raise ValueError(
+                f"times are {t.dtype} but the series' times are {kind} (in "
+                f"{meta.time_units!r}): give the times as the series' are."
+            )
+        ns = t.astype(f"{want}64[ns]")
+        base = meta.time_origin if want == "datetime" else np.timedelta64(0, "ns")
+        floats = np.where(np.isnat(t), np.nan, (ns - base).astype(np.float64))
+        return floats / _ns_per_unit(meta.time_units), t
+    if kind != "float":
+        raise ValueError(
+            f"The series' times are {kind}: give the times as numpy {kind}64 values "
+            f"(got {t.dtype})."
+        )
+    if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
+        raise ValueError(f"times must be numbers or datetimes, got dtype {t.dtype}.")
+    return t.astype(np.float64), t
+
+
+def predict(
+    model: Any,
+    series: cdata.TimeSeries | xr.Dataset,
+    times: Any = None,
+    *,
+    key: PRNGKeyArray,
+    n_samples: int = 16,
+    normalizer: cdata.Normalizer | None = None,
+    spread: Any = None,
+    time_units: str | None = None,
+    batch_size: int = 64,
+) -> xr.Dataset:
+    """Predictive mean and standard deviation of a trained model for every series,
+    conditioned on all of its observed values, at any times: interpolation inside a
+    series' observations, extrapolation after them.
+
+    **Arguments:**
+
+    - `model`: a trained model with `predict(batch, *, key, n_samples, times)`
+      (`LatentODE`, `RNNVAE`, `ODERNN`, `GRUDelta`, `LinearInterpolation`, `LOCF`),
+      or a `Fitted` from `load_fitted`, which supplies `normalizer`, `spread` and
+      `time_units` (arguments given here take precedence).
+    - `series`: the context, a `ctmodels.data.TimeSeries` or an `xarray.Dataset` in
+      the layout `ctmodels.data.from_xarray` reads (with `normalizer`, its channels
+      are read), in data units.
+    - `times`: where to predict. None: at every valid time of each series (its own
+      grid, observed or not). `[Q]`: the same times for every series; `[S, Q]`: per
+      series; non-decreasing (along each row). Numbers in the series' time unit, or
+      `datetime64` / `timedelta64` values where the series' times were.
+    - `key`: a JAX PRNG key (posterior samples); `n_samples`: how many.
+    - `normalizer`: the `ctmodels.data.Normalizer` the model was trained with: values
+      and times are mapped to model units and the predictions back to data units
+      (log channels as log-normal, see `Normalizer.inverse`). None: the series are in
+      model units already.
+    - `spread`: a residual std per channel (model units) that replaces the model's
+      observation noise in the predictive std, such as the validation-calibrated one
+      that `ctmodels fit latent-ode` writes (`checkpoint/calibration.json`, read by
+      `load_fitted`). A latent ODE's own spread is far narrower than its errors.
+    - `time_units`: the time unit the model was trained in; series (and `times`) in
+      another known unit are converted (`time_factor`). None: taken as they are.
+    - `batch_size`: series per compiled prediction.
+
+    **Returns:** an `xarray.Dataset` with `V` (mean) and `V_std` for each channel `V`.
+    With `times=None` it has the series' own dims and coordinates (as
+    `ctmodels.data.to_xarray` writes predictions, NaN at padding positions); else
+    dims `(series, time)` with the `[Q]` times as the `time` coordinate, or
+    `(series, query)` with a 2-D `time` coordinate for `[S, Q]` times.
+    """
+    if isinstance(model, Fitted):
+        normalizer = model.normalizer if normalizer is None else normalizer
+        spread = model.spread if spread is None else spread
+        time_units = model.time_units if time_units is None else time_units
+        model = model.model
+    C.check_samples(n_samples)
+    C.check_sizes("predict", batch_size=(batch_size, 1))
+    if spread is not None:
+        spread = np.asarray(spread, np.float64)
+    ts = _series(series, normalizer)
+    factor = time_factor(ts.meta.time_units, time_units)
+    ts_m = ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
+    ts_m = ts_m if normalizer is None else normalizer.transform(ts_m)
+    scale = (1.0 if normalizer is None else normalizer.time_scale) / factor
+    S, C_ = len(ts), ts.num_channels
+    per_series = False
+    if times is not None:
+        floats, given = _query_floats(ts.meta, times)
+        if floats.ndim == 2 and floats.shape[0] == S:
+            per_series = True
+        elif floats.ndim != 1:
+            raise ValueError(
+                f"times must be [Q] or [{S}, Q] ({S} series), got shape {floats.shape}."
+            )
+        C.check_query_times(floats, ordered=True)
+        query = floats / scale
+        Q = floats.shape[-1]
+        mean = np.full((S, Q, C_), np.nan)
+        std = np.full((S, Q, C_), np.nan)
+    else:
+        mean = np.full(ts.values.shape, np.nan)
+        std = np.full(ts.values.shape, np.nan)
+    for i, batch in enumerate(cdata.batches(ts_m, batch_size, layout="union")):
+        k = jax.random.fold_in(key, i)
+        if times is None:
+            mu, sd = _predict_batch(model, batch, k, n_samples, None)
+            cdata.unbatch(batch, np.asarray(mu), mean)
+            cdata.unbatch(batch, np.asarray(sd), std)
+            continue
+        idx = np.asarray(batch.index)
+        rows = idx >= 0
+        if per_series:
+            q = query[np.maximum(idx, 0)]
+            q[~rows] = q[rows][0]  # padding rows (weight 0): any valid times
+        else:
+            q = query
+        q = jnp.asarray(q, batch.times.dtype)
+        mu, sd = _predict_batch(model, batch, k, n_samples, q)
+        mean[idx[rows]] = np.asarray(mu)[rows]
+        std[idx[rows]] = np.asarray(sd)[rows]
+    std = with_spread(model, std, spread)
+    if normalizer is not None:
+        mean, std = normalizer.inverse(mean, std)
+    if times is None:
+        return cdata.to_xarray(ts, mean=mean, std=std)
+    return _query_dataset(ts, mean, std, given, per_series)
+
+
+def _query_dataset(ts, mean, std, given, per_series) -> xr.Dataset:
+    meta = ts.meta
+    sd = meta.series_dim
+    tdim = "query" if per_series else meta.time_name or "time"
+    tname = meta.time_name or "time"
+    var_attrs = (meta.xarray or {}).get("var_attrs", {})
+    data_vars = {}
+    for c, name in enumerate(meta.channels):
+        attrs = dict(var_attrs.get(name, {}))
+        data_vars[name] = ((sd, tdim), mean[..., c], dict(attrs, prediction="mean"))
+        std_attrs = dict(attrs, prediction="std")
+        std_attrs["long_name"] = (
+            f"predictive standard deviation of {attrs.get('long_name', name)}"
+        )
+        data_vars[f"{name}_std"] = ((sd, tdim), std[..., c], std_attrs)
+    time_attrs = dict(var_attrs.get(tname, {}))
+    if meta.time_units and "units" not in time_attrs and meta.time_kind == "float":
+        time_attrs["units"] = meta.time_units
+    coords = {
+        sd: np.asarray(meta.series_ids),  # as `ctmodels.data.to_xarray` writes them
+        tname: ((sd, tdim) if per_series else (tdim,), given, time_attrs),
+    }
+    return xr.Dataset(data_vars, coords=coords)

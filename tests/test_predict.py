@@ -1,0 +1,144 @@
+"""`ctmodels.models.predict`: a model's predictive mean and spread as xarray at any
+times, in data units. Oracles: the model's own `predict` on hand-made batches and a
+hand-applied `Normalizer`; the same request spelled three ways (shared, per series,
+as dates)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import xarray as xr
+
+import ctmodels.data as cd
+from ctmodels.models import GRUDelta, LatentODE, predict
+from ctmodels.models._predict import model_spread
+
+TOL = dict(rtol=2e-4, atol=2e-5)
+
+
+def _dataset(S=5, T=6, seed=0):
+    """A pbcseq-like dataset: per-series float times in days, NaN padding, two
+    channels (one positive, log-transformed)."""
+    rng = np.random.default_rng(seed)
+    t = np.sort(rng.uniform(0, 300, (S, T)), axis=1)
+    t[1, -2:] = np.nan
+    a = np.exp(rng.normal(1.0, 0.3, (S, T)))
+    b = rng.normal(5.0, 1.0, (S, T))
+    a[np.isnan(t)] = np.nan
+    b[np.isnan(t)] = np.nan
+    b[0, 2] = np.nan
+    return xr.Dataset(
+        {"a": (("series", "obs"), a, {"transform": "log", "units": "mg"}),
+         "b": (("series", "obs"), b)},
+        coords={"series": np.arange(10, 10 + S),
+                "time": (("series", "obs"), t, {"units": "days"})},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = _dataset()
+    ts = cd.from_xarray(ds)
+    norm = cd.Normalizer.fit(ts, log=["a"], time_scale="span")
+    model = LatentODE(2, latent_size=2, encoder_size=4, units=8, key=jax.random.key(0))
+    return ds, ts, norm, model
+
+
+def _by_hand(model, ts_n, times_n, key, n_samples, batch_size=8):
+    """The model's own `predict` on one union batch of all series."""
+    batch = next(iter(cd.batches(ts_n, batch_size, layout="union")))
+    mu, sd = model.predict(
+        batch, key=jax.random.fold_in(key, 0), n_samples=n_samples, times=times_n
+    )
+    return np.asarray(mu)[: len(ts_n)], np.asarray(sd)[: len(ts_n)]
+
+
+def test_requested_times_match_the_models_predict_in_data_units(setup):
+    ds, ts, norm, model = setup
+    key = jax.random.key(1)
+    q = np.array([0.0, 50.0, 120.0, 400.0])  # days; 400 is past every series
+    out = predict(model, ds, q, key=key, n_samples=3, normalizer=norm, batch_size=8)
+    mu, sd = _by_hand(model, norm.transform(ts), q / norm.time_scale, key, 3)
+    mu, sd = norm.inverse(mu, sd)
+    assert out["a"].dims == ("series", "time") and out.sizes["time"] == 4
+    np.testing.assert_array_equal(out["time"].values, q)
+    np.testing.assert_array_equal(out["series"].values, ds["series"].values)
+    for c, v in enumerate(("a", "b")):
+        np.testing.assert_allclose(out[v].values, mu[..., c], **TOL)
+        np.testing.assert_allclose(out[f"{v}_std"].values, sd[..., c], **TOL)
+    assert out["a"].attrs["units"] == "mg" and out["a_std"].attrs["prediction"] == "std"
+    assert out["time"].attrs["units"] == "days"
+    assert (out["a"].values > 0).all()  # a log channel, back in data units
+
+
+def test_shared_per_series_and_dated_requests_agree(setup):
+    ds, ts, norm, model = setup
+    key = jax.random.key(2)
+    q = np.array([10.0, 100.0, 200.0])
+    shared = predict(model, ds, q, key=key, n_samples=2, normalizer=norm)
+    rows = np.tile(q, (len(ts), 1))
+    per = predict(model, ds, rows, key=key, n_samples=2, normalizer=norm)
+    assert per["b"].dims == ("series", "query") and per["time"].dims == (
+        "series",
+        "query",
+    )
+    np.testing.assert_allclose(per["b"].values, shared["b"].values, **TOL)
+    np.testing.assert_allclose(per["a_std"].values, shared["a_std"].values, **TOL)
+    # the same data with dates: from_xarray counts days from the earliest date
+    origin = np.datetime64("2020-01-01", "ns")
+    t = ds["time"].values
+    ns = np.where(np.isnan(t), 0, np.round(t * 86400e9)).astype("timedelta64[ns]")
+    dates = np.where(np.isnan(t), np.datetime64("NaT"), origin + ns)
+    shift = np.nanmin(t)  # from_xarray's time 0 is the earliest date
+    dated = ds.assign_coords(time=(("series", "obs"), dates))
+    qd = origin + np.round(q * 86400e9).astype("timedelta64[ns]")
+    norm_d = cd.Normalizer.fit(cd.from_xarray(dated), log=["a"], time_scale="span")
+    by_date = predict(model, dated, qd, key=key, n_samples=2, normalizer=norm_d)
+    np.testing.assert_array_equal(by_date["time"].values, qd)
+    # the model sees times relative to each batch's earliest time: a constant shift
+    # of every time (dates start at the earliest one) changes nothing
+    assert shift > 0
+    np.testing.assert_allclose(by_date["b"].values, shared["b"].values, **TOL)
+
+
+def test_own_grid_spread_and_other_models(setup):
+    ds, ts, norm, model = setup
+    key = jax.random.key(3)
+    own = predict(model, ts, key=key, n_samples=2, normalizer=norm)
+    assert own["a"].dims == ("series", "obs")
+    valid = ~np.isnan(ds["time"].values)
+    assert np.isfinite(own["b"].values[valid]).all()
+    assert np.isnan(own["b"].values[~valid]).all()
+    # spread replaces the model's observation noise (model units, no normalizer)
+    ts_n = norm.transform(ts)
+    plain = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2)
+    wide = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2, spread=[0.3, 0.7])
+    var = model_spread(model, plain["b_std"].values)
+    np.testing.assert_allclose(wide["b_std"].values ** 2, var + 0.7**2, rtol=1e-5)
+    np.testing.assert_allclose(wide["b"].values, plain["b"].values)
+    # any model with predict(batch, key=, n_samples=, times=): a filter
+    gru = GRUDelta(2, hidden_size=4, units=8, key=jax.random.key(4))
+    out = predict(gru, ts_n, [0.2, 0.7], key=key)
+    assert np.isfinite(out["a"].values).all()
+
+
+def test_errors(setup):
+    ds, ts, norm, model = setup
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=r"times must be \[Q\] or \[5, Q\]"):
+        predict(model, ts, np.zeros((2, 3)), key=key)
+    with pytest.raises(ValueError, match="series' times are float"):
+        predict(model, ts, np.array(["2020-01-01"], "datetime64[ns]"), key=key)
+    with pytest.raises(ValueError, match="n_samples"):
+        predict(model, ts, [0.0], key=key, n_samples=0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        predict(model, ts, [1.0, 0.0], key=key)
+    with pytest.raises(ValueError, match="finite"):
+        predict(model, ts, [0.0, np.nan], key=key)
+    with pytest.raises(ValueError, match="lacks the normaliser's channels"):
+        predict(model, ds[["a"]], [0.0], key=key, normalizer=norm)
+    with pytest.raises(TypeError, match="TimeSeries or an xarray.Dataset"):
+        predict(model, np.zeros((2, 3)), key=key)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict(model, ts, key=key, batch_size=0)
