@@ -45,8 +45,9 @@ xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n $(($(nproc) - 1))")
 timeout "${GPU_CHECK_PYTEST_S:-240}" python3 -m pytest -q -m "not slow" \
     -p no:cacheprovider -p no:benchmark -rfEs --tb=short --durations=15 $xdist \
     2>&1 | tee "$out/pytest.txt"
+pytest_rc=${PIPESTATUS[0]}  # the script's exit status: a failed test is not a pass
 
-[ "${GPU_CHECK_ONLY:-}" = pytest ] && exit 0
+[ "${GPU_CHECK_ONLY:-}" = pytest ] && exit "$pytest_rc"
 
 echo "== quick-start job on the GPU"
 rm -rf /tmp/ctmodels-gpu-run
@@ -59,3 +60,4 @@ cp /tmp/ctmodels-gpu-run/metrics.json "$out/" 2>/dev/null
 echo "== training step: ctmodels, plain Diffrax and torchdiffeq, all on the GPU"
 timeout "${GPU_CHECK_STEP_S:-110}" python3 benchmarks/latent_ode_step.py \
     --device gpu --reps 7 2>"$out/step_gpu.err" | tee "$out/step_gpu.jsonl"
+exit "$pytest_rc"

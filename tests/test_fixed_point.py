@@ -17,6 +17,7 @@ import scipy.optimize
 
 import ctmodels
 from ctmodels import RESULTS, SolverError, solvers
+from ctmodels._errors import discard_failed_callbacks
 
 jax.config.update("jax_enable_x64", True)
 
@@ -524,6 +525,7 @@ def test_jit_throw_raises_explanation():
 
     with pytest.raises(Exception, match="maximum number of steps") as info:
         jax.block_until_ready(solve(ARGS9))
+    discard_failed_callbacks()  # handled here; a GPU would raise it again later
     msg = str(info.value)
     assert f"ctmodels.fixed_point with solver {solver!r}" in msg
     assert "max_steps (now 2)" in msg
@@ -539,6 +541,7 @@ def test_jit_throw_raises_explanation():
 
     with pytest.raises(Exception, match="maximum number of steps") as info:
         jax.block_until_ready(solve_root(CONVEX_ARGS))
+    discard_failed_callbacks()
     assert f"ctmodels.root_find with solver {ROOT[0]!r}" in str(info.value)
 
 
@@ -695,8 +698,13 @@ def test_matrix_free_backward_solve_reports_its_residual(name):
     x, result, stats = solver.compute(solver.init(op, {}), b, {})
     assert result == lx.RESULTS.successful
     r = np.asarray(a @ x - b)
-    np.testing.assert_allclose(stats["residual_norm"], np.linalg.norm(r), rtol=1e-12)
     scale = max(np.max(np.abs(b)), np.max(np.abs(np.asarray(x))))
+    # the residual of this x, to rounding of terms of size `scale` (a GPU sums in
+    # another order: 2e-16 apart on a 1.8e-10 residual; another iterate's residual
+    # would differ by far more)
+    np.testing.assert_allclose(
+        stats["residual_norm"], np.linalg.norm(r), rtol=1e-12, atol=1e-14 * scale
+    )
     assert np.max(np.abs(r)) <= 1e-10 * scale
     np.testing.assert_allclose(x, np.linalg.solve(np.asarray(a), b), rtol=1e-8)
 
