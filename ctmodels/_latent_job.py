@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 
 from . import data as cdata
-from .models._predict import model_spread, predict, time_factor, with_spread
+from .models._predict import calibrate_spread, predict, time_factor, with_spread
 
 _JOB_VERSION = 1
 
@@ -218,30 +218,6 @@ def _mse(pred, truth, mask) -> float:
 CALIBRATION = "calibration.json"
 
 
-def calibrate_spread(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5,
-                     split=0.5) -> list[float]:  # fmt: skip
-    """Residual std per channel (normalised units) that makes the predictive spread
-    match the model's errors on `ts_n` (the validation split): pooled over the
-    interpolation and extrapolation tasks, `s_c^2 = mean(err^2 - Var_k)` over the
-    scored values of channel `c`, at least the model's own noise variance (also for
-    a channel never scored)."""
-    noise = np.exp(np.asarray(model._noise_log_std(jnp.float32), np.float64))
-    noise = np.broadcast_to(noise, (ts_n.num_channels,))
-    sq, spread, count = (np.zeros(ts_n.num_channels) for _ in range(3))
-    for task in _tasks(fraction, split).values():
-        mean, std, _, tgt = _predict_grid(
-            model, ts_n, key=jax.random.key(seed + 3000), n_samples=n_samples,
-            batch_size=batch_size, task=task,
-        )  # fmt: skip
-        err2 = np.where(tgt, (mean - ts_n.values) ** 2, 0.0)
-        var = np.where(tgt, model_spread(model, std), 0.0)
-        sq += err2.sum(axis=(0, 1))
-        spread += var.sum(axis=(0, 1))
-        count += tgt.sum(axis=(0, 1))
-    excess = (sq - spread) / np.maximum(count, 1)
-    return [float(x) for x in np.sqrt(np.maximum(excess, noise**2))]
-
-
 def _coverage(mean, std, truth, mask, level: float = 0.9) -> float:
     """Fraction of the `mask`ed values inside the central `level` Gaussian predictive
     interval `mean +- z * std`."""
@@ -404,8 +380,9 @@ def fit_latent_ode(
     history.to_csv(out / "history.csv", index=False)
     t_fit = _time.perf_counter() - t_start
     scale = calibrate_spread(
-        model, valid_n, seed=seed, n_samples=EVAL_SAMPLES, batch_size=batch_size
-    )
+        model, valid_n, key=jax.random.key(seed + 3000), n_samples=EVAL_SAMPLES,
+        batch_size=batch_size,
+    )  # fmt: skip
     calibration = {
         "residual_std": dict(zip(ts.channels, scale, strict=True)),
         "units": "normalised (train-split statistics)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -329,19 +330,21 @@ def test_calibrate_spread_against_the_closed_form():
     """Channel c's errors are c * bias; the model explains `var` of their square:
     the residual std is sqrt((c * bias)^2 - var), at least the model's noise; the
     calibrated intervals then hold the values exactly when they are wide enough."""
-    from ctmodels._latent_job import _coverage, calibrate_spread
+    from ctmodels._latent_job import _coverage
+    from ctmodels.models import calibrate_spread
     from ctmodels.models._predict import with_spread as _calibrated_std
 
     rng = np.random.default_rng(0)
     t = np.sort(rng.uniform(0, 1, (6, 5)), axis=1)
     ts = cd.TimeSeries.from_arrays(t, rng.normal(size=(6, 5, 2)))
     model = _Offset(bias=0.3, var=0.05, noise=0.01)
-    scale = calibrate_spread(model, ts, seed=0, n_samples=2, batch_size=4)
+    key = jax.random.key(0)
+    scale = calibrate_spread(model, ts, key=key, n_samples=2, batch_size=4)
     np.testing.assert_allclose(scale, [np.sqrt(0.09 - 0.05), np.sqrt(0.36 - 0.05)],
                                rtol=1e-5)  # fmt: skip
     small = _Offset(bias=0.1, var=0.05, noise=0.01)  # spread already too wide
     np.testing.assert_allclose(
-        calibrate_spread(small, ts, seed=0, n_samples=2, batch_size=4), 0.01, rtol=1e-5
+        calibrate_spread(small, ts, key=key, n_samples=2, batch_size=4), 0.01, rtol=1e-5
     )
     std = np.full(ts.values.shape, np.sqrt(0.05 + 0.01**2))
     cal = _calibrated_std(model, std, scale)

@@ -10,8 +10,8 @@ Run: python tutorials/latent_ode.py [--out DIR]
    on the interpolation objective: reconstruct every visit from a random half.
 4. Score interpolation (hidden visits) and extrapolation (the second half of each
    patient's follow-up) on held-out patients, against last-observation-carried-forward.
-5. Predict a dense trajectory with its uncertainty, back in original units, as xarray,
-   and plot it.
+5. Calibrate the predictive spread on the validation patients, predict a dense
+   trajectory with its uncertainty, back in original units, as xarray, and plot it.
 """
 
 import argparse
@@ -88,15 +88,20 @@ def main(out: Path):
 
     # 5. a dense trajectory with uncertainty for three test patients, in lab units:
     # `ctmodels.models.predict` conditions on each patient's visits and answers at any
-    # times (in the data's unit, years here), mapped back through the normaliser. The
-    # std here is the model's own spread; `ctmodels fit latent-ode` also calibrates it
-    # on the validation split (`ctmodels.models.load_fitted` returns that with the
-    # model), because a latent ODE's own spread is far narrower than its errors.
+    # times (in the data's unit, years here), mapped back through the normaliser. A
+    # latent ODE's own spread is far narrower than its errors, so first estimate a
+    # residual std per channel on the validation patients (as `ctmodels fit
+    # latent-ode` does; `ctmodels.models.load_fitted` returns its estimate).
+    spread = ctmodels.models.calibrate_spread(
+        model, valid, key=jax.random.key(4), normalizer=norm, n_samples=8
+    )
+    print("residual std per channel (normalised):", np.round(spread, 2))
     few = test[np.arange(3)]
     query = np.linspace(0.0, float(np.nanmax(few.nan_times())), 60)
     pred = ctmodels.models.predict(
-        model, few, query, key=jax.random.key(3), n_samples=20, normalizer=norm
-    )
+        model, few, query, key=jax.random.key(3), n_samples=20, normalizer=norm,
+        spread=spread,
+    )  # fmt: skip
     assert np.isfinite(pred["bili"].values).all() and (pred["bili_std"] > 0).all()
     paths = plot_series(cd.to_xarray(few), pred, out, title="latent ODE, dense")
     print("plots:", ", ".join(str(p) for p in paths))

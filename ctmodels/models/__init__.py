@@ -15,6 +15,7 @@ from ._latent_ode import LatentODE as LatentODE
 from ._odernn import ODERNN as ODERNN
 from ._predict import (
     Fitted as Fitted,
+    calibrate_spread as calibrate_spread,
     load_fitted as load_fitted,
     predict as predict,
 )
