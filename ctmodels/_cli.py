@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="interpolation/extrapolation MSE of a fitted latent ODE",
         description="Hide 50% of the observed values (interpolation) or the second "
         "half of each series' time span (extrapolation) and report the MSE of the "
-        "model and of LOCF / linear interpolation, in normalised units, as JSON.",
+        "model and of LOCF / linear interpolation, in normalised units, and how often "
+        "the model's 90% predictive interval holds the hidden values, as JSON.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
     p.add_argument("--data", required=True, help="netCDF path or bundled name")

@@ -348,6 +348,9 @@ def fit_latent_ode(
     # only now (the data and the settings passed their checks): no empty output
     # directory is left behind by a run that could not start
     out.mkdir(parents=True, exist_ok=True)
+    # a calibration from an earlier run in this directory does not describe the model
+    # trained now (if this run stops early, predictions use the model's own spread)
+    (out / "checkpoint" / CALIBRATION).unlink(missing_ok=True)
     extra = {
         "job": "latent-ode",
         "job_version": _JOB_VERSION,

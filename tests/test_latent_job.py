@@ -436,3 +436,24 @@ def test_load_fitted_predicts_at_any_times_in_data_units(fitted, tmp_path):
     cli = predict_checkpoint(out, tmp_path / "s.nc", tmp_path / "p.nc", n_samples=4)
     own = predict(fit, src, key=jax.random.key(0), n_samples=4, batch_size=16)
     xr.testing.assert_allclose(own[["bili", "bili_std"]], cli[["bili", "bili_std"]])
+
+
+def test_fit_drops_an_earlier_runs_calibration(tmp_path, monkeypatch):
+    """Reusing an --out directory: the old calibration.json must not be paired with
+    the model trained now, even if this run stops before calibrating."""
+    import ctmodels.train
+    from ctmodels._latent_job import fit_latent_ode
+
+    path = tmp_path / "pbc8.nc"
+    D.load("pbcseq").isel(series=slice(0, 8)).to_netcdf(path)
+    stale = tmp_path / "run" / "checkpoint" / "calibration.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"residual_std": {}}')
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctmodels.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit_latent_ode(path, tmp_path / "run", progress=False, **SMALL)
+    assert not stale.exists()

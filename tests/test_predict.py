@@ -114,8 +114,11 @@ def test_own_grid_spread_and_other_models(setup):
     ts_n = norm.transform(ts)
     plain = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2)
     wide = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2, spread=[0.3, 0.7])
-    var = model_spread(model, plain["b_std"].values)
+    # oracle: the model's own std is sqrt(Var_k + obs_std^2), its obs_std fixed
+    var = plain["b_std"].values ** 2 - model.obs_std**2
     np.testing.assert_allclose(wide["b_std"].values ** 2, var + 0.7**2, rtol=1e-5)
+    spread_k = model_spread(model, plain["b_std"].values)  # noise in float32: 1e-9
+    np.testing.assert_allclose(spread_k, var, rtol=0, atol=1e-9)
     np.testing.assert_allclose(wide["b"].values, plain["b"].values)
     # any model with predict(batch, key=, n_samples=, times=): a filter
     gru = GRUDelta(2, hidden_size=4, units=8, key=jax.random.key(4))
@@ -142,3 +145,35 @@ def test_errors(setup):
         predict(model, np.zeros((2, 3)), key=key)
     with pytest.raises(ValueError, match="batch_size"):
         predict(model, ts, key=key, batch_size=0)
+
+
+def test_per_series_times_across_batches_against_np_interp(setup):
+    """Distinct query times per series, several batches with padding rows: linear
+    interpolation through `predict` is NumPy's interp of each series' observations
+    (constant beyond them); the model's `transform` attrs come from the normaliser,
+    not the file."""
+    from ctmodels.models import LinearInterpolation
+
+    ds, ts, norm, _ = setup
+    rng = np.random.default_rng(5)
+    rows = np.sort(rng.uniform(-20.0, 320.0, (len(ts), 4)), axis=1)
+    out = predict(LinearInterpolation(2), ts, rows, key=jax.random.key(0),
+                  batch_size=2)  # fmt: skip
+    for s in range(len(ts)):
+        for c, v in enumerate(("a", "b")):
+            seen = ts.mask[s, :, c]
+            want = np.interp(rows[s], ts.times[s][seen], ts.values[s, seen, c])
+            np.testing.assert_allclose(out[v].values[s], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out["time"].values, rows)
+    bare = ds.copy()
+    bare["a"].attrs.pop("transform")
+    got = predict(LinearInterpolation(2), bare, rows[:, :2], key=jax.random.key(0),
+                  normalizer=norm)  # fmt: skip
+    assert got["a"].attrs["transform"] == "log" == got["a_std"].attrs["transform"]
+    assert got["b"].attrs["transform"] == "none"
+
+
+def test_numpy_int_sample_counts(setup):
+    _, ts, _, model = setup
+    out = predict(model, ts, [0.0, 0.5], key=jax.random.key(0), n_samples=np.int64(2))
+    assert np.isfinite(out["a"].values).all()

@@ -282,7 +282,7 @@ class RNNVAE(eqx.Module):
     ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
         """Negative IWAE bound (or ELBO) per target value and metrics `loss`,
         `bound`, `nll`, `kl`, `mse`; see `LatentODE.loss`."""
-        C.check_samples(n_samples, objective)
+        n_samples = C.check_samples(n_samples, objective)
         t_ref = C.reference_time(batch, self.t0)
         mean, std = self.posterior(batch, t_ref)
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
@@ -314,7 +314,7 @@ class RNNVAE(eqx.Module):
         `z0` combined with the observation noise), as `LatentODE.predict`. `times`
         (`[Q]` or `[B, Q]`, non-decreasing per row) are decoded as the series'
         times."""
-        C.check_samples(n_samples)
+        n_samples = C.check_samples(n_samples)
         t_ref = C.reference_time(batch, self.t0)
         if times is None:
             times, valid = batch.times, batch.time_mask

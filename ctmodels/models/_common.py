@@ -160,11 +160,18 @@ def check_sizes(model_name: str, **sizes: tuple[Any, int]) -> None:
             raise ValueError(f"{model_name}: {name} must be >= {lo}, got {v}.")
 
 
-def check_samples(n_samples, objective="iwae") -> None:
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+def check_samples(n_samples, objective="iwae") -> int:
+    """`n_samples` as a Python int (NumPy ints accepted: shapes need a static int),
+    after checking it is an int >= 1; and the objective's name."""
+    if (
+        not isinstance(n_samples, (int, np.integer))
+        or isinstance(n_samples, (bool, np.bool_))
+        or n_samples < 1
+    ):
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
     if objective not in ("iwae", "elbo"):
         raise ValueError(f"objective must be 'iwae' or 'elbo', got {objective!r}.")
+    return int(n_samples)
 
 
 def variational_objective(

@@ -375,7 +375,7 @@ class LatentODE(eqx.Module):
         `kl` (closed-form KL per series), `mse` (of the posterior mean prediction on
         the target values), and `poisson_ll`, `ce`, `accuracy` where enabled.
         """
-        C.check_samples(n_samples, objective)
+        n_samples = C.check_samples(n_samples, objective)
         if self.classifier is not None and batch.labels is None:
             raise ValueError(
                 f"LatentODE has a classifier (num_classes={self.num_classes}) but the "
@@ -457,7 +457,7 @@ class LatentODE(eqx.Module):
 
         **Returns:** `(mean, std)`, each `[B, T, C]` (`T2` with `times`).
         """
-        C.check_samples(n_samples)
+        n_samples = C.check_samples(n_samples)
         t_ref = C.reference_time(batch, self.t0)
         if times is None:
             times, shared = batch.times, batch.layout == "union"
@@ -486,7 +486,7 @@ class LatentODE(eqx.Module):
     ) -> Float[Array, "n T C"]:
         """Noise-free sample paths from the prior: `z0 ~ N(0, I)` at `times[0]`,
         decoded at `times` (non-decreasing). **Returns:** `[n_samples, T, C]`."""
-        C.check_samples(n_samples)
+        n_samples = C.check_samples(n_samples)
         C.check_query_times(times, ordered=True)
         times = jnp.asarray(times)
         if not jnp.issubdtype(times.dtype, jnp.floating):

@@ -122,7 +122,7 @@ def calibrate_spread(
     """
     from .._latent_job import _predict_grid, _tasks
 
-    C.check_samples(n_samples)
+    n_samples = C.check_samples(n_samples)
     C.check_sizes("calibrate_spread", batch_size=(batch_size, 1))
     ts = _series(series, normalizer)
     factor = time_factor(ts.meta.time_units, time_units)
@@ -216,7 +216,8 @@ def predict(
     - `model`: a trained model with `predict(batch, *, key, n_samples, times)`
       (`LatentODE`, `RNNVAE`, `ODERNN`, `GRUDelta`, `LinearInterpolation`, `LOCF`),
       or a `Fitted` from `load_fitted`, which supplies `normalizer`, `spread` and
-      `time_units` (arguments given here take precedence).
+      `time_units` (arguments given here take precedence; `spread=None` keeps the
+      stored one: to drop it, pass `fitted.model` and `normalizer=` instead).
     - `series`: the context, a `ctmodels.data.TimeSeries` or an `xarray.Dataset` in
       the layout `ctmodels.data.from_xarray` reads (with `normalizer`, its channels
       are read), in data units.
@@ -237,7 +238,10 @@ def predict(
       another known unit are converted (`time_factor`). None: taken as they are.
     - `batch_size`: series per compiled prediction.
 
-    **Returns:** an `xarray.Dataset` with `V` (mean) and `V_std` for each channel `V`.
+    **Returns:** an `xarray.Dataset` with `V` (mean) and `V_std` for each channel `V`
+    (the std of a new measurement: with `spread`, also at the observed positions it
+    conditioned on; with `normalizer`, their `transform` attribute says whether `V`
+    was modelled on a log scale, which `ctmodels`' plots use for the band).
     With `times=None` it has the series' own dims and coordinates (as
     `ctmodels.data.to_xarray` writes predictions, NaN at padding positions); else
     dims `(series, time)` with the `[Q]` times as the `time` coordinate, or
@@ -248,7 +252,7 @@ def predict(
         spread = model.spread if spread is None else spread
         time_units = model.time_units if time_units is None else time_units
         model = model.model
-    C.check_samples(n_samples)
+    n_samples = C.check_samples(n_samples)
     C.check_sizes("predict", batch_size=(batch_size, 1))
     if spread is not None:
         spread = np.asarray(spread, np.float64)
@@ -297,8 +301,14 @@ def predict(
     if normalizer is not None:
         mean, std = normalizer.inverse(mean, std)
     if times is None:
-        return cdata.to_xarray(ts, mean=mean, std=std)
-    return _query_dataset(ts, mean, std, given, per_series)
+        out = cdata.to_xarray(ts, mean=mean, std=std)
+    else:
+        out = _query_dataset(ts, mean, std, given, per_series)
+    if normalizer is not None:  # how the values were modelled, whatever the file says
+        for name, log in zip(normalizer.channels, normalizer.log, strict=True):
+            for v in (name, f"{name}_std"):
+                out[v].attrs["transform"] = "log" if log else "none"
+    return out
 
 
 def _query_dataset(ts, mean, std, given, per_series) -> xr.Dataset:
