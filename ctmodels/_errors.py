@@ -239,6 +239,11 @@ def raise_if_failed_traced(
     return eqx.branched_error_if(x, pred, index, msgs, on_error=_ON_ERROR.get())
 
 
+def is_int(x) -> bool:
+    """An int for a count or a size: Python or NumPy ints, not bools."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def discard_failed_callbacks() -> None:
     """Drop a runtime-check failure that was already caught and reported.
 

@@ -30,8 +30,6 @@ does not grow with the forecast horizon.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import time as _time
 from pathlib import Path
@@ -44,7 +42,15 @@ import numpy as np
 import xarray as xr
 
 from . import data as cdata
-from .models._predict import calibrate_spread, predict, time_factor, with_spread
+from .models._predict import (
+    _predict_grid,
+    _series,
+    _tasks,
+    calibrate_spread,
+    in_time_units,
+    predict,
+    with_spread,
+)
 
 _JOB_VERSION = 1
 
@@ -92,7 +98,7 @@ def _resolve_recipe(data, *, epochs, learning_rate, batch_size, patience):
     """The training plan of `fit_latent_ode`: the recipe of the bundled dataset
     `data` (`DEFAULT_RECIPE` for a file, whatever its name) with the settings the
     caller gave over it. Checks them before any work is done."""
-    from .train._fit import _is_int
+    from ._errors import is_int as _is_int
 
     plan = dict(DEFAULT_RECIPE) if _is_file(data) else recipe(str(data))
     given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
@@ -149,36 +155,6 @@ def _log_channels(ds: xr.Dataset, channels) -> list[str]:
 
 def _batches(ts, batch_size, layout="union"):
     return cdata.batches(ts, batch_size, layout=layout)
-
-
-@eqx.filter_jit
-def _predict_step(model, batch, key, task, n_samples):
-    """One jitted prediction (module level, so repeated calls reuse the compiled code
-    for the same model structure, batch bucket, task and `n_samples`)."""
-    if task is not None:
-        batch = task(batch, key=jax.random.fold_in(key, 1))
-    mu, sd = model.predict(batch, key=key, n_samples=n_samples)
-    return mu, sd, batch.mask, batch.target_mask
-
-
-def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
-    """Predict every position of `ts` (normalised) batch by batch; returns
-    (mean, std, context mask, target mask) on ts' grid."""
-    shape = ts.values.shape
-    mean = np.full(shape, np.nan)
-    std = np.full(shape, np.nan)
-    ctx = np.zeros(shape, bool)
-    tgt = np.zeros(shape, bool)
-
-    for i, batch in enumerate(_batches(ts, batch_size)):
-        mu, sd, m, t = _predict_step(
-            model, batch, jax.random.fold_in(key, i), task, n_samples
-        )
-        cdata.unbatch(batch, np.asarray(mu), mean)
-        cdata.unbatch(batch, np.asarray(sd), std)
-        cdata.unbatch(batch, np.asarray(m), ctx)
-        cdata.unbatch(batch, np.asarray(t), tgt)
-    return mean, std, ctx.astype(bool), tgt.astype(bool)
 
 
 def _baseline_mse(ts, ctx, tgt):
@@ -242,16 +218,6 @@ def mixed_task(batch, *, key, fraction: float = 0.5, split: float = 0.5):
     b = cdata.extrapolation_task(batch, split=split)
     mask = jnp.where(jax.random.bernoulli(k_pick), a.mask, b.mask)
     return eqx.tree_at(lambda x: (x.mask, x.target_mask), batch, (mask, batch.mask))
-
-
-@functools.cache  # the same task objects per setting: jit reuses its compilations
-def _tasks(fraction: float, split: float):
-    return {
-        "interpolation": functools.partial(cdata.interpolation_task, fraction=fraction),
-        "extrapolation": lambda batch, *, key: cdata.extrapolation_task(
-            batch, split=split
-        ),
-    }
 
 
 def _evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.5,
@@ -435,12 +401,9 @@ def fit_latent_ode(
 
 def _write_json(path: Path, obj) -> None:
     """Write `obj` as JSON atomically (a reader sees the old file or the new one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, default=_json))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .train._checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=1, default=_json))
 
 
 def _json(x):
@@ -491,25 +454,9 @@ def _resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _read_like(data, channels):
-    ds, _ = _open(data)
-    missing = [c for c in channels if c not in ds.data_vars]
-    if missing:
-        raise ValueError(
-            f"The data lack the model's channels {missing} (model channels: "
-            f"{channels})."
-        )
-    ts = cdata.from_xarray(ds, variables=channels, static=[])
-    if isinstance(ts, cdata.LazyTimeSeries):
-        ts = ts.load()
-    return ds, ts
-
-
-def _in_training_units(ts: cdata.TimeSeries, units: str | None) -> cdata.TimeSeries:
-    """`ts` with its times in the checkpoint's time unit `units`, for the model
-    (outputs keep the data's own times); see `ctmodels.models._predict.time_factor`."""
-    factor = time_factor(ts.meta.time_units, units)
-    return ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
+def _read_like(data, normalizer) -> cdata.TimeSeries:
+    """The series of `data` (a bundled name or a file) on the model's channels."""
+    return _series(_open(data)[0], normalizer)
 
 
 def predict_checkpoint(
@@ -531,7 +478,7 @@ def predict_checkpoint(
             f"{str(out / 'predictions.nc')!r}."
         )
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
-    _, ts = _read_like(data, extra["channels"])
+    ts = _read_like(data, norm)
     pred = predict(
         model, ts, key=jax.random.key(seed), n_samples=n_samples, normalizer=norm,
         spread=extra["scale"], time_units=extra.get("time_units"),
@@ -577,9 +524,9 @@ def evaluate_checkpoint(
             f"task must be interpolation, extrapolation or both, got {task!r}."
         )
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
-    _, ts = _read_like(data, extra["channels"])
+    ts = _read_like(data, norm)
     tasks = ("interpolation", "extrapolation") if task == "both" else (task,)
-    ts_n = norm.transform(_in_training_units(ts, extra.get("time_units")))
+    ts_n = norm.transform(in_time_units(ts, extra.get("time_units")))
     metrics = _evaluate(
         model, ts_n, seed=seed, n_samples=n_samples,
         batch_size=int(extra.get("batch_size", 32)), fraction=fraction, split=split,

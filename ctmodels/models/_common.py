@@ -154,7 +154,7 @@ def check_sizes(model_name: str, **sizes: tuple[Any, int]) -> None:
     """Constructor sizes `name=(value, minimum)`: ints (not bools) >= the minimum,
     else a `ValueError` naming the argument (before any array is built)."""
     for name, (v, lo) in sizes.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+        if not _errors.is_int(v):
             raise ValueError(f"{model_name}: {name} must be an int, got {v!r}.")
         if v < lo:
             raise ValueError(f"{model_name}: {name} must be >= {lo}, got {v}.")
@@ -163,11 +163,7 @@ def check_sizes(model_name: str, **sizes: tuple[Any, int]) -> None:
 def check_samples(n_samples, objective="iwae") -> int:
     """`n_samples` as a Python int (NumPy ints accepted: shapes need a static int),
     after checking it is an int >= 1; and the objective's name."""
-    if (
-        not isinstance(n_samples, (int, np.integer))
-        or isinstance(n_samples, (bool, np.bool_))
-        or n_samples < 1
-    ):
+    if not _errors.is_int(n_samples) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
     if objective not in ("iwae", "elbo"):
         raise ValueError(f"objective must be 'iwae' or 'elbo', got {objective!r}.")

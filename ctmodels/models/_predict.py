@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,10 +20,46 @@ from . import _common as C
 
 
 @eqx.filter_jit
-def _predict_batch(model, batch, key, n_samples, times):
+def _predict_step(model, batch, key, task, n_samples, times=None):
     """One compiled prediction (module level: repeated calls with the same model
-    structure, batch bucket, `n_samples` and query shape reuse the compilation)."""
-    return model.predict(batch, key=key, n_samples=n_samples, times=times)
+    structure, batch bucket, task, `n_samples` and query shape reuse the
+    compilation), after `task` (if any) set the batch's context and targets."""
+    if task is not None:
+        batch = task(batch, key=jax.random.fold_in(key, 1))
+    query = {} if times is None else {"times": times}  # grid: any model's predict
+    mu, sd = model.predict(batch, key=key, n_samples=n_samples, **query)
+    return mu, sd, batch.mask, batch.target_mask
+
+
+def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
+    """Predict every position of `ts` (model units) batch by batch; returns
+    (mean, std, context mask, target mask) on ts' grid."""
+    shape = ts.values.shape
+    mean = np.full(shape, np.nan)
+    std = np.full(shape, np.nan)
+    ctx = np.zeros(shape, bool)
+    tgt = np.zeros(shape, bool)
+    for i, batch in enumerate(cdata.batches(ts, batch_size, layout="union")):
+        mu, sd, m, t = _predict_step(
+            model, batch, jax.random.fold_in(key, i), task, n_samples
+        )
+        cdata.unbatch(batch, np.asarray(mu), mean)
+        cdata.unbatch(batch, np.asarray(sd), std)
+        cdata.unbatch(batch, np.asarray(m), ctx)
+        cdata.unbatch(batch, np.asarray(t), tgt)
+    return mean, std, ctx.astype(bool), tgt.astype(bool)
+
+
+@functools.cache  # the same task objects per setting: jit reuses its compilations
+def _tasks(fraction: float, split: float):
+    """The interpolation (hide `fraction` of the observed values) and extrapolation
+    (context: the first `split` of each series' span) tasks by name."""
+    return {
+        "interpolation": functools.partial(cdata.interpolation_task, fraction=fraction),
+        "extrapolation": lambda batch, *, key: cdata.extrapolation_task(
+            batch, split=split
+        ),
+    }
 
 
 def model_spread(model, std: np.ndarray) -> np.ndarray:
@@ -56,6 +93,13 @@ def time_factor(have: str | None, want: str | None) -> float:
             f"times in {want!r} (or set the time variable's `units` attribute to "
             f"one of {sorted(_UNIT_SECONDS)})."
         ) from None
+
+
+def in_time_units(ts: cdata.TimeSeries, units: str | None) -> cdata.TimeSeries:
+    """`ts` with its times in the time unit `units` a model was trained in (see
+    `time_factor`; `ts` itself when no conversion is needed)."""
+    factor = time_factor(ts.meta.time_units, units)
+    return ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
 
 
 class Fitted(NamedTuple):
@@ -120,13 +164,9 @@ def calibrate_spread(
 
     **Returns:** a list of `C` floats.
     """
-    from .._latent_job import _predict_grid, _tasks
-
     n_samples = C.check_samples(n_samples)
     C.check_sizes("calibrate_spread", batch_size=(batch_size, 1))
-    ts = _series(series, normalizer)
-    factor = time_factor(ts.meta.time_units, time_units)
-    ts = ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
+    ts = in_time_units(_series(series, normalizer), time_units)
     ts = ts if normalizer is None else normalizer.transform(ts)
     noise = np.broadcast_to(np.sqrt(_noise2(model)), (ts.num_channels,))
     sq, spread, count = (np.zeros(ts.num_channels) for _ in range(3))
@@ -155,8 +195,8 @@ def _series(series, normalizer) -> cdata.TimeSeries:
             missing = [c for c in channels if c not in series.data_vars]
             if missing:
                 raise ValueError(
-                    f"The dataset lacks the normaliser's channels {missing} (channels: "
-                    f"{channels})."
+                    f"The dataset lacks the normaliser's channels {missing}, which the "
+                    f"model was trained on (all: {channels})."
                 )
         series = cdata.from_xarray(series, variables=channels, static=[])
     if isinstance(series, cdata.LazyTimeSeries):
@@ -257,13 +297,17 @@ def predict(
     if spread is not None:
         spread = np.asarray(spread, np.float64)
     ts = _series(series, normalizer)
-    factor = time_factor(ts.meta.time_units, time_units)
-    ts_m = ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
+    ts_m = in_time_units(ts, time_units)
     ts_m = ts_m if normalizer is None else normalizer.transform(ts_m)
+    factor = time_factor(ts.meta.time_units, time_units)
     scale = (1.0 if normalizer is None else normalizer.time_scale) / factor
     S, C_ = len(ts), ts.num_channels
     per_series = False
-    if times is not None:
+    if times is None:  # the series' own grid
+        mean, std, _, _ = _predict_grid(
+            model, ts_m, key=key, n_samples=n_samples, batch_size=batch_size
+        )
+    else:
         floats, given = _query_floats(ts.meta, times)
         if floats.ndim == 2 and floats.shape[0] == S:
             per_series = True
@@ -273,30 +317,21 @@ def predict(
             )
         C.check_query_times(floats, ordered=True)
         query = floats / scale
-        Q = floats.shape[-1]
-        mean = np.full((S, Q, C_), np.nan)
-        std = np.full((S, Q, C_), np.nan)
-    else:
-        mean = np.full(ts.values.shape, np.nan)
-        std = np.full(ts.values.shape, np.nan)
-    for i, batch in enumerate(cdata.batches(ts_m, batch_size, layout="union")):
-        k = jax.random.fold_in(key, i)
-        if times is None:
-            mu, sd = _predict_batch(model, batch, k, n_samples, None)
-            cdata.unbatch(batch, np.asarray(mu), mean)
-            cdata.unbatch(batch, np.asarray(sd), std)
-            continue
-        idx = np.asarray(batch.index)
-        rows = idx >= 0
-        if per_series:
-            q = query[np.maximum(idx, 0)]
-            q[~rows] = q[rows][0]  # padding rows (weight 0): any valid times
-        else:
-            q = query
-        q = jnp.asarray(q, batch.times.dtype)
-        mu, sd = _predict_batch(model, batch, k, n_samples, q)
-        mean[idx[rows]] = np.asarray(mu)[rows]
-        std[idx[rows]] = np.asarray(sd)[rows]
+        mean = np.full((S, floats.shape[-1], C_), np.nan)
+        std = np.full((S, floats.shape[-1], C_), np.nan)
+        for i, batch in enumerate(cdata.batches(ts_m, batch_size, layout="union")):
+            idx = np.asarray(batch.index)
+            rows = idx >= 0
+            if per_series:
+                q = query[np.maximum(idx, 0)]
+                q[~rows] = q[rows][0]  # padding rows (weight 0): any valid times
+            else:
+                q = query
+            q = jnp.asarray(q, batch.times.dtype)
+            k = jax.random.fold_in(key, i)
+            mu, sd, _, _ = _predict_step(model, batch, k, None, n_samples, q)
+            mean[idx[rows]] = np.asarray(mu)[rows]
+            std[idx[rows]] = np.asarray(sd)[rows]
     std = with_spread(model, std, spread)
     if normalizer is not None:
         mean, std = normalizer.inverse(mean, std)

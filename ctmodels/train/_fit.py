@@ -39,7 +39,7 @@ import optax
 import pandas as pd
 from jaxtyping import PRNGKeyArray
 
-from .._errors import discard_failed_callbacks, traced_failures
+from .._errors import discard_failed_callbacks, is_int as _is_int, traced_failures
 from ._checkpoint import (
     FIT_SUBDIR,
     jsonable,
@@ -59,10 +59,6 @@ _ROLLBACK_FACTOR = 0.5
 
 
 # ------------------------------------------------------------------ small helpers
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _check_key(key: Any) -> list[int]:
