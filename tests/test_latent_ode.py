@@ -528,3 +528,118 @@ def test_bad_sizes_samples_and_query_times_are_clear_errors(model, data):
     ok = jnp.asarray([0.0, 0.5, 1.0])
     mean = jax.jit(lambda t: model.predict(batch, key=key, n_samples=2, times=t)[0])(ok)
     assert bool(jnp.isfinite(mean).all())
+
+
+# ------------------------------------------------------------------ anchor="last"
+
+
+@pytest.fixture(scope="module")
+def anchored():
+    return LatentODE(2, **TINY, anchor="last", poisson=True, key=jax.random.key(30))
+
+
+@eqx.filter_jit
+def _anchored_paths(model, batch, eps):
+    """z at each row's anchor, the anchored latent paths `[K, B, T, L]` and `Λ`."""
+    t_a = model.anchor_times(batch)
+    mean, std = model.posterior(batch)
+    z = mean + std * eps
+    zs, Lam = model._decode_anchored(z, t_a, batch.times, poisson=True)
+    return t_a, z, zs, Lam
+
+
+def test_anchor_last_paths_against_direct_solves(anchored, data):
+    """Each row's path through `anchor="last"`'s forward and sign-flipped backward
+    solves equals Diffrax integrating `dz/dt = f(z)` straight from the anchor to
+    each time (backwards when earlier); and `Λ(t) - Λ(t_first)` equals the paper
+    model's forward solve from the state at the row's first time."""
+    import diffrax
+
+    batch = data["padded"]
+    eps = jax.random.normal(jax.random.key(31), (1, batch.batch_size, 3))
+    t_a, z, zs, Lam = _anchored_paths(anchored, batch, eps)
+    field = diffrax.ODETerm(lambda t, y, args: apply(anchored.dynamics, y))
+
+    @jax.jit
+    @jax.vmap
+    def direct(y0, t0, t1):
+        sol = diffrax.diffeqsolve(
+            field, diffrax.Dopri5(), t0, t1 + 1e-14 * (t1 == t0), None, y0,
+            stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-11),
+            max_steps=10_000,
+        )  # fmt: skip
+        return sol.ys[-1]
+
+    times, valid = np.asarray(batch.times), np.asarray(batch.time_mask)
+    rows, cols = np.nonzero(valid & (np.asarray(batch.weight)[:, None] > 0))
+    want = direct(z[0, rows], t_a[rows], times[rows, cols])
+    np.testing.assert_allclose(zs[0, rows, cols], want, rtol=1e-6, atol=1e-8)
+    before = times[rows, cols] < np.asarray(t_a)[rows]
+    assert before.any() and (~before).any()  # both directions are exercised
+
+    for b in np.unique(rows):
+        row = times[b, valid[b]]
+        first = jnp.argmax(jnp.asarray(valid[b]))
+        forward, lam = anchored._solve(zs[:, b, first], row[0], jnp.asarray(row), True)
+        n = len(row)
+        np.testing.assert_allclose(forward[:, 0], zs[0, b, :n], rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(
+            lam[:, 0], Lam[0, b, :n] - Lam[0, b, first], rtol=1e-6, atol=1e-8
+        )
+
+
+def test_anchor_last_encoder_reads_the_context_forwards(anchored, data):
+    """The anchor is each row's last context observation; `q`'s state there is the
+    ODE-RNN stepped forwards through the context (a Python loop over `evolve` and
+    the GRU, one row at a time), and a row's result does not depend on its batch
+    or layout."""
+    batch = data["padded"]
+    t_a = np.asarray(anchored.anchor_times(batch))
+    mean, std = anchored.posterior(batch)
+    enc = anchored.encoder
+    inputs = np.asarray(common.encoder_inputs(batch))
+    observed = np.asarray(batch.mask.any(-1))
+    times = np.asarray(batch.times)
+    for b in range(batch.batch_size):
+        if float(batch.weight[b]) == 0:
+            continue
+        h, t_prev = jnp.zeros(enc.hidden_size), None
+        for j in np.nonzero(observed[b])[0]:
+            if t_prev is not None:
+                h = enc.evolve(h, t_prev, times[b, j])
+            h, t_prev = enc.gru(h, jnp.asarray(inputs[b, j])), times[b, j]
+        assert t_a[b] == t_prev
+        want_mean, _ = jnp.split(apply(anchored.to_z0, h), 2)
+        np.testing.assert_allclose(mean[b], want_mean, rtol=1e-10, atol=1e-12)
+    union = data["union"]  # the same three series, on the union grid
+    mean_u, std_u = anchored.posterior(union)
+    np.testing.assert_allclose(mean_u[:3], mean[:3], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(std_u[:3], std[:3], rtol=1e-9, atol=1e-12)
+    alone = make_batch(data["ts"][int(batch.index[1])], layout="union")
+    np.testing.assert_allclose(anchored.posterior(alone)[0][0], mean[1], rtol=1e-9)
+    key = jax.random.key(32)
+    lu, _ = _loss(anchored, union, key)
+    lp, _ = _loss(anchored, batch, key)
+    np.testing.assert_allclose(lp, lu, rtol=1e-7)
+
+
+def test_anchor_errors(anchored, data):
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="anchor must be 'first' or 'last'"):
+        LatentODE(2, anchor="end", key=key)
+    with pytest.raises(ValueError, match="Pass t0=None"):
+        LatentODE(2, anchor="last", t0=0.0, key=key)
+    with pytest.raises(ValueError, match="t_ref"):
+        anchored.posterior(data["padded"], t_ref=0.0)
+    assert dict(anchored.hyperparameters)["anchor"] == "last"
+
+
+def test_anchor_last_many_times_before_a_close_one(anchored):
+    """Regression: with 60 grid times before the anchor and one 1e-13 after it, the
+    forward solve's grid must still be strictly increasing (nudging 60 repeated
+    zeros apart overtook that time and failed the solve)."""
+    times = jnp.concatenate([jnp.linspace(0.0, 0.5, 61), jnp.asarray([0.5 + 1e-13])])
+    z0 = jnp.ones((1, 1, 3))
+    zs, _ = anchored._decode_anchored(z0, jnp.asarray([0.5]), times)
+    np.testing.assert_allclose(zs[0, 0, -2:], np.ones((2, 3)), atol=1e-11)
+    assert bool(jnp.isfinite(zs).all())

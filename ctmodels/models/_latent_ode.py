@@ -18,12 +18,15 @@ from . import _common as C
 
 
 def _latent_field(t, y, args):
-    """dz/dt = f(z); with a Poisson process also dΛ/dt = λ(z) = exp(g(z))."""
-    dynamics, intensity = args
+    """dz/dt = f(z); with a Poisson process also dΛ/dt = λ(z) = exp(g(z)). With a
+    `sign` of -1 (None: +1) both are negated: the same ODE solved backwards in
+    time, in the reversed time `s = t_anchor - t`."""
+    dynamics, intensity, sign = args
+    flip = (lambda v: v) if sign is None else (lambda v: sign * v)
     if intensity is None:
-        return apply(dynamics, y)
+        return flip(apply(dynamics, y))
     z, _ = y
-    return apply(dynamics, z), jnp.exp(apply(intensity, z))
+    return flip(apply(dynamics, z)), flip(jnp.exp(apply(intensity, z)))
 
 
 def _at_start(times, t_ref, y, y0):
@@ -53,6 +56,16 @@ class LatentODE(eqx.Module):
     (the first time of the union grid, as in the paper's code). With `t0=None` a
     series' result therefore depends on the earliest time in its batch; when all
     series start at the same time (or with a fixed `t0`) it does not.
+
+    `anchor="last"` (not in the paper) places the latent state that the prior and
+    `q` describe at each series' *last context observation* `t_a` instead: the
+    encoder runs *forwards* in time over the context and stops there, and the latent
+    ODE is solved from `z(t_a)` forwards to later times and backwards to earlier
+    ones (the same ODE, `dz/dt = f(z)`, in both directions). A prediction after the
+    context then starts from a state inferred at its end rather than carried through
+    the whole context from its start. Each series has its own `t_a`, so the solve is
+    vmapped over rows (two solves each) in every layout, and a series' result never
+    depends on its batch. `t0` does not apply; `poisson` works in both.
 
     Layouts: in the `"union"` layout ONE ODE solve serves the whole batch (the state
     is `[n_samples, B, latent]`, integrated over the shared grid, so the adaptive
@@ -102,6 +115,7 @@ class LatentODE(eqx.Module):
     obs_std: float = eqx.field(static=True)
     std_shift: float = eqx.field(static=True)
     t0: float | None = eqx.field(static=True)
+    anchor: str = eqx.field(static=True)
     ce_weight: float = eqx.field(static=True)
     hyperparameters: tuple[tuple[str, Any], ...] = eqx.field(static=True)
 
@@ -129,6 +143,7 @@ class LatentODE(eqx.Module):
         ce_weight: float = 100.0,
         poisson: bool = False,
         t0: float | None = None,
+        anchor: Literal["first", "last"] = "first",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -162,10 +177,21 @@ class LatentODE(eqx.Module):
         - `poisson`: model the observation times as a Poisson process.
         - `t0`: a fixed reference time for `z0` (all times must be `>= t0`); None:
           each batch's earliest time.
+        - `anchor`: `"first"` (the paper's model: `z0` at the reference time, the
+          encoder run backwards) or `"last"` (the latent state at each series' last
+          context observation, the encoder run forwards; see above).
         - `key`: a JAX PRNG key.
         """
         if encoder not in ("odernn", "rnn"):
             raise ValueError(f"encoder must be 'odernn' or 'rnn', got {encoder!r}.")
+        if anchor not in ("first", "last"):
+            raise ValueError(f"anchor must be 'first' or 'last', got {anchor!r}.")
+        if anchor == "last" and t0 is not None:
+            raise ValueError(
+                f"t0={t0} fixes the time of z0 for anchor='first'; with anchor='last' "
+                "the latent state is anchored at each series' last context "
+                "observation. Pass t0=None."
+            )
         check_ode_solver(solver, None, "LatentODE's solver")
         C.check_sizes(
             "LatentODE", num_channels=(num_channels, 1), latent_size=(latent_size, 1),
@@ -221,6 +247,7 @@ class LatentODE(eqx.Module):
         self.obs_std = obs_std
         self.std_shift = C.posterior_shift(posterior_std)
         self.t0 = t0
+        self.anchor = anchor
         self.ce_weight = ce_weight
         self.hyperparameters = C.record(
             num_channels=num_channels,
@@ -244,6 +271,7 @@ class LatentODE(eqx.Module):
             ce_weight=ce_weight,
             poisson=poisson,
             t0=t0,
+            anchor=anchor,
         )
 
     # ------------------------------------------------------------------ pieces
@@ -258,27 +286,53 @@ class LatentODE(eqx.Module):
                     f"batch has {got} static covariates."
                 )
 
+    def anchor_times(self, batch: Batch) -> Float[Array, " B"]:
+        """The time of the latent state that `posterior` describes, per row: the
+        reference time (`anchor="first"`, the same for every row) or each row's last
+        context observation (`anchor="last"`; its first valid time if it has none)."""
+        if self.anchor == "first":
+            t_ref = C.reference_time(batch, self.t0)
+            return jnp.broadcast_to(t_ref, (batch.batch_size,))
+        observed = batch.mask.any(axis=-1)
+        return C.last_observed_time(batch.times, observed, C.first_valid_time(batch))
+
     def posterior(
         self, batch: Batch, t_ref: ArrayLike | None = None
     ) -> tuple[Float[Array, "B L"], Float[Array, "B L"]]:
         """The mean and std of `q(z0 | context)` for every row of `batch`, `z0` being
-        the latent state at `t_ref` (default: the batch's reference time)."""
+        the latent state at `t_ref` (default: the batch's reference time). With
+        `anchor="last"` it is the state at each row's last context observation
+        (`anchor_times`) and `t_ref` must be None."""
         self._check(batch)
-        if t_ref is None:
-            t_ref = C.reference_time(batch, self.t0)
         inputs = C.encoder_inputs(batch)
         observed = batch.mask.any(axis=-1)
-        t_start = C.last_observed_time(batch.times, observed, t_ref)
         times = batch.times[0] if batch.layout == "union" else batch.times
-        h, _, _ = self.encoder(
-            times,
-            inputs,
-            observed,
-            t_start=t_start,
-            t_final=t_ref,
-            reverse=True,
-            outputs=False,
-        )
+        if self.anchor == "last":
+            if t_ref is not None:
+                raise ValueError(
+                    "t_ref sets the time of z0 for anchor='first'; with "
+                    "anchor='last' it is each row's last context observation."
+                )
+            big = jnp.asarray(jnp.inf, batch.times.dtype)
+            first = jnp.min(jnp.where(observed, batch.times, big), axis=1)
+            first = jnp.where(jnp.isfinite(first), first, C.first_valid_time(batch))
+            # forwards in time; the final state is the one at the last update
+            h, _, _ = self.encoder(
+                times, inputs, observed, t_start=first, reverse=False, outputs=False
+            )
+        else:
+            if t_ref is None:
+                t_ref = C.reference_time(batch, self.t0)
+            t_start = C.last_observed_time(batch.times, observed, t_ref)
+            h, _, _ = self.encoder(
+                times,
+                inputs,
+                observed,
+                t_start=t_start,
+                t_final=t_ref,
+                reverse=True,
+                outputs=False,
+            )
         if self.num_static > 0:
             h = jnp.concatenate([h, batch.static.astype(h.dtype)], axis=-1)
         out = apply(self.to_z0, h)
@@ -286,16 +340,17 @@ class LatentODE(eqx.Module):
         std = jax.nn.softplus(pre + self.std_shift) + 1e-5
         return mean, std
 
-    def _solve(self, z0, t_ref, times, poisson: bool):
+    def _solve(self, z0, t_ref, times, poisson: bool, sign=None):
         """States at `times` [T] (>= t_ref) from `z0` [..., L] at `t_ref`: pytree
-        leaves [T, ..., X]."""
+        leaves [T, ..., X]. `sign=-1` solves the ODE backwards (`times` are then
+        the reversed times `t_anchor - t`)."""
         t_ref = jnp.asarray(t_ref, times.dtype)
         ts = C.strictly_increasing(jnp.concatenate([t_ref[None], times]))
         if poisson:
             y0 = (z0, jnp.zeros(z0.shape[:-1] + (self.num_channels,), z0.dtype))
-            args = (self.dynamics, self.intensity)
+            args = (self.dynamics, self.intensity, sign)
         else:
-            y0, args = z0, (self.dynamics, None)
+            y0, args = z0, (self.dynamics, None, sign)
         sol = integrate(
             _latent_field,
             y0,
@@ -324,6 +379,49 @@ class LatentODE(eqx.Module):
             ys = jax.vmap(solve, in_axes=(1, 0))(z0, times)  # [B, T, K, X]
             ys = jax.tree.map(lambda y: jnp.moveaxis(y, 2, 0), ys)
         return ys if poisson else (ys, None)
+
+    def _decode_anchored(self, z0, t_a, times, poisson: bool = False):
+        """`anchor="last"`: latent paths `[K, B, T, L]` (and `Λ(t) - Λ(t_a)`
+        `[K, B, T, C]`) from `z0` `[K, B, L]` at each row's `t_a` [B], at `times`
+        ([T] or [B, T]): per row one solve forwards over the times after `t_a` and
+        one backwards over those before it, all `2B` solves vmapped together."""
+        B = t_a.shape[0]
+        tb = jnp.broadcast_to(times, (B, times.shape[-1]))
+        ahead = jnp.maximum(tb - t_a[:, None], 0.0)
+        behind = jnp.maximum(t_a[:, None] - tb, 0.0)[:, ::-1]
+        grids = jnp.concatenate([ahead, behind])  # [2B, T], each non-decreasing
+        signs = jnp.concatenate([jnp.ones(B, tb.dtype), -jnp.ones(B, tb.dtype)])
+
+        def solve(z, u, sign):
+            # `u` starts with the positions on the other side of `t_a` (all 0):
+            # solve over the others moved to the front, the zeros replaced by the
+            # last time (nudging many repeated zeros apart could overtake a time
+            # just after `t_a`), then move them back; at u = 0 the state is z.
+            T, c = u.shape[0], jnp.sum(u <= 0)
+            grid = jnp.where(jnp.arange(T) >= T - c, u[-1], jnp.roll(u, -c))
+            ys = self._solve(z, 0.0, grid, poisson, sign)  # leaves [T, K, X]
+            y0 = (z, jnp.zeros_like(ys[1][0])) if poisson else z
+            at_anchor = (u <= 0)[:, None, None]
+            return jax.tree.map(
+                lambda y, y0: jnp.where(at_anchor, y0[None], jnp.roll(y, c, axis=0)),
+                ys,
+                y0,
+            )
+
+        ys = jax.vmap(solve, in_axes=(1, 0, 0))(
+            jnp.concatenate([z0, z0], axis=1), grids, signs
+        )  # [2B, T, K, X]
+        after = (tb >= t_a[:, None])[:, :, None, None]
+        ys = jax.tree.map(
+            lambda y: jnp.moveaxis(jnp.where(after, y[:B], y[B:, ::-1]), 2, 0), ys
+        )
+        return ys if poisson else (ys, None)
+
+    def _paths(self, z0, start, times, shared: bool, poisson: bool = False):
+        """Latent paths from `z0` at `start` (`anchor_times`) at `times`."""
+        if self.anchor == "last":
+            return self._decode_anchored(z0, start, times, poisson)
+        return self._decode(z0, start[0], times, shared, poisson)
 
     def _noise_log_std(self, dtype):
         return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
@@ -381,13 +479,13 @@ class LatentODE(eqx.Module):
                 f"LatentODE has a classifier (num_classes={self.num_classes}) but the "
                 "batch has no labels."
             )
-        t_ref = C.reference_time(batch, self.t0)
-        mean, std = self.posterior(batch, t_ref)
+        start = self.anchor_times(batch)
+        mean, std = self.posterior(batch, None if self.anchor == "last" else start[0])
         dtype = mean.dtype
         eps = jax.random.normal(key, (n_samples,) + mean.shape, dtype)
         z0 = mean + std * eps
         poisson = self.intensity is not None
-        zs, Lam = self._decode(z0, t_ref, batch.times, batch.layout == "union", poisson)
+        zs, Lam = self._paths(z0, start, batch.times, batch.layout == "union", poisson)
         pred = apply(self.decoder, zs)  # [K, B, T, C]
         target = batch.target_mask
         ll = C.gaussian_log_prob(batch.values, pred, self._noise_log_std(dtype), target)
@@ -453,12 +551,12 @@ class LatentODE(eqx.Module):
         - `times`: where to predict: None (`batch.times`), `[T2]` (the same times
           for every row, one shared solve) or `[B, T2]`; non-decreasing. Without a
           fixed `t0`, times before the batch's first time move the reference time
-          back to them.
+          back to them (`anchor="first"`).
 
         **Returns:** `(mean, std)`, each `[B, T, C]` (`T2` with `times`).
         """
         n_samples = C.check_samples(n_samples)
-        t_ref = C.reference_time(batch, self.t0)
+        start = self.anchor_times(batch)
         if times is None:
             times, shared = batch.times, batch.layout == "union"
         else:
@@ -472,11 +570,11 @@ class LatentODE(eqx.Module):
                     f"{times.shape}."
                 )
             shared = times.ndim == 1
-            if self.t0 is None:
-                t_ref = jnp.minimum(t_ref, jnp.min(times))
-        mean, std = self.posterior(batch, t_ref)
+            if self.t0 is None and self.anchor == "first":
+                start = jnp.minimum(start, jnp.min(times))
+        mean, std = self.posterior(batch, None if self.anchor == "last" else start[0])
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
-        zs, _ = self._decode(mean + std * eps, t_ref, times, shared)
+        zs, _ = self._paths(mean + std * eps, start, times, shared)
         pred = apply(self.decoder, zs)
         noise = jnp.exp(2 * self._noise_log_std(pred.dtype))
         return pred.mean(0), jnp.sqrt(pred.var(0) + noise)
