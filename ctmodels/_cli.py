@@ -55,6 +55,8 @@ def _fit(ns) -> int:
         )
         if ns.patience is not None:
             options["patience"] = ns.patience
+        if ns.anchor is not None:
+            options["anchor"] = ns.anchor
         progress = False if ns.quiet else None
         metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
         test = metrics["test"]
@@ -76,6 +78,11 @@ def _fit(ns) -> int:
         raise ValueError(
             "--patience applies to latent-ode only: the neural-ode job trains for "
             "--epochs without early stopping."
+        )
+    if ns.anchor is not None:
+        raise ValueError(
+            "--anchor applies to latent-ode only (where its latent state is "
+            "anchored); the neural-ode job has no encoder."
         )
     options = dict(
         seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint,
@@ -204,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--patience", type=int, default=None,
         help="latent-ode: early-stopping patience in epochs, 0 = off (default: the "
         "dataset's recipe; 10, periodic off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--anchor", choices=("first", "last"), default=None,
+        help="latent-ode: where the inferred latent state sits: 'first' (the "
+        "paper's model, the batch's first time; default) or 'last' (each series' "
+        "last context observation, the encoder run forwards; see LatentODE)",
     )  # fmt: skip
     p.add_argument(
         "--adjoint",

@@ -262,6 +262,7 @@ def fit_latent_ode(
     units: int = 64,
     solver: str = "dopri5",
     adjoint: str = "checkpoint",
+    anchor: str = "first",
     learning_rate: float | None = None,
     n_samples: int = 3,
     patience: int | None | str = FROM_RECIPE,
@@ -276,6 +277,8 @@ def fit_latent_ode(
     peak learning rate 1e-2, patience 10, early stopping and the restored epoch on
     the validation loss: `monitor`); `patience=None` or 0 turns early stopping off.
     A file gets `DEFAULT_RECIPE` whatever its name.
+    `anchor` is `LatentODE`'s (`"first"`: the paper's model; `"last"`: the latent
+    state at each series' last context observation).
     The recipe used is recorded in `metrics.json` (`"recipe"`).
 
     Returns the metrics dict (also written to `OUT/metrics.json`).
@@ -308,6 +311,7 @@ def fit_latent_ode(
         units=units,
         solver=solver,
         adjoint=adjoint,
+        anchor=anchor,
     )
     model = LatentODE(ts.num_channels, **hyper, key=jax.random.key(seed))
     task = mixed_task

@@ -132,7 +132,7 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     base = ["fit", "latent-ode", "--data", "periodic", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main(base + ["--epochs", "3", "--learning-rate", "0.1", "--patience", "0",
-                        "--batch-size", "8"]) == 0  # fmt: skip
+                        "--batch-size", "8", "--anchor", "last"]) == 0  # fmt: skip
     capsys.readouterr()
     # unset options reach the job as "use the recipe"; --patience 0 turns it off
     assert seen[0]["epochs"] is None and seen[0]["learning_rate"] is None
@@ -140,6 +140,7 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert (seen[1]["epochs"], seen[1]["learning_rate"]) == (3, 0.1)
     assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, 0)
     assert seen[0]["adjoint"] == "checkpoint"
+    assert "anchor" not in seen[0] and seen[1]["anchor"] == "last"
 
 
 def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
@@ -158,6 +159,9 @@ def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
     assert main(base + ["--patience", "3"]) == 2  # not silently ignored
     err = capsys.readouterr().err.strip()
     assert "--patience applies to latent-ode only" in err and len(err.splitlines()) == 1
+    assert main(base + ["--anchor", "last"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--anchor applies to latent-ode only" in err and len(err.splitlines()) == 1
 
 
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
@@ -457,3 +461,26 @@ def test_fit_drops_an_earlier_runs_calibration(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit_latent_ode(path, tmp_path / "run", progress=False, **SMALL)
     assert not stale.exists()
+
+
+def test_fit_builds_the_model_with_the_anchor(tmp_path, monkeypatch):
+    """`fit_latent_ode(anchor=...)` reaches the model (and so its checkpoint's
+    hyperparameters); a bad one is refused before the output directory exists."""
+    import ctmodels.train
+    from ctmodels._latent_job import fit_latent_ode
+
+    path = tmp_path / "pbc8.nc"
+    D.load("pbcseq").isel(series=slice(0, 8)).to_netcdf(path)
+    seen = []
+
+    def interrupted(model, *args, **kwargs):
+        seen.append(model)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctmodels.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit_latent_ode(path, tmp_path / "run", progress=False, anchor="last", **SMALL)
+    assert dict(seen[0].hyperparameters)["anchor"] == seen[0].anchor == "last"
+    with pytest.raises(ValueError, match="anchor must be 'first' or 'last'"):
+        fit_latent_ode(path, tmp_path / "bad", progress=False, anchor="end", **SMALL)
+    assert not (tmp_path / "bad").exists()
