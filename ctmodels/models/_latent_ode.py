@@ -583,7 +583,9 @@ class LatentODE(eqx.Module):
         self, times: Float[ArrayLike, " T"], *, key: PRNGKeyArray, n_samples: int = 1
     ) -> Float[Array, "n T C"]:
         """Noise-free sample paths from the prior: `z0 ~ N(0, I)` at `times[0]`,
-        decoded at `times` (non-decreasing). **Returns:** `[n_samples, T, C]`."""
+        decoded at `times` (non-decreasing); with `anchor="last"` too (a series
+        without context is anchored at its first time). **Returns:**
+        `[n_samples, T, C]`."""
         n_samples = C.check_samples(n_samples)
         C.check_query_times(times, ordered=True)
         times = jnp.asarray(times)
