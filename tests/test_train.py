@@ -409,6 +409,37 @@ def test_checkpoint_from_before_monitor_resumes_as_loss(tmp_path):
     assert hist.attrs["resumed_from_step"] == 4
 
 
+class ScaledRegressor(Regressor):
+    """`Regressor` with a later-added constructor option (default 1.0)."""
+
+    def __init__(self, in_size, out_size, *, scale=1.0, key):
+        super().__init__(in_size, out_size, key=key)
+        self.hyperparameters = (*self.hyperparameters, ("scale", scale))
+
+
+def test_checkpoint_from_before_a_new_hyperparameter_resumes_at_its_default(
+    tmp_path,
+):
+    """A hyperparameter added to a model after a checkpoint was written is absent
+    from it: resuming with the constructor's default works, another value is
+    refused (as `LatentODE`'s `anchor`, added later)."""
+    from ctmodels.train._checkpoint import FIT_SUBDIR, HEADER
+
+    x, y = _arrays(32)
+    args = dict(epochs=1, batch_size=8, key=jax.random.key(0), checkpoint_dir=tmp_path,
+                log=False)  # fmt: skip
+    fit(ScaledRegressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    path = tmp_path / FIT_SUBDIR / HEADER
+    header = json.loads(path.read_text())
+    assert header["hyperparameters"][-1] == ["scale", 1.0]
+    header["hyperparameters"] = header["hyperparameters"][:-1]
+    path.write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="scale: checkpoint 1.0, now 2.0"):
+        fit(ScaledRegressor(3, 1, scale=2.0, key=jax.random.key(0)), (x, y), **args)
+    _, hist = fit(ScaledRegressor(3, 1, key=jax.random.key(0)), (x, y), **args)
+    assert hist.attrs["resumed_from_step"] == 4
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(tmp_path):
     script = textwrap.dedent(
