@@ -99,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--refine-lr", type=float, default=0.01)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     args = p.parse_args(argv)
+    if args.refine_steps and args.model_kwargs.get("anchor", "first") != "first":
+        p.error("--refine-steps refines z0 at the first time: anchor='first' only")
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2
     return args

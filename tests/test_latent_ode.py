@@ -19,7 +19,13 @@ import numpy as np
 import optax
 import pytest
 
-from ctmodels.data import TimeSeries, batches, interpolation_task, make_batch
+from ctmodels.data import (
+    TimeSeries,
+    batches,
+    extrapolation_task,
+    interpolation_task,
+    make_batch,
+)
 from ctmodels.models import MODELS, LatentODE, _common as common
 from ctmodels.nn import apply
 
@@ -548,17 +554,12 @@ def _anchored_paths(model, batch, eps):
     return t_a, z, zs, Lam
 
 
-def test_anchor_last_paths_against_direct_solves(anchored, data):
-    """Each row's path through `anchor="last"`'s forward and sign-flipped backward
-    solves equals Diffrax integrating `dz/dt = f(z)` straight from the anchor to
-    each time (backwards when earlier); and `Λ(t) - Λ(t_first)` equals the paper
-    model's forward solve from the state at the row's first time."""
+def _direct_solver(model):
+    """`(y0, t0, t1) -> z(t1)`, vmapped: Diffrax integrating the model's latent ODE
+    straight from `t0` to `t1` (backwards when `t1 < t0`)."""
     import diffrax
 
-    batch = data["padded"]
-    eps = jax.random.normal(jax.random.key(31), (1, batch.batch_size, 3))
-    t_a, z, zs, Lam = _anchored_paths(anchored, batch, eps)
-    field = diffrax.ODETerm(lambda t, y, args: apply(anchored.dynamics, y))
+    field = diffrax.ODETerm(lambda t, y, args: apply(model.dynamics, y))
 
     @jax.jit
     @jax.vmap
@@ -570,6 +571,18 @@ def test_anchor_last_paths_against_direct_solves(anchored, data):
         )  # fmt: skip
         return sol.ys[-1]
 
+    return direct
+
+
+def test_anchor_last_paths_against_direct_solves(anchored, data):
+    """Each row's path through `anchor="last"`'s forward and sign-flipped backward
+    solves equals Diffrax integrating `dz/dt = f(z)` straight from the anchor to
+    each time (backwards when earlier); and `Λ(t) - Λ(t_first)` equals the paper
+    model's forward solve from the state at the row's first time."""
+    batch = data["padded"]
+    eps = jax.random.normal(jax.random.key(31), (1, batch.batch_size, 3))
+    t_a, z, zs, Lam = _anchored_paths(anchored, batch, eps)
+    direct = _direct_solver(anchored)
     times, valid = np.asarray(batch.times), np.asarray(batch.time_mask)
     rows, cols = np.nonzero(valid & (np.asarray(batch.weight)[:, None] > 0))
     want = direct(z[0, rows], t_a[rows], times[rows, cols])
@@ -643,3 +656,42 @@ def test_anchor_last_many_times_before_a_close_one(anchored):
     zs, _ = anchored._decode_anchored(z0, jnp.asarray([0.5]), times)
     np.testing.assert_allclose(zs[0, 0, -2:], np.ones((2, 3)), atol=1e-11)
     assert bool(jnp.isfinite(zs).all())
+
+
+def test_anchor_last_predict_at_query_times_against_direct_solves(anchored, data):
+    """`predict(times=...)` of an `anchor="last"` model on an extrapolation task (one
+    row's context emptied): the mean decoded from Diffrax solves straight from each
+    row's anchor, at query times before the first time, at and around the anchors,
+    repeated, and one 1e-13 after a repeat; the empty row is anchored at its own
+    first time."""
+    batch = extrapolation_task(data["union"], split=0.5)
+    empty = 2
+    batch = eqx.tree_at(lambda b: b.mask, batch, batch.mask.at[empty].set(False))
+    t_a = np.asarray(anchored.anchor_times(batch))
+    times = np.asarray(batch.times)[empty][np.asarray(batch.time_mask)[empty]]
+    assert t_a[empty] == times[0]
+    q = [-0.2, 0.3, 0.9, 1.4, *t_a[:3], *[0.6] * 60, 0.6 + 1e-13]
+    q = np.sort(np.asarray(q))
+    key, K = jax.random.key(7), 3
+    mu, _ = anchored.predict(batch, key=key, n_samples=K, times=q)
+    mean, std = anchored.posterior(batch)
+    z = mean + std * jax.random.normal(key, (K,) + mean.shape, mean.dtype)
+    B, Q = mean.shape[0], q.shape[0]
+    grid = np.meshgrid(*map(np.arange, (K, B, Q)), indexing="ij")
+    k, b, i = (x.ravel() for x in grid)
+    paths = _direct_solver(anchored)(z[k, b], jnp.asarray(t_a)[b], jnp.asarray(q)[i])
+    want = apply(anchored.decoder, paths.reshape(K, B, Q, -1)).mean(0)
+    np.testing.assert_allclose(mu, want, rtol=1e-6, atol=1e-8)
+
+
+def test_repeated_query_times_then_a_close_one(model, data):
+    """Regression (both anchors' `_solve`): 60 repeats of a query time and one 1e-13
+    later used to fail the solve (the repeats were nudged apart past it); each
+    repeat gets the prediction at that time (to rounding: the solve's end differs)."""
+    batch, key = data["union"], jax.random.key(5)
+    q = np.asarray([0.0, *[0.7] * 60, 0.7 + 1e-13, 0.9])
+    mu, sd = model.predict(batch, key=key, n_samples=2, times=q)
+    distinct, where = np.unique(q, return_inverse=True)
+    mu_d, sd_d = model.predict(batch, key=key, n_samples=2, times=distinct)
+    np.testing.assert_allclose(mu, mu_d[:, where], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sd, sd_d[:, where], rtol=1e-12, atol=1e-14)

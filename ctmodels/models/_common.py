@@ -91,17 +91,23 @@ def first_valid_time(batch: Batch) -> Float[Array, " B"]:
     return jnp.where(jnp.isfinite(t), t, batch.times[:, 0])
 
 
-def strictly_increasing(ts: Float[Array, " N"]) -> Float[Array, " N"]:
-    """Nudge repeated entries of a non-decreasing time vector apart (the k-th repeat
-    moves up by k tiny steps) so it can be passed to `integrate`. Repeats only occur
-    at padding positions and at the reference time, whose outputs are not used or
-    are replaced by the exact initial state."""
+def distinct_times(ts: Float[Array, " N"]) -> tuple[Float[Array, " N"], Array]:
+    """A strictly increasing grid for `integrate` from a non-decreasing time vector
+    `ts` [N] with repeats (padding repeats a row's last time; query times may
+    repeat; a reference time repeats the first): `(grid, where)` with the distinct
+    values of `ts` first, in order, then filler points just after the last one, and
+    `where` [N] each entry's position in `grid` (`grid[where] == ts` exactly), so
+    the states at `ts` are `ys[where]`. (Nudging the repeats apart instead overtook a
+    following time closer than the nudges, and the solve failed.)"""
     n = ts.shape[0]
-    first = jnp.searchsorted(ts, ts, side="left")
-    k = (jnp.arange(n) - first).astype(ts.dtype)
+    new = jnp.concatenate([jnp.ones(1, bool), ts[1:] != ts[:-1]])
+    where = jnp.cumsum(new) - 1
+    k = jnp.arange(n)
     scale = jnp.maximum(jnp.max(jnp.abs(ts)), 1.0)
     delta = 16 * jnp.finfo(ts.dtype).eps * scale
-    return ts + k * delta
+    filler = ts[-1] + (k - where[-1]).astype(ts.dtype) * delta
+    grid = jnp.zeros_like(ts).at[where].set(ts)  # repeats write the same value
+    return jnp.where(k <= where[-1], grid, filler), where
 
 
 def gaussian_log_prob(

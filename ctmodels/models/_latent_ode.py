@@ -30,8 +30,8 @@ def _latent_field(t, y, args):
 
 
 def _at_start(times, t_ref, y, y0):
-    """Replace the states at positions whose time is exactly `t_ref` by `y0` (their
-    solve output was taken a hair after `t_ref`, see `strictly_increasing`)."""
+    """Replace the states at positions whose time is exactly `t_ref` by `y0` (the
+    solve's output there is `y0` up to its interpolation's rounding)."""
     hit = (times == t_ref).reshape((-1,) + (1,) * (y.ndim - 1))
     return jnp.where(hit, y0[None], y)
 
@@ -71,7 +71,8 @@ class LatentODE(eqx.Module):
     is `[n_samples, B, latent]`, integrated over the shared grid, so the adaptive
     steps are shared, as in the paper's code); in the `"padded"` layout the solve is
     vmapped over rows. Both give the same loss to within the solver's tolerance
-    (exactly the same computation when all rows have the same times).
+    (exactly the same computation when all rows have the same times). With
+    `anchor="last"` the solves are per row in both layouts (see above).
 
     **Attributes:** the submodules `encoder`, `to_z0`, `dynamics`, `decoder`,
     `intensity` (or None), `classifier` (or None), `log_std` (learned noise, or None),
@@ -345,7 +346,7 @@ class LatentODE(eqx.Module):
         leaves [T, ..., X]. `sign=-1` solves the ODE backwards (`times` are then
         the reversed times `t_anchor - t`)."""
         t_ref = jnp.asarray(t_ref, times.dtype)
-        ts = C.strictly_increasing(jnp.concatenate([t_ref[None], times]))
+        grid, where = C.distinct_times(jnp.concatenate([t_ref[None], times]))
         if poisson:
             y0 = (z0, jnp.zeros(z0.shape[:-1] + (self.num_channels,), z0.dtype))
             args = (self.dynamics, self.intensity, sign)
@@ -354,7 +355,7 @@ class LatentODE(eqx.Module):
         sol = integrate(
             _latent_field,
             y0,
-            ts,
+            grid,
             args,
             solver=self.solver,
             adjoint=self.adjoint,
@@ -363,7 +364,7 @@ class LatentODE(eqx.Module):
             max_steps=self.max_steps,
         )
         return jax.tree.map(
-            lambda y, y0: _at_start(times, t_ref, y[1:], y0), sol.ys, y0
+            lambda y, y0: _at_start(times, t_ref, y[where[1:]], y0), sol.ys, y0
         )
 
     def _decode(self, z0, t_ref, times, shared: bool, poisson: bool = False):
@@ -391,23 +392,7 @@ class LatentODE(eqx.Module):
         behind = jnp.maximum(t_a[:, None] - tb, 0.0)[:, ::-1]
         grids = jnp.concatenate([ahead, behind])  # [2B, T], each non-decreasing
         signs = jnp.concatenate([jnp.ones(B, tb.dtype), -jnp.ones(B, tb.dtype)])
-
-        def solve(z, u, sign):
-            # `u` starts with the positions on the other side of `t_a` (all 0):
-            # solve over the others moved to the front, the zeros replaced by the
-            # last time (nudging many repeated zeros apart could overtake a time
-            # just after `t_a`), then move them back; at u = 0 the state is z.
-            T, c = u.shape[0], jnp.sum(u <= 0)
-            grid = jnp.where(jnp.arange(T) >= T - c, u[-1], jnp.roll(u, -c))
-            ys = self._solve(z, 0.0, grid, poisson, sign)  # leaves [T, K, X]
-            y0 = (z, jnp.zeros_like(ys[1][0])) if poisson else z
-            at_anchor = (u <= 0)[:, None, None]
-            return jax.tree.map(
-                lambda y, y0: jnp.where(at_anchor, y0[None], jnp.roll(y, c, axis=0)),
-                ys,
-                y0,
-            )
-
+        solve = lambda z, u, sign: self._solve(z, 0.0, u, poisson, sign)
         ys = jax.vmap(solve, in_axes=(1, 0, 0))(
             jnp.concatenate([z0, z0], axis=1), grids, signs
         )  # [2B, T, K, X]
@@ -549,9 +534,10 @@ class LatentODE(eqx.Module):
         - `key`: a JAX PRNG key.
         - `n_samples`: posterior samples.
         - `times`: where to predict: None (`batch.times`), `[T2]` (the same times
-          for every row, one shared solve) or `[B, T2]`; non-decreasing. Without a
-          fixed `t0`, times before the batch's first time move the reference time
-          back to them (`anchor="first"`).
+          for every row, one shared solve with `anchor="first"`) or `[B, T2]`;
+          non-decreasing (repeats allowed). Without a fixed `t0`, times before the
+          batch's first time move the reference time back to them
+          (`anchor="first"`).
 
         **Returns:** `(mean, std)`, each `[B, T, C]` (`T2` with `times`).
         """
