@@ -493,7 +493,7 @@ def main(argv=None):
             _latent_field,
             z0,
             jnp.asarray(grid, jnp.float32),
-            (trained.dynamics, None),
+            (trained.dynamics, None, None),
             solver="dopri5",
             rtol=RTOL,
             atol=ATOL,
