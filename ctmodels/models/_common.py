@@ -84,6 +84,13 @@ def last_observed_time(
     return jnp.where(jnp.isfinite(t), t, default)
 
 
+def first_observed_time(
+    times: Float[Array, "B T"], observed: Bool[Array, "B T"], default: Array
+) -> Float[Array, " B"]:
+    """Each row's earliest time with an observation (`default` for rows with none)."""
+    return -last_observed_time(-times, observed, -default)
+
+
 def first_valid_time(batch: Batch) -> Float[Array, " B"]:
     """Each row's first valid time (`batch.times[:, 0]` for rows with none)."""
     big = jnp.asarray(jnp.inf, batch.times.dtype)

@@ -314,9 +314,9 @@ class LatentODE(eqx.Module):
                     "t_ref sets the time of z0 for anchor='first'; with "
                     "anchor='last' it is each row's last context observation."
                 )
-            big = jnp.asarray(jnp.inf, batch.times.dtype)
-            first = jnp.min(jnp.where(observed, batch.times, big), axis=1)
-            first = jnp.where(jnp.isfinite(first), first, C.first_valid_time(batch))
+            first = C.first_observed_time(
+                batch.times, observed, C.first_valid_time(batch)
+            )
             # forwards in time; the final state is the one at the last update
             h, _, _ = self.encoder(
                 times, inputs, observed, t_start=first, reverse=False, outputs=False
@@ -340,6 +340,11 @@ class LatentODE(eqx.Module):
         mean, pre = jnp.split(out, 2, axis=-1)
         std = jax.nn.softplus(pre + self.std_shift) + 1e-5
         return mean, std
+
+    def _posterior_at(self, batch: Batch, start: Array):
+        """`posterior` for the latent state at `start` (`anchor_times`, or for
+        `anchor="first"` an earlier reference time)."""
+        return self.posterior(batch, None if self.anchor == "last" else start[0])
 
     def _solve(self, z0, t_ref, times, poisson: bool, sign=None):
         """States at `times` [T] (>= t_ref) from `z0` [..., L] at `t_ref`: pytree
@@ -465,7 +470,7 @@ class LatentODE(eqx.Module):
                 "batch has no labels."
             )
         start = self.anchor_times(batch)
-        mean, std = self.posterior(batch, None if self.anchor == "last" else start[0])
+        mean, std = self._posterior_at(batch, start)
         dtype = mean.dtype
         eps = jax.random.normal(key, (n_samples,) + mean.shape, dtype)
         z0 = mean + std * eps
@@ -558,7 +563,7 @@ class LatentODE(eqx.Module):
             shared = times.ndim == 1
             if self.t0 is None and self.anchor == "first":
                 start = jnp.minimum(start, jnp.min(times))
-        mean, std = self.posterior(batch, None if self.anchor == "last" else start[0])
+        mean, std = self._posterior_at(batch, start)
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
         zs, _ = self._paths(mean + std * eps, start, times, shared)
         pred = apply(self.decoder, zs)

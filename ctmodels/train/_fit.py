@@ -101,22 +101,6 @@ def _json_roundtrip(x: Any) -> Any:
     return json.loads(json.dumps(x, sort_keys=True))
 
 
-def _init_defaults(cls) -> dict[str, Any]:
-    """The keyword defaults of `cls`'s constructor (JSON round-tripped)."""
-    try:
-        params = inspect.signature(cls.__init__).parameters.values()
-    except (TypeError, ValueError):
-        return {}
-    out = {}
-    for p in params:
-        if p.default is not inspect.Parameter.empty:
-            try:
-                out[p.name] = _json_roundtrip(p.default)
-            except TypeError:
-                pass
-    return out
-
-
 def _accepts(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -1136,9 +1120,14 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
         o, n = dict(old_hp or []), dict(new_hp or [])
         # a hyperparameter added to the model after the checkpoint was written has,
         # in that checkpoint, its constructor default
-        for k, v in _init_defaults(type(model)).items():
-            if k in n and k not in o:
-                o[k] = v
+        params = inspect.signature(type(model).__init__).parameters
+        for k in set(n) - set(o):
+            default = getattr(params.get(k), "default", inspect.Parameter.empty)
+            if default is not inspect.Parameter.empty:
+                try:
+                    o[k] = _json_roundtrip(jsonable(default, k))
+                except ValueError:  # not JSON: it cannot match a stored value
+                    pass
         for k in sorted(set(o) | set(n)):
             if o.get(k, "<absent>") != n.get(k, "<absent>"):
                 diffs.append(
