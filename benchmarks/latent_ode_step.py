@@ -32,7 +32,9 @@ same noise samples (the first step's losses are printed side by side):
 The JAX step is compiled as `ctmodels.train.fit` under the `ctmodels` command
 compiles its steps: `traced_failures("nan")` and `EQX_ON_ERROR=nan`, so a failed
 solve gives a NaN loss (fit's NaN guard) instead of a host callback; host callbacks
-also cost ~0.7 ms per call in dispatch.
+also cost ~0.7 ms per call in dispatch. Python's garbage collector is paused while
+it traces and compiles, as in `fit` (`ctmodels.train._fit.gc_paused`); the plain
+Diffrax step is compiled the same way.
 
 Timing: the JAX step is AOT-compiled first (trace/lower and compile times reported);
 then `--reps` interleaved rounds, each running `--steps` training steps of each
@@ -167,6 +169,7 @@ def main(argv=None):
     from ctmodels._errors import traced_failures
     from ctmodels.data import Batch
     from ctmodels.models import LatentODE
+    from ctmodels.train._fit import gc_paused
 
     jax.config.update("jax_enable_x64", False)
     if args.device == "gpu" and jax.default_backend() != "gpu":
@@ -223,11 +226,13 @@ def main(argv=None):
 
     key0 = jax.random.key(args.seed + 1)
     t0 = time.perf_counter()
-    with traced_failures("nan"):  # as `ctmodels.train.fit` traces its steps
+    # as `ctmodels.train.fit` traces its steps
+    with traced_failures("nan"), gc_paused():
         lowered = jax.jit(jax_step).lower(params, opt.init(params), jbatches[0], key0)
     t_lower = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step_c = lowered.compile()
+    with gc_paused():
+        step_c = lowered.compile()
     t_compile = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ plain Diffrax
@@ -319,12 +324,14 @@ def main(argv=None):
 
     params_p = params  # the same initial weights
     t0 = time.perf_counter()
-    lowered_p = jax.jit(plain_step).lower(
-        params_p, opt.init(params_p), *pbatches[0], key0
-    )
+    with gc_paused():  # the compile times compare the programs, measured alike
+        lowered_p = jax.jit(plain_step).lower(
+            params_p, opt.init(params_p), *pbatches[0], key0
+        )
     t_lower_p = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plain_c = lowered_p.compile()
+    with gc_paused():
+        plain_c = lowered_p.compile()
     t_compile_p = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ torch

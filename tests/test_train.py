@@ -193,6 +193,36 @@ def test_fit_arrays_reduces_loss_history_and_csv(tmp_path):
     assert hist2.attrs["compilations"]["train_step"] == 0
 
 
+def test_steps_trace_with_the_garbage_collector_paused():
+    """`fit` traces its steps with Python's collector paused (a faster first step) and
+    leaves the collector as it found it, also when it was off."""
+    import gc
+
+    x, y = _arrays()
+    seen = []
+
+    def task(batch, *, key):  # runs while the step is traced
+        seen.append(gc.isenabled())
+        return batch
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            fit(
+                Regressor(3, 1, key=jax.random.key(0)),
+                (x, y),
+                epochs=1,
+                batch_size=16,
+                key=jax.random.key(1),
+                task=functools.partial(task),  # a new task: traced again
+                log=False,
+            )
+            assert gc.isenabled() == enabled
+        finally:
+            gc.enable()
+    assert seen == [False, False]
+
+
 def test_fit_time_series_compiles_once_and_uses_lazy_sources():
     ts = _series()
     model = Curve(2, key=jax.random.key(0))
