@@ -27,7 +27,7 @@ def _problem():
         jax.random.normal(k4, (N, D)),
         jnp.arange(N) % 3 == 0,  # a boolean input (no gradient)
     )
-    return params, (h0, jnp.float32(0.5)), xs
+    return params, (h0, jnp.asarray(0.5, h0.dtype)), xs
 
 
 def _step(p, carry, x):
@@ -141,8 +141,8 @@ def test_encoder_reverse_mode_matches_its_forward_mode_path(outputs):
     inputs equals the forward-mode directional derivative."""
     rng = np.random.default_rng(0)
     B, T = 3, 6
-    times = jnp.asarray(np.sort(rng.uniform(0, 1, (B, T)), axis=1), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(B, T, 2)), jnp.float32)
+    times = jnp.asarray(np.sort(rng.uniform(0, 1, (B, T)), axis=1), float)
+    x = jnp.asarray(rng.normal(size=(B, T, 2)), float)
     observed = jnp.asarray(rng.uniform(size=(B, T)) < 0.6).at[1].set(False)
     enc = ODERNNEncoder(2, 4, units=5, steps=1, key=jax.random.key(1))
     fwd = eqx.tree_at(
@@ -151,7 +151,7 @@ def test_encoder_reverse_mode_matches_its_forward_mode_path(outputs):
         (enc.gru, enc.vector_field),
     )
     assert fwd._forward_mode() and not enc._forward_mode()
-    w = jnp.asarray(rng.normal(size=(B, T, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(B, T, 4)), float)
 
     def f(e, x):
         h, before, _ = e(
