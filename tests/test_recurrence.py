@@ -110,6 +110,29 @@ def test_recurrence_gradient_of_params_only_and_under_vmap():
         np.testing.assert_allclose(grads["U"][row], want["U"], rtol=1e-5, atol=1e-7)
 
 
+def test_recurrence_backward_under_vmap_steps_only_on_real_history():
+    """Under `vmap` with per-row bounds a finished row keeps iterating (its results
+    discarded): it must not step from the unwritten history, where a check inside the
+    step would fire although no real step violates it."""
+    xs = jnp.arange(1.0, 5.0)
+
+    def step(p, c, x):
+        h, s = c
+        s = eqx.error_if(s, s <= 0, "scale must be positive")  # never, in real steps
+        return h * p + x / s, s * 2
+
+    def loss(p, n):
+        one = jnp.ones((), xs.dtype)
+        (h, _), _ = recurrence((p, (one, one), xs), step, n, False)
+        return h
+
+    p = jnp.asarray(0.5, xs.dtype)
+    ns = jnp.array([1, 4], jnp.int32)
+    got = jax.vmap(jax.grad(loss), in_axes=(None, 0))(p, ns)
+    want = [jax.grad(loss)(p, n) for n in ns]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_recurrence_gradient_against_finite_differences():
     with jax.enable_x64(True):
         params, carry, xs = jax.tree.map(

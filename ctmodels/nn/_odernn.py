@@ -94,6 +94,14 @@ class ODERNNEncoder(eqx.Module):
     time gap since the last update appended (GRU-Δt / the RNN encoder of the paper's
     RNN-VAE).
 
+    Differentiation: reverse mode (`jax.grad`, `jax.vjp`, `jax.jacrev`, also under
+    `jax.vmap` and `jax.jit`). The loop over the updates has its own reverse-mode rule
+    (it runs only the steps the batch needs and recomputes each in the backward
+    pass), so forward mode (`jax.jvp`, `jax.jacfwd`) and differentiating a gradient
+    again are not available through it. With `adjoint="forward"` the encoder scans
+    every position instead, which any JAX transformation can differentiate (slower:
+    unobserved positions are stepped through as idle steps).
+
     Reference:
 
     ```bibtex
@@ -180,9 +188,10 @@ class ODERNNEncoder(eqx.Module):
         is the same ODE). A zero-length interval gives `h` back exactly.
 
         With one fixed step per interval (`steps=1`, the default), an explicit
-        stepper and the `checkpoint` or `direct` adjoint, that step is taken by
-        calling the stepper directly rather than through `ctmodels.integrate`: the
-        same values and gradients, without the solve loop's compile and run time
+        stepper and the `checkpoint`, `direct` or `forward` adjoint, that step is
+        taken by calling the stepper directly rather than through
+        `ctmodels.integrate`: the same values and gradients, without the solve
+        loop's compile and run time
         (a NaN or inf state is still reported, with `integrate`'s message).
         """
         return self._evolve(h, t0, t1, check=True)
@@ -199,7 +208,7 @@ class ODERNNEncoder(eqx.Module):
 
     def _evolve(self, h, t0, t1, *, check: bool):
         """`evolve`; `check=False` skips the non-finite check of a direct step (the
-        scan of `__call__` checks its result once instead of at every step)."""
+        loop of `__call__` checks its result once instead of at every step)."""
         if self.vector_field is None:
             return h
         span = jnp.asarray(t1, h.dtype) - jnp.asarray(t0, h.dtype)
@@ -357,7 +366,7 @@ class ODERNNEncoder(eqx.Module):
                 (self, (h0, t_start), xs), update, n_steps, outputs
             )
         if ode and self._direct():
-            h = self._check_finite(h)  # the steps' check, once for the whole scan
+            h = self._check_finite(h)  # the steps' check, once for the whole loop
         if not outputs:
             return h, None, None
         after = after[:T]

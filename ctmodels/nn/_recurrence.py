@@ -68,11 +68,13 @@ def recurrence(
 ) -> tuple[tuple, Array | None]:
     """`carry <- step(params, carry, xs[i])` for `i = 0, ..., n - 1`.
 
-    `diff = (params, carry, xs)`: `params` a pytree (arrays and static leaves), `carry`
-    a tuple whose first element is the state, `xs` a pytree of arrays with the steps
-    on their leading axis (length `N`). `n` is a traced integer `<= N`: the steps from
-    `n` on are not run at all (a `while_loop`), which is the point: a batch whose rows
-    need fewer steps than its padded length costs only the steps it needs.
+    `diff = (params, carry, xs)`: `params` a pytree (JAX arrays and static leaves),
+    `carry` a tuple of floating-point JAX arrays whose first element is the state,
+    `xs` a pytree of JAX arrays with the steps on their leading axis (length `N`). `n`
+    is a traced integer `<= N`: the steps from `n` on are not run at all (a
+    `while_loop`), which is the point: a batch whose rows need fewer steps than its
+    padded length costs only the steps it needs. `step` must be a pure function of
+    its arguments (it may not close over traced values: pass them in `params`).
 
     Returns `(carry, outs)`: the final carry and, with `outputs`, the state
     `carry[0]` after each step `[N, ...]` (the final state for the steps not run).
@@ -119,7 +121,10 @@ def _recurrence_bwd(history, grad, perturbed, diff, step, n, outputs):
 
     def body(state):
         i, g_c, g_p, g_x = state
-        i = i - 1
+        # (under `vmap` with per-row bounds, a finished row keeps iterating with its
+        # results discarded; the clamp keeps it on real steps rather than index -1,
+        # so a check inside `step` cannot fire on the unwritten history)
+        i = jnp.maximum(i - 1, 0)
         if g_outs is not None:
             g_c = (g_c[0] + g_outs[i],) + tuple(g_c[1:])
         x = _row(xs, i)
