@@ -1,6 +1,7 @@
 """Tests for `ctmodels.train`: fit, exact resume, atomic checkpoints, NaN guard."""
 
 import functools
+import gc
 import io
 import json
 import os
@@ -196,8 +197,6 @@ def test_fit_arrays_reduces_loss_history_and_csv(tmp_path):
 def test_steps_trace_with_the_garbage_collector_paused():
     """`fit` traces its steps with Python's collector paused (a faster first step) and
     leaves the collector as it found it, also when it was off."""
-    import gc
-
     x, y = _arrays()
     seen = []
 

@@ -191,8 +191,8 @@ class ODERNNEncoder(eqx.Module):
         stepper and the `checkpoint`, `direct` or `forward` adjoint, that step is
         taken by calling the stepper directly rather than through
         `ctmodels.integrate`: the same values and gradients, without the solve
-        loop's compile and run time
-        (a NaN or inf state is still reported, with `integrate`'s message).
+        loop's compile and run time (a NaN or inf state is still reported, with
+        `integrate`'s message).
         """
         return self._evolve(h, t0, t1, check=True)
 

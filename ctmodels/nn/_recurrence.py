@@ -127,20 +127,15 @@ def _recurrence_bwd(history, grad, perturbed, diff, step, n, outputs):
         i = jnp.maximum(i - 1, 0)
         if g_outs is not None:
             g_c = (g_c[0] + g_outs[i],) + tuple(g_c[1:])
-        x = _row(xs, i)
-        if xs_wanted:
-            _, vjp = eqx.filter_vjp(step, params, _row(history, i), x)
-            d_p, g_c, d_x = vjp(g_c)
+        _, vjp = eqx.filter_vjp(step, params, _row(history, i), _row(xs, i))
+        d_p, g_c, d_x = vjp(g_c)
+        if xs_wanted:  # (otherwise `d_x` is unused and compiled away)
             g_x = jax.tree.map(
                 lambda a, b: a if b is None else a.at[i].set(b),
                 g_x,
                 d_x,
                 is_leaf=lambda v: v is None,
             )
-        else:
-            c = _row(history, i)
-            _, vjp = eqx.filter_vjp(lambda p, c: step(p, c, x), params, c)
-            d_p, g_c = vjp(g_c)
         return i, g_c, _add(g_p, d_p), g_x
 
     g_xs = zeros(xs) if xs_wanted else None
