@@ -174,7 +174,9 @@ def test_predictions_round_trip_time(tiny_run, ds):
         assert pred["series"].values.dtype.kind == "i"
 
 
-def test_loss_decreases(tmp_path):
+def test_loss_decreases(tiny_run, tmp_path):
+    # tiny_run is requested so that its compile happened in this process, whatever
+    # the test order (pytest-xdist spreads a module's tests over workers)
     metrics = run_neural_ode(
         "pbcseq", tmp_path, **{**TINY, "epochs": 6, "lr": 1e-2, "plot": False}
     )
