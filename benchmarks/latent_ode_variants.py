@@ -97,6 +97,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--refine-steps", type=int, nargs="*", default=[])
     p.add_argument("--refine-lr", type=float, default=0.01)
+    P.add_time_bucket_option(p)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 epochs")
     args = p.parse_args(argv)
     if args.refine_steps and args.model_kwargs.get("anchor", "first") != "first":
@@ -197,6 +198,7 @@ def mixed_after_cut(batch, *, key):
 
 def main(argv=None):
     args = parse_args(argv)
+    P.TIME_BUCKET = args.time_bucket
     plan = recipe("pbcseq")
     plan["learning_rate"] = args.lr or plan["learning_rate"]
     plan["epochs"] = args.epochs or plan["epochs"]

@@ -304,6 +304,38 @@ def test_bucketed_shapes_compile_once():
     assert cd.bucket_length(130, 64) == 192 and cd.bucket_length(5, None) == 5
 
 
+def test_min_times_pads_the_time_dimension_only():
+    ts = small_ts()
+    for layout in ("padded", "union"):
+        ref = cd.make_batch(ts[np.arange(4)], layout=layout, batch_size=5)
+        T = ref.times.shape[1]
+        got = cd.make_batch(
+            ts[np.arange(4)], layout=layout, batch_size=5, min_times=T + 1
+        )
+        # raised to T + 1, then rounded to the next power of two
+        assert got.times.shape[1] == cd.bucket_length(T + 1) == 2 * T
+        for name in ("times", "values", "mask", "time_mask", "position"):
+            np.testing.assert_array_equal(
+                np.asarray(getattr(got, name))[:, :T], np.asarray(getattr(ref, name))
+            )
+        extra = slice(T, None)
+        assert not np.asarray(got.time_mask)[:, extra].any()
+        assert not np.asarray(got.mask)[:, extra].any()
+        assert (np.asarray(got.position)[:, extra] == -1).all()
+        # padding repeats each row's last time: times stay non-decreasing
+        assert (np.diff(np.asarray(got.times), axis=1) >= 0).all()
+        np.testing.assert_array_equal(got.weight, ref.weight)
+        np.testing.assert_array_equal(got.index, ref.index)
+        # a floor below the batch's own length changes nothing
+        low = cd.make_batch(ts[np.arange(4)], layout=layout, batch_size=5, min_times=3)
+        assert low.times.shape == ref.times.shape
+    shapes = {b.times.shape for b in cd.batches(ts, 4, layout="padded", min_times=20)}
+    assert shapes == {(4, 32)}
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="min_times must be an int >= 0"):
+            cd.make_batch(ts, min_times=bad)
+
+
 def test_tasks_partition_observations():
     ts = small_ts()
     batch = cd.make_batch(ts, layout="union")

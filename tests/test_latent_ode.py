@@ -328,6 +328,34 @@ def test_jit_compiles_once_per_bucket(model, data):
 # ------------------------------------------------------------------ gradients
 
 
+def test_time_padding_changes_neither_loss_nor_gradient(model, data):
+    """Batches padded to a longer time length (`min_times`, as `fit`'s
+    `time_bucket="auto"` does) give the same loss and gradient."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    key = jax.random.key(21)
+    ts = data["ts"]
+    for layout, ref in (("union", data["union"]), ("padded", data["padded"])):
+        idx = np.asarray(ref.index)
+        idx = idx[idx >= 0]
+        longer = make_batch(
+            ts[idx], index=idx, layout=layout, batch_size=ref.batch_size,
+            min_times=ref.num_times + 1,
+        )  # fmt: skip
+        assert longer.num_times == 2 * ref.num_times
+        if layout == "padded":  # the loss (the gradient's compile is the costly one)
+            l0, m0 = _loss(model, ref, key)
+            l1, m1 = _loss(model, longer, key)
+            np.testing.assert_allclose(l1, l0, rtol=1e-10)
+            for k in m0:
+                np.testing.assert_allclose(m1[k], m0[k], rtol=1e-10, atol=1e-12)
+            continue
+        l0, g0 = _value_and_grad(params, static, ref, key)
+        l1, g1 = _value_and_grad(params, static, longer, key)
+        np.testing.assert_allclose(l1, l0, rtol=1e-10)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
 def test_gradient_matches_finite_differences(model, data):
     params, static = eqx.partition(model, eqx.is_inexact_array)
     batch = data["union"]

@@ -20,7 +20,7 @@ import pytest
 
 import ctmodels
 from ctmodels._errors import discard_failed_callbacks
-from ctmodels.data import TimeSeries, batches, interpolation_task
+from ctmodels.data import TimeSeries, batches, bucket_length, interpolation_task
 from ctmodels.train import (
     _checkpoint as ckpt_module,
     fit,
@@ -261,6 +261,40 @@ def test_fit_time_series_compiles_once_and_uses_lazy_sources():
     )
     assert hist2["step"].tolist() == [3, 5]  # a full epoch, then a partial one
     assert np.isfinite(hist2["train_loss"]).all()
+
+
+def test_auto_time_bucket_pads_the_few_short_batches_to_the_common_shape():
+    # 12 series with 3 times and 4 with 8: a union batch of 4 series has 12 times
+    # (bucket 16) when it holds only short series, about one batch in four, and 17-32
+    # (bucket 32) otherwise
+    rng = np.random.default_rng(7)
+    times = np.sort(rng.uniform(0, 3, size=(16, 8)), axis=1)
+    times[4:, 3:] = np.nan
+    values = np.where(np.isnan(times), np.nan, 0.5 + times)[..., None]
+    ts = TimeSeries.from_arrays(times, values)
+    lengths = np.isfinite(times).sum(axis=1)
+    run = functools.partial(
+        fit, train=ts, valid=ts[:8], epochs=5, batch_size=4, key=jax.random.key(2),
+        log=False,
+    )  # fmt: skip
+    _, hist = run(Curve(1, key=jax.random.key(0)), time_bucket="pow2")
+    assert hist.attrs["min_times"] == 0
+    # the oracle: the buckets of this run's batches, from their series' lengths
+    data_key = jax.random.fold_in(jax.random.key(2), 0)  # fit's epoch orders
+    seen = {
+        bucket_length(lengths[np.asarray(b.index)[np.asarray(b.weight) > 0]].sum())
+        for e in range(5)
+        for b in batches(ts, 4, key=jax.random.fold_in(data_key, e), layout="union")
+    }
+    assert hist.attrs["compilations"]["train_step"] == len(seen) == 2
+    # validation: a batch of the 4 long series (32 times) and one of 4 short (12)
+    assert hist.attrs["compilations"]["eval_step"] == 2
+    # a model of its own (a static setting differs): no compilation to reuse
+    _, hist = run(Curve(1, jitter=2e-3, key=jax.random.key(0)), time_bucket="auto")
+    assert hist.attrs["min_times"] == 32
+    # every short training and validation batch padded to 32 times
+    assert hist.attrs["compilations"] == {"train_step": 1, "eval_step": 1}
+    assert np.isfinite(hist["valid_loss"]).all()
 
 
 def test_epoch_order_matches_batches():

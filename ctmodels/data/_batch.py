@@ -11,7 +11,8 @@ Two layouts (Rubanova, Chen & Duvenaud 2019 use the second):
 
 Shapes are bucketed so that `jit` compiles once per bucket, not once per batch: the
 batch dimension is always `batch_size` (a short last batch is padded with rows of
-weight 0) and the time dimension is rounded up (`time_bucket`).
+weight 0) and the time dimension is rounded up (`time_bucket`), after raising it to
+`min_times` where that is given (so that shorter batches share a longer one's shape).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def make_batch(
     layout: Literal["padded", "union"] = "padded",
     batch_size: int | None = None,
     time_bucket: int | str | None = "pow2",
+    min_times: int = 0,
     dtype=None,
 ) -> Batch:
     """Turn a (small) `TimeSeries` into one `Batch` in the given layout.
@@ -116,18 +118,25 @@ def make_batch(
     - `layout`: `"padded"` or `"union"` (see the module docstring).
     - `batch_size`: pad to this many rows (weight 0); default `len(ts)`.
     - `time_bucket`: how to round the time length (see `bucket_length`).
+    - `min_times`: pad the time dimension to at least this many positions before
+      rounding it, so that a batch with fewer times gets a longer batch's shape (and
+      reuses its compilation; the extra positions are padding, as above). Default 0.
     - `dtype`: float dtype of times/values; default JAX's default float dtype.
     """
     S, T, C = ts.values.shape
     batch_size = S if batch_size is None else int(batch_size)
     if batch_size < S:
         raise ValueError(f"batch_size={batch_size} is smaller than {S} series.")
+    if isinstance(min_times, bool) or not isinstance(min_times, (int, np.integer)):
+        raise ValueError(f"min_times must be an int >= 0, got {min_times!r}.")
+    if min_times < 0:
+        raise ValueError(f"min_times must be an int >= 0, got {min_times!r}.")
     index = np.arange(S) if index is None else np.asarray(index)
     # float32 unless jax_enable_x64
     dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
     if layout == "padded":
         lengths = ts.time_mask.sum(axis=1)
-        Tb = bucket_length(lengths.max(), time_bucket)
+        Tb = bucket_length(max(lengths.max(), min_times), time_bucket)
         # compact valid positions to the front, keeping their order
         order = np.argsort(~ts.time_mask, axis=1, kind="stable")
         take = order[:, : min(Tb, T)]
@@ -144,7 +153,7 @@ def make_batch(
         position = np.where(valid, take, -1)
     elif layout == "union":
         grid = np.unique(ts.times[ts.time_mask])
-        Tb = bucket_length(len(grid), time_bucket)
+        Tb = bucket_length(max(len(grid), min_times), time_bucket)
         j = np.searchsorted(grid, ts.times)  # [S, T]: grid index of each position
         times = np.full((S, Tb), grid[-1])
         times[:, : len(grid)] = grid
@@ -201,6 +210,7 @@ def batches(
     key: PRNGKeyArray | None = None,
     layout: Literal["padded", "union"] = "padded",
     time_bucket: int | str | None = "pow2",
+    min_times: int = 0,
     drop_last: bool = False,
     dtype=None,
     shuffle: Literal["full", "block"] = "full",
@@ -222,7 +232,7 @@ def batches(
       else `4 * batch_size`) and the series within
       each block, so that each batch of a lazy on-disk source reads one or two
       contiguous stretches of the file instead of `batch_size` scattered rows.
-    - `layout`, `time_bucket`, `dtype`: see `make_batch`.
+    - `layout`, `time_bucket`, `min_times`, `dtype`: see `make_batch`.
     - `prefetch`: batches read ahead by a background thread, so that reading (and
       building) the next batch overlaps with whatever consumes this one (a training
       step). Default 1; 0 builds each batch when it is asked for, with no thread.
@@ -250,6 +260,7 @@ def batches(
             layout=layout,
             batch_size=batch_size,
             time_bucket=time_bucket,
+            min_times=min_times,
             dtype=dtype,
         )
 
@@ -316,6 +327,7 @@ def read_batch(
     layout: Literal["padded", "union"] = "padded",
     batch_size: int | None = None,
     time_bucket: int | str | None = "pow2",
+    min_times: int = 0,
     dtype=None,
 ) -> Batch:
     """The `Batch` of series `idx` of `source` (in that order), as `batches` builds
@@ -333,6 +345,7 @@ def read_batch(
         layout=layout,
         batch_size=batch_size,
         time_bucket=time_bucket,
+        min_times=min_times,
         dtype=dtype,
     )
 

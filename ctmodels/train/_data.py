@@ -15,11 +15,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import Batch, TimeSeries, num_batches, read_batch, shuffle_order
-from ..data._batch import default_block_size
+from ..data._batch import bucket_length, default_block_size
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array))
+
+
+#: How many training batches `time_bucket="auto"` looks at, and the share of them
+#: whose time length its floor covers (the rest keep their own power-of-two bucket).
+AUTO_SAMPLE_BATCHES = 16
+AUTO_QUANTILE = 0.9
+_AUTO_KEY = 20261127
+
+
+def auto_min_times(data: "SeriesData") -> int:
+    """`fit(time_bucket="auto")`'s floor for the time length of every batch: the
+    power-of-two bucket that holds the `AUTO_QUANTILE` quantile of the time lengths of
+    `AUTO_SAMPLE_BATCHES` training batches. Shorter batches are padded up to it, so
+    they share the common batches' shape and compilation; longer ones are rounded to
+    their own power of two, as with `"pow2"`. Fixed by the data alone (a key of its
+    own), so a resumed run pads exactly as the interrupted one did."""
+    lengths = data.time_lengths(AUTO_SAMPLE_BATCHES)
+    q = np.quantile(lengths, AUTO_QUANTILE, method="higher")
+    return bucket_length(int(q), "pow2")
 
 
 class SeriesData:
@@ -39,6 +58,7 @@ class SeriesData:
         self.batch_size = batch_size
         self.layout = layout
         self.time_bucket = time_bucket
+        self.min_times = 0
         self.n = len(source)
         if self.n == 0:
             raise ValueError(f"`{name}` is empty: it has no series to train on.")
@@ -65,7 +85,29 @@ class SeriesData:
             layout=self.layout,
             batch_size=self.batch_size,
             time_bucket=self.time_bucket,
+            min_times=self.min_times,
         )
+
+    def time_lengths(self, max_batches: int) -> np.ndarray:
+        """The time lengths (before bucketing) of up to `max_batches` training batches,
+        drawn as training draws them but with a fixed key of their own (so the same
+        data always gives the same answer). Reads those batches' series."""
+        nb = self.num_batches(train=True)
+        rounds = 1 if nb == 1 else -(-max_batches // nb)
+        base = jax.random.key(_AUTO_KEY)
+        lengths = []
+        for r in range(rounds):
+            order = self.order(jax.random.fold_in(base, r))
+            for b in range(nb):
+                if len(lengths) == max_batches:
+                    break
+                idx = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
+                ts = self.source[idx]
+                if self.layout == "union":
+                    lengths.append(len(np.unique(ts.times[ts.time_mask])))
+                else:
+                    lengths.append(int(ts.time_mask.sum(axis=1).max(initial=0)))
+        return np.asarray(lengths)
 
     def batch(self, order: np.ndarray, b: int, *, train: bool) -> Batch:
         ahead, self._ahead = self._ahead, None

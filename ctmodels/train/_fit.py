@@ -52,7 +52,7 @@ from ._checkpoint import (
     write_checkpoint,
     write_text_atomic,
 )
-from ._data import as_data, batch_weight
+from ._data import as_data, auto_min_times, batch_weight
 from ._progress import Progress, resolve_log
 
 _SCHEDULES = ("warmup_cosine", "exponential", "constant")
@@ -426,7 +426,7 @@ def fit(
     clip_norm: float | None = 1.0,
     kl_anneal_steps: int = 0,
     layout: Literal["padded", "union"] = "union",
-    time_bucket: int | str | None = "pow2",
+    time_bucket: int | str | None = "auto",
     task: Callable | None = None,
     eval_task: Callable | None = None,
     loss_kwargs: dict[str, Any] | None = None,
@@ -486,7 +486,13 @@ def fit(
       from `1 / kl_anneal_steps` to 1 over this many steps (needs a loss with a
       `kl_weight` parameter). Otherwise 1.
     - `layout`, `time_bucket`: how time series are batched (see
-      `ctmodels.data.make_batch`).
+      `ctmodels.data.make_batch`). `time_bucket="auto"` (default) rounds time lengths
+      to powers of two, as `"pow2"` does, but first pads every training and
+      validation batch to at least the bucket that holds 90% of the time lengths of
+      16 training batches drawn up front (`min_times`, recorded in the checkpoint's
+      fit configuration): the few shorter batches then share the common shape
+      instead of compiling their own. It reads those 16 batches once before
+      training; `"pow2"` keeps every batch at its own bucket.
     - `task`: `task(batch, *, key) -> batch`, applied inside the compiled step (e.g.
       `functools.partial(ctmodels.data.interpolation_task, fraction=0.5)`).
     - `eval_task`: the same for validation batches, with a fixed key per batch so
@@ -538,7 +544,9 @@ def fit(
     eval steps: once per batch shape; 0 when an earlier `fit` already compiled the
     same configuration), `monitor`, `best_epoch`, `best_valid` (the best monitored
     value), `best_valid_loss` (the validation loss at `best_epoch`), `stopped_early`,
-    `nan_skips`, `steps` and `resumed_from_step`.
+    `nan_skips`, `steps`, `resumed_from_step` and, for time series, `min_times`
+    (the time length every batch was padded to at least; 0 unless
+    `time_bucket="auto"`).
 
     **Raises:** `ValueError` for bad arguments or a checkpoint of a different run;
     `FloatingPointError` when non-finite losses persist (see `nan_policy`).
@@ -662,16 +670,25 @@ def fit(
     if eval_task is None:
         eval_task = task
 
+    auto = isinstance(time_bucket, str) and time_bucket == "auto"
+    rounding = "pow2" if auto else time_bucket
     train_data = as_data(
-        train, batch_size, layout=layout, time_bucket=time_bucket, name="train"
+        train, batch_size, layout=layout, time_bucket=rounding, name="train"
     )
     valid_data = (
         None
         if valid is None
         else as_data(
-            valid, batch_size, layout=layout, time_bucket=time_bucket, name="valid"
+            valid, batch_size, layout=layout, time_bucket=rounding, name="valid"
         )
     )
+    min_times = 0
+    if auto and train_data.kind == "series":
+        # one floor for training and validation batches, fixed by the training data
+        min_times = auto_min_times(train_data)
+        for d in (train_data, valid_data):
+            if d is not None and d.kind == "series":
+                d.min_times = min_times
     nb = train_data.num_batches(train=True)
     total_steps = steps if steps is not None else epochs * nb
 
@@ -713,6 +730,8 @@ def fit(
     compare = _json_roundtrip(compare)
     config = {
         **compare,
+        # time_bucket="auto"'s floor: fixed by the training data, so not compared
+        "min_times": min_times if train_data.kind == "series" else None,
         "epochs": epochs,
         "steps": steps,
         "total_steps": total_steps,
@@ -1096,6 +1115,8 @@ def fit(
 
     history = history_frame(state)
     history.attrs["compilations"] = {k: _TRACES[k] - traces0[k] for k in _TRACES}
+    if train_data.kind == "series":
+        history.attrs["min_times"] = min_times
     history.attrs["best_epoch"] = state.best_epoch
     history.attrs["monitor"] = monitor
     history.attrs["best_valid"] = state.best_loss
