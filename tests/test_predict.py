@@ -177,3 +177,60 @@ def test_numpy_int_sample_counts(setup):
     _, ts, _, model = setup
     out = predict(model, ts, [0.0, 0.5], key=jax.random.key(0), n_samples=np.int64(2))
     assert np.isfinite(out["a"].values).all()
+
+
+def test_prediction_grid_compiles_once_for_every_task_and_short_batch():
+    """`_predict_grid` pads the short last batch to the others' time length and
+    applies the task outside the compiled prediction: one compilation serves
+    reconstruction, interpolation and extrapolation. Oracles: the model's own
+    `predict` on unpadded batches, and the extrapolation task applied by hand."""
+    import equinox as eqx
+
+    from ctmodels.models import LOCF
+    from ctmodels.models._predict import _predict_grid, _tasks
+
+    shapes = []
+
+    class Counting(eqx.Module):  # records each trace of its predict
+        inner: LOCF
+
+        def predict(self, batch, *, key, n_samples):
+            shapes.append(batch.times.shape)
+            return self.inner.predict(batch, key=key, n_samples=n_samples)
+
+    rng = np.random.default_rng(3)
+    times = np.sort(rng.uniform(0, 1, (9, 6)), axis=1)
+    values = np.sin(6 * times)[..., None] + rng.normal(0, 0.1, (9, 6, 1))
+    ts = cd.TimeSeries.from_arrays(times, values)
+    plain = list(cd.batches(ts, 4, layout="union"))
+    # pow2 alone: 24 times (bucket 32) in the full batches, 6 (bucket 8) in the last
+    assert [b.num_times for b in plain] == [32, 32, 8]
+    model = Counting(LOCF(1))
+    key = jax.random.key(0)
+    tasks = _tasks(0.5, 0.5)
+    out = {
+        name: _predict_grid(
+            model, ts, key=key, n_samples=1, batch_size=4, task=tasks.get(name)
+        )
+        for name in ("none", "interpolation", "extrapolation")
+    }
+    assert shapes == [(4, 32)]  # one trace for all three
+    mean = out["none"][0]
+    for b in plain:  # the model's predictions on the unpadded batches
+        mu, _ = model.inner.predict(b, key=key, n_samples=1)
+        want = np.full_like(mean, np.nan)
+        cd.unbatch(b, np.asarray(mu), want)
+        idx = np.asarray(b.index)
+        idx = idx[idx >= 0]
+        np.testing.assert_allclose(mean[idx], want[idx], rtol=1e-6)
+    ctx = np.zeros(ts.values.shape, bool)
+    tgt = np.zeros(ts.values.shape, bool)
+    for b in plain:
+        e = tasks["extrapolation"](b, key=key)
+        cd.unbatch(b, np.asarray(e.mask), ctx)
+        cd.unbatch(b, np.asarray(e.target_mask), tgt)
+    np.testing.assert_array_equal(out["extrapolation"][2], ctx)
+    np.testing.assert_array_equal(out["extrapolation"][3], tgt)
+    interp_ctx, interp_tgt = out["interpolation"][2], out["interpolation"][3]
+    assert not (interp_ctx & interp_tgt).any() and interp_tgt.any()
+    np.testing.assert_array_equal(interp_ctx | interp_tgt, ts.mask)

@@ -91,6 +91,17 @@ def bucket_length(n: int, time_bucket: int | str | None = "pow2") -> int:
     )
 
 
+def common_length(lengths, quantile: float = 0.9) -> int:
+    """The power-of-two bucket (see `bucket_length`) that holds the `quantile`
+    quantile of batch time `lengths`: as `min_times`, it pads the batches shorter
+    than most to the common shape, so they share its compilation, while the few
+    longer ones keep their own bucket."""
+    lengths = np.asarray(lengths)
+    if lengths.size == 0:
+        return 0
+    return bucket_length(int(np.quantile(lengths, quantile, method="higher")), "pow2")
+
+
 def _pad_rows(x: np.ndarray | None, rows: int, fill) -> np.ndarray | None:
     if x is None or x.shape[0] == rows:
         return x

@@ -15,20 +15,40 @@ import xarray as xr
 from jaxtyping import PRNGKeyArray
 
 from .. import data as cdata
+from ..data._batch import common_length
 from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
 from . import _common as C
 
 
 @eqx.filter_jit
-def _predict_step(model, batch, key, task, n_samples, times=None):
+def _predict_step(model, batch, key, n_samples, times=None):
     """One compiled prediction (module level: repeated calls with the same model
-    structure, batch bucket, task, `n_samples` and query shape reuse the
-    compilation), after `task` (if any) set the batch's context and targets."""
-    if task is not None:
-        batch = task(batch, key=jax.random.fold_in(key, 1))
+    structure, batch bucket, `n_samples` and query shape reuse the compilation,
+    whatever task set the batch's context)."""
     query = {} if times is None else {"times": times}  # grid: any model's predict
-    mu, sd = model.predict(batch, key=key, n_samples=n_samples, **query)
-    return mu, sd, batch.mask, batch.target_mask
+    return model.predict(batch, key=key, n_samples=n_samples, **query)
+
+
+@eqx.filter_jit
+def _apply_task(task, batch, key):
+    """`task` sets the batch's context and targets: compiled apart from the
+    prediction (a small program), so that every task shares one compiled
+    prediction per batch shape."""
+    return task(batch, key=key)
+
+
+def _batches(ts: cdata.TimeSeries, batch_size: int):
+    """`ts` in union batches of `batch_size` series, in order, each padded to at
+    least the time length that 90% of them fit in (`common_length`): the few short
+    batches share the common batches' compiled prediction."""
+    rows = [
+        slice(b * batch_size, (b + 1) * batch_size)
+        for b in range(cdata.num_batches(len(ts), batch_size))
+    ]
+    lengths = [len(np.unique(ts.times[r][ts.time_mask[r]])) for r in rows]
+    return cdata.batches(
+        ts, batch_size, layout="union", min_times=common_length(lengths)
+    )
 
 
 def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
@@ -39,10 +59,12 @@ def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
     std = np.full(shape, np.nan)
     ctx = np.zeros(shape, bool)
     tgt = np.zeros(shape, bool)
-    for i, batch in enumerate(cdata.batches(ts, batch_size, layout="union")):
-        mu, sd, m, t = _predict_step(
-            model, batch, jax.random.fold_in(key, i), task, n_samples
-        )
+    for i, batch in enumerate(_batches(ts, batch_size)):
+        k = jax.random.fold_in(key, i)
+        if task is not None:
+            batch = _apply_task(task, batch, jax.random.fold_in(k, 1))
+        mu, sd = _predict_step(model, batch, k, n_samples)
+        m, t = batch.mask, batch.target_mask
         cdata.unbatch(batch, np.asarray(mu), mean)
         cdata.unbatch(batch, np.asarray(sd), std)
         cdata.unbatch(batch, np.asarray(m), ctx)
@@ -319,7 +341,7 @@ def predict(
         query = floats / scale
         mean = np.full((S, floats.shape[-1], C_), np.nan)
         std = np.full((S, floats.shape[-1], C_), np.nan)
-        for i, batch in enumerate(cdata.batches(ts_m, batch_size, layout="union")):
+        for i, batch in enumerate(_batches(ts_m, batch_size)):
             idx = np.asarray(batch.index)
             rows = idx >= 0
             if per_series:
@@ -329,7 +351,7 @@ def predict(
                 q = query
             q = jnp.asarray(q, batch.times.dtype)
             k = jax.random.fold_in(key, i)
-            mu, sd, _, _ = _predict_step(model, batch, k, None, n_samples, q)
+            mu, sd = _predict_step(model, batch, k, n_samples, q)
             mean[idx[rows]] = np.asarray(mu)[rows]
             std[idx[rows]] = np.asarray(sd)[rows]
     std = with_spread(model, std, spread)

@@ -15,30 +15,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import Batch, TimeSeries, num_batches, read_batch, shuffle_order
-from ..data._batch import bucket_length, default_block_size
+from ..data._batch import common_length, default_block_size
 
 
 def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array))
 
 
-#: How many training batches `time_bucket="auto"` looks at, and the share of them
-#: whose time length its floor covers (the rest keep their own power-of-two bucket).
+#: How many training batches `time_bucket="auto"` looks at.
 AUTO_SAMPLE_BATCHES = 16
-AUTO_QUANTILE = 0.9
 _AUTO_KEY = 20261127
 
 
 def auto_min_times(data: "SeriesData") -> int:
     """`fit(time_bucket="auto")`'s floor for the time length of every batch: the
-    power-of-two bucket that holds the `AUTO_QUANTILE` quantile of the time lengths of
-    `AUTO_SAMPLE_BATCHES` training batches. Shorter batches are padded up to it, so
-    they share the common batches' shape and compilation; longer ones are rounded to
-    their own power of two, as with `"pow2"`. Fixed by the data alone (a key of its
-    own), so a resumed run pads exactly as the interrupted one did."""
-    lengths = data.time_lengths(AUTO_SAMPLE_BATCHES)
-    q = np.quantile(lengths, AUTO_QUANTILE, method="higher")
-    return bucket_length(int(q), "pow2")
+    power-of-two bucket that holds 90% of the time lengths of `AUTO_SAMPLE_BATCHES`
+    training batches (`ctmodels.data._batch.common_length`). Shorter batches are
+    padded up to it, so they share the common batches' shape and compilation; longer
+    ones are rounded to their own power of two, as with `"pow2"`. Fixed by the data
+    alone (a key of its own), so a resumed run pads exactly as the interrupted one
+    did."""
+    return common_length(data.time_lengths(AUTO_SAMPLE_BATCHES))
 
 
 class SeriesData:
