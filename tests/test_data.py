@@ -302,6 +302,8 @@ def test_bucketed_shapes_compile_once():
     assert len(traces) == len(shapes) == 1
     assert cd.bucket_length(9) == 16 and cd.bucket_length(3) == 8
     assert cd.bucket_length(130, 64) == 192 and cd.bucket_length(5, None) == 5
+    with pytest.raises(ValueError, match="'auto' is fit's option"):
+        cd.bucket_length(5, "auto")
 
 
 def test_min_times_pads_the_time_dimension_only():

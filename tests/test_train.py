@@ -937,3 +937,6 @@ def test_bad_arguments():
         fit(m, "data.csv", epochs=1, key=k)
     with pytest.raises(ValueError, match="extra_state"):
         fit(m, (x, y), epochs=1, key=k, extra_state={"f": io.StringIO()})
+    for bad in ("pow3", 0, 2.5):  # caught before any batch is read
+        with pytest.raises(ValueError, match="time_bucket must be 'pow2'"):
+            fit(Curve(2, key=k), _series(n=8), epochs=1, key=k, time_bucket=bad)

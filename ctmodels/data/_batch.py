@@ -86,8 +86,14 @@ def bucket_length(n: int, time_bucket: int | str | None = "pow2") -> int:
         return max(8, 1 << (n - 1).bit_length())
     if isinstance(time_bucket, (int, np.integer)) and time_bucket > 0:
         return int(-(-n // time_bucket) * time_bucket)
+    hint = (
+        " ('auto' is fit's option: it picks `min_times` from the training data)"
+        if time_bucket == "auto"
+        else ""
+    )
     raise ValueError(
         f"time_bucket must be 'pow2', a positive int or None, got {time_bucket!r}."
+        + hint
     )
 
 

@@ -42,6 +42,7 @@ import pandas as pd
 from jaxtyping import PRNGKeyArray
 
 from .._errors import discard_failed_callbacks, is_int as _is_int, traced_failures
+from ..data import bucket_length
 from ._checkpoint import (
     FIT_SUBDIR,
     jsonable,
@@ -672,6 +673,7 @@ def fit(
 
     auto = isinstance(time_bucket, str) and time_bucket == "auto"
     rounding = "pow2" if auto else time_bucket
+    bucket_length(1, rounding)  # a bad time_bucket fails here, not at the first batch
     train_data = as_data(
         train, batch_size, layout=layout, time_bucket=rounding, name="train"
     )
