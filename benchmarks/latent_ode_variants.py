@@ -24,6 +24,10 @@ Options change the latent ODE only, except `--train-task` (every model):
                         first half of the span; targets: the values after the cut)
   --baselines GRUDelta ODERNN
                         also train ODE-RNN alike (GRU-Δt is always trained)
+  --time-bucket pow2     fit's time bucketing of the tables recorded before session 9
+                        (default: fit's default, "auto")
+  --context-last K ...  also score the latent ODE's extrapolation from only each test
+                        series' last K context visits
 
 Also reported: `posterior_mean`, the latent ODE's prediction from the mean of
 `q(z0)` alone (one sample of a zero-width posterior) next to the 32-sample mean; and
