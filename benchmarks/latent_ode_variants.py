@@ -73,6 +73,7 @@ from ctmodels._latent_job import (  # noqa: E402
     recipe,
 )
 from ctmodels.models import _common as C  # noqa: E402
+from ctmodels.models._predict import _batches as _predict_batches  # noqa: E402
 from ctmodels.nn import apply, mlp  # noqa: E402
 from ctmodels.train._fit import _schedule_lr  # noqa: E402
 
@@ -178,7 +179,8 @@ def refined_predictions(model, ts_n, task, *, steps, lr, batch_size, key):
         updates, state = opt.update(jax.grad(neg_log_post)(z), state)
         return optax.apply_updates(z, updates), state
 
-    for i, batch in enumerate(cdata.batches(ts_n, batch_size, layout="union")):
+    # the batches and task draws of `_predict_grid`, so every row is scored alike
+    for i, batch in enumerate(_predict_batches(ts_n, batch_size)):
         batch = task(batch, key=jax.random.fold_in(jax.random.fold_in(key, i), 1))
         z, t_ref = start(model, batch)
         state = opt.init(z)

@@ -404,6 +404,42 @@ def test_exact_resume_after_keyboard_interrupt(tmp_path):
     pd.testing.assert_frame_equal(hist[cols], ref_hist[cols])
 
 
+def test_checkpoint_from_the_pow2_default_resumes_exactly_with_pow2(tmp_path):
+    """A run checkpointed when "pow2" was fit's default resumes under the new
+    default ("auto") as it was started, bitwise; with a checkpoint that records its
+    choice (`min_times`), "pow2" against "auto" is a different run."""
+    from ctmodels.train._checkpoint import FIT_SUBDIR, HEADER
+
+    ref, _ = _resume_run(None, time_bucket="pow2")
+    old = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        _resume_run(old, time_bucket="pow2", callback=_stop_at(7, KeyboardInterrupt()))
+    path = old / FIT_SUBDIR / HEADER
+    header = json.loads(path.read_text())
+    assert header["metadata"]["fit"]["min_times"] == 0
+    del header["metadata"]["fit"]["min_times"]  # as written before "auto"
+    del header["metadata"]["compare"]["min_times"]
+    path.write_text(json.dumps(header))
+    said = []
+    out, hist = _resume_run(old, log=said.append)  # the new default
+    assert hist.attrs["resumed_from_step"] == 7 and hist.attrs["min_times"] == 0
+    assert any("continuing with its time_bucket='pow2'" in m for m in said)
+    _assert_same_leaves(out, ref)
+    new = tmp_path / "new"
+    _resume_run(new, time_bucket="pow2", steps=2, epochs=None)
+    with pytest.raises(ValueError, match="time_bucket: checkpoint 'pow2', now 'auto'"):
+        _resume_run(new, steps=2, epochs=None)
+    # "auto" whose floor came out differently (other data, another version's rule)
+    auto = tmp_path / "auto"
+    _, hist = _resume_run(auto, steps=2, epochs=None)
+    path = auto / FIT_SUBDIR / HEADER
+    header = json.loads(path.read_text())
+    header["metadata"]["compare"]["min_times"] = 2 * hist.attrs["min_times"]
+    path.write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="min_times: checkpoint"):
+        _resume_run(auto, steps=2, epochs=None)
+
+
 def test_exact_resume_after_kill_from_periodic_checkpoint(tmp_path):
     ref, _ = _resume_run(None, restore_best=False)
     with pytest.raises(_Kill):  # nothing saved at the kill: resume from step 6
@@ -937,6 +973,14 @@ def test_bad_arguments():
         fit(m, "data.csv", epochs=1, key=k)
     with pytest.raises(ValueError, match="extra_state"):
         fit(m, (x, y), epochs=1, key=k, extra_state={"f": io.StringIO()})
+
+    class Unread:  # a lazy source that must not be read
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, idx):
+            raise AssertionError("read before time_bucket was checked")
+
     for bad in ("pow3", 0, 2.5):  # caught before any batch is read
         with pytest.raises(ValueError, match="time_bucket must be 'pow2'"):
-            fit(Curve(2, key=k), _series(n=8), epochs=1, key=k, time_bucket=bad)
+            fit(Curve(2, key=k), Unread(), epochs=1, key=k, time_bucket=bad)

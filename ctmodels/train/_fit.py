@@ -492,8 +492,9 @@ def fit(
       validation batch to at least the bucket that holds 90% of the time lengths of
       16 training batches drawn up front (`min_times`, recorded in the checkpoint's
       fit configuration): the few shorter batches then share the common shape
-      instead of compiling their own. It reads those 16 batches once before
-      training; `"pow2"` keeps every batch at its own bucket.
+      instead of compiling their own. It reads up to 16 batches once before
+      training (drawn from one or more epochs' orders); `"pow2"` keeps every batch at
+      its own bucket.
     - `task`: `task(batch, *, key) -> batch`, applied inside the compiled step (e.g.
       `functools.partial(ctmodels.data.interpolation_task, fraction=0.5)`).
     - `eval_task`: the same for validation batches, with a fixed key per batch so
@@ -672,6 +673,15 @@ def fit(
         eval_task = task
 
     auto = isinstance(time_bucket, str) and time_bucket == "auto"
+    if auto and checkpoint_dir is not None and resume and _pow2_era(checkpoint_dir):
+        # written when "pow2" was fit's default: finish that run as it was started
+        auto = False
+        time_bucket = "pow2"
+        if log_fn is not None:
+            log_fn(
+                "resuming a checkpoint written before time_bucket='auto' became fit's "
+                "default: continuing with its time_bucket='pow2'"
+            )
     rounding = "pow2" if auto else time_bucket
     bucket_length(1, rounding)  # a bad time_bucket fails here, not at the first batch
     train_data = as_data(
@@ -716,6 +726,9 @@ def fit(
         "batch_size": int(batch_size),
         "layout": layout if train_data.kind == "series" else None,
         "time_bucket": time_bucket if train_data.kind == "series" else None,
+        # time_bucket="auto"'s floor, from the training data: a resumed run must pad
+        # as the interrupted one did
+        "min_times": min_times if train_data.kind == "series" else None,
         "optimizer": "default" if optimizer is None else "custom",
         "learning_rate": float(learning_rate) if optimizer is None else None,
         "schedule": _describe(schedule) if optimizer is None else None,
@@ -732,8 +745,6 @@ def fit(
     compare = _json_roundtrip(compare)
     config = {
         **compare,
-        # time_bucket="auto"'s floor: fixed by the training data, so not compared
-        "min_times": min_times if train_data.kind == "series" else None,
         "epochs": epochs,
         "steps": steps,
         "total_steps": total_steps,
@@ -1142,6 +1153,25 @@ def fit(
 _COMPARE_DEFAULTS = {"monitor": "loss"}
 
 
+def _pow2_era(checkpoint_dir) -> bool:
+    """Whether `checkpoint_dir` holds a checkpoint of a run on time series written
+    before `time_bucket="auto"` became `fit`'s default (its configuration has no
+    `min_times`) with that earlier default, "pow2"."""
+    path = Path(checkpoint_dir) / FIT_SUBDIR
+    if resolve_checkpoint(path) is None:
+        return False
+    try:
+        meta = read_header(path)[1].get("metadata", {})
+    except ValueError:  # a damaged header: resuming reports it
+        return False
+    config = meta.get("fit", {})
+    return (
+        isinstance(config, dict)
+        and "min_times" not in config
+        and meta.get("compare", {}).get("time_bucket") == "pow2"
+    )
+
+
 def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint_dir):
     where, header = read_header(ckpt_path)
     meta = header.get("metadata", {})
@@ -1178,6 +1208,8 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
                     f"now {n.get(k, '<absent>')!r}"
                 )
     old_cmp = {**_COMPARE_DEFAULTS, **meta.get("compare", {})}
+    # written before min_times was recorded: no "auto" floor (checked by time_bucket)
+    old_cmp.setdefault("min_times", compare.get("min_times"))
     for k in sorted(set(old_cmp) | set(compare)):
         if k == "model_class":
             continue
