@@ -28,6 +28,9 @@ Options change the latent ODE only, except `--train-task` (every model):
                         (default: fit's default, "auto")
   --context-last K ...  also score the latent ODE's extrapolation from only each test
                         series' last K context visits
+  --train-context-last K
+                        train the latent ODE with its extrapolation draws' context
+                        cut to each series' last K visits
 
 Also reported: `posterior_mean`, the latent ODE's prediction from the mean of
 `q(z0)` alone (one sample of a zero-width posterior) next to the 32-sample mean; and
@@ -104,6 +107,11 @@ def parse_args(argv=None):
         "--context-last", type=int, nargs="*", default=[],
         help="also score the latent ODE's extrapolation from only each series' last "
         "K context visits (for each K given)",
+    )  # fmt: skip
+    p.add_argument(
+        "--train-context-last", type=int, default=0,
+        help="train the latent ODE on the mixed task with its extrapolation draws' "
+        "context cut to each series' last K visits",
     )  # fmt: skip
     p.add_argument("--refine-steps", type=int, nargs="*", default=[])
     p.add_argument("--refine-lr", type=float, default=0.01)
@@ -209,6 +217,21 @@ def last_visits(task, k):
     return cut
 
 
+def mixed_context_last(k):
+    """The job's mixed task, its extrapolation draws' context cut to each row's last
+    `k` context visits (every observed value still scored). jit-safe."""
+    extrapolate = last_visits(_tasks(0.5, 0.5)["extrapolation"], k)
+
+    def task(batch, *, key):
+        k_interp, k_pick = jax.random.split(key)
+        a = cdata.interpolation_task(batch, key=k_interp, fraction=0.5, score="all")
+        b = extrapolate(batch, key=k_pick)
+        mask = jnp.where(jax.random.bernoulli(k_pick), a.mask, b.mask)
+        return eqx.tree_at(lambda x: (x.mask, x.target_mask), batch, (mask, batch.mask))
+
+    return task
+
+
 def mixed_after_cut(batch, *, key):
     """The job's mixed task, but its extrapolation draws score only the values
     after the cut (as the paper code's extrapolation mode). jit-safe."""
@@ -235,6 +258,11 @@ def main(argv=None):
         label = "1/2 interpolation(0.5, score all) + 1/2 extrapolation(0.5, after cut)"
         for name in P.TRAIN_TASK:
             P.TRAIN_TASK[name] = (label, mixed_after_cut)
+    if args.train_context_last:
+        P.TRAIN_TASK["LatentODE"] = (
+            f"mixed, extrapolation context: last {args.train_context_last} visits",
+            mixed_context_last(args.train_context_last),
+        )
     ds = datasets.load("pbcseq")
     ts = cdata.from_xarray(ds, static=[])
     log_ch = _log_channels(ds, ts.channels)
