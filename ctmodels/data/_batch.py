@@ -97,6 +97,15 @@ def bucket_length(n: int, time_bucket: int | str | None = "pow2") -> int:
     )
 
 
+def time_length(times: np.ndarray, time_mask: np.ndarray, layout: str) -> int:
+    """The time length of a batch of these series' `times` / `time_mask` before
+    bucketing, as `make_batch` finds it: the distinct valid times (`"union"`) or the
+    most valid times of one series (`"padded"`)."""
+    if layout == "union":
+        return len(np.unique(times[time_mask]))
+    return int(time_mask.sum(axis=1).max(initial=0))
+
+
 def common_length(lengths, quantile: float = 0.9) -> int:
     """The power-of-two bucket (see `bucket_length`) that holds the `quantile`
     quantile of batch time `lengths`: as `min_times`, it pads the batches shorter

@@ -15,7 +15,7 @@ import xarray as xr
 from jaxtyping import PRNGKeyArray
 
 from .. import data as cdata
-from ..data._batch import common_length
+from ..data._batch import common_length, time_length
 from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
 from . import _common as C
 
@@ -45,7 +45,7 @@ def _batches(ts: cdata.TimeSeries, batch_size: int):
         slice(b * batch_size, (b + 1) * batch_size)
         for b in range(cdata.num_batches(len(ts), batch_size))
     ]
-    lengths = [len(np.unique(ts.times[r][ts.time_mask[r]])) for r in rows]
+    lengths = [time_length(ts.times[r], ts.time_mask[r], "union") for r in rows]
     return cdata.batches(
         ts, batch_size, layout="union", min_times=common_length(lengths)
     )
@@ -64,11 +64,10 @@ def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
         if task is not None:
             batch = _apply_task(task, batch, jax.random.fold_in(k, 1))
         mu, sd = _predict_step(model, batch, k, n_samples)
-        m, t = batch.mask, batch.target_mask
         cdata.unbatch(batch, np.asarray(mu), mean)
         cdata.unbatch(batch, np.asarray(sd), std)
-        cdata.unbatch(batch, np.asarray(m), ctx)
-        cdata.unbatch(batch, np.asarray(t), tgt)
+        cdata.unbatch(batch, np.asarray(batch.mask), ctx)
+        cdata.unbatch(batch, np.asarray(batch.target_mask), tgt)
     return mean, std, ctx.astype(bool), tgt.astype(bool)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import Batch, TimeSeries, num_batches, read_batch, shuffle_order
-from ..data._batch import common_length, default_block_size
+from ..data._batch import common_length, default_block_size, time_length
 
 
 def _is_array(x: Any) -> bool:
@@ -100,10 +100,7 @@ class SeriesData:
                     break
                 idx = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
                 ts = self.source[idx]
-                if self.layout == "union":
-                    lengths.append(len(np.unique(ts.times[ts.time_mask])))
-                else:
-                    lengths.append(int(ts.time_mask.sum(axis=1).max(initial=0)))
+                lengths.append(time_length(ts.times, ts.time_mask, self.layout))
         return np.asarray(lengths)
 
     def batch(self, order: np.ndarray, b: int, *, train: bool) -> Batch:
