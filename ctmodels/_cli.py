@@ -41,6 +41,8 @@ def _datasets(ns) -> int:
 def _fit(ns) -> int:
     import json
 
+    from ._outputs import json_safe
+
     if ns.model == "latent-ode":
         from ._latent_job import fit_latent_ode
 
@@ -57,11 +59,15 @@ def _fit(ns) -> int:
             options["patience"] = ns.patience
         if ns.anchor is not None:
             options["anchor"] = ns.anchor
+        if ns.overwrite:
+            options["overwrite"] = True
         progress = False if ns.quiet else None
         metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
         test = metrics["test"]
         summary = {
             "out": str(ns.out),
+            "channels": metrics.get("channels"),
+            "ignored_variables": metrics.get("ignored_variables"),
             "recipe": metrics["recipe"],
             "epochs_run": metrics["epochs_run"],
             "fit_seconds": metrics["fit_seconds"],
@@ -70,9 +76,15 @@ def _fit(ns) -> int:
             "test_coverage_90": {k: v.get("coverage_90") for k, v in test.items()},
             "baselines": {k: v["baselines"] for k, v in test.items()},
         }
-        print(json.dumps(summary, indent=1, default=str))
+        print(json.dumps(json_safe(summary), indent=1, default=str))
         return 0
     from ._node_job import run_neural_ode
+
+    if ns.overwrite:
+        raise ValueError(
+            "--overwrite applies to latent-ode only: the neural-ode job keeps no "
+            "checkpoint and always starts afresh."
+        )
 
     if ns.patience is not None:
         raise ValueError(
@@ -114,11 +126,12 @@ def _evaluate(ns) -> int:
     import json
 
     from ._latent_job import evaluate_checkpoint
+    from ._outputs import json_safe
 
     metrics = evaluate_checkpoint(
         ns.checkpoint, ns.data, task=ns.task, out=ns.out, seed=ns.seed
     )
-    print(json.dumps(metrics, indent=1, default=str))
+    print(json.dumps(json_safe(metrics), indent=1, default=str))
     return 0
 
 
@@ -200,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="series per batch (default 32; latent-ode on periodic: 50)",
     )  # fmt: skip
     p.add_argument(
-        "--latent-size", type=_positive_int, default=8, help="latent state size"
+        "--latent-size",
+        type=_positive_int,
+        default=8,
+        help="latent state size (default 8)",
     )
     p.add_argument(
         "--learning-rate", type=float, default=None,
@@ -223,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="checkpoint",
         help="adjoint registry name (default checkpoint)",
     )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="latent-ode: start afresh in --out, replacing the run there (by "
+        "default a run in --out is resumed if its options match, else refused)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_fit)
 
@@ -257,11 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
         "model and of LOCF / linear interpolation, in normalised units, and how often "
         "the model's 90% predictive interval holds the hidden values, as JSON.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument(
+        "--checkpoint", required=True,
+        help="checkpoint directory (a `fit` --out directory or its checkpoint/)",
+    )  # fmt: skip
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument(
-        "--task", choices=("interpolation", "extrapolation", "both"), default="both"
-    )
+        "--task", choices=("interpolation", "extrapolation", "both"), default="both",
+        help="which task to score (default both)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_evaluate)
@@ -329,14 +354,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ns.command in ("fit", "predict", "evaluate"):
         _enable_compilation_cache()
+    import warnings
+
     from ._errors import SolverError
 
+    def one_line(message, category, filename, lineno, line=None):
+        kind = "" if category is UserWarning else f" ({category.__name__})"
+        return f"ctmodels {ns.command}: warning{kind}: {message}\n"
+
+    plain, warnings.formatwarning = warnings.formatwarning, one_line
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, ImportError, SolverError) as err:
-        # bad input: one readable line, not a traceback
+    except (ValueError, OSError, ImportError, SolverError) as err:
+        # bad input, a path that cannot be written, a failed solve: one readable
+        # line, not a traceback
         print(f"ctmodels {ns.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        again = (
+            " The last checkpoint in --out was kept: rerun the same command to resume."
+            if ns.command == "fit" and getattr(ns, "model", "") == "latent-ode"
+            else ""
+        )
+        print(f"ctmodels {ns.command}: interrupted.{again}", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = plain
 
 
 if __name__ == "__main__":

@@ -42,11 +42,14 @@ import numpy as np
 import xarray as xr
 
 from . import data as cdata
+from ._integrate import resolve_adjoint
+from ._outputs import check_out_dir, check_out_file, json_safe
 from .models._predict import (
     _predict_grid,
     _series,
     _tasks,
     calibrate_spread,
+    check_time_kind,
     in_time_units,
     predict,
     with_spread,
@@ -143,7 +146,21 @@ def _open(data: str | Path) -> tuple[xr.Dataset, str]:
     if _is_file(data):
         if not path.exists():
             raise FileNotFoundError(f"Data file {str(path)!r} does not exist.")
-        if path.suffix == ".zarr" or path.is_dir():
+        if path.suffix.lower() in (".csv", ".tsv", ".parquet", ".xlsx"):
+            raise ValueError(
+                f"--data {str(path)!r}: the jobs read netCDF (.nc) or zarr. For a "
+                "table, build the series with ctmodels.data.from_pandas(df, id=..., "
+                "time=...) and save ctmodels.data.to_xarray(ts).to_netcdf('x.nc')."
+            )
+        if path.is_dir():
+            zarr_marks = (".zgroup", ".zattrs", "zarr.json")
+            if path.suffix != ".zarr" and not any(
+                (path / m).exists() for m in zarr_marks
+            ):
+                raise ValueError(
+                    f"--data {str(path)!r} is a directory but not a zarr store; give "
+                    "a netCDF file, a zarr store or a bundled dataset name."
+                )
             return xr.open_zarr(path), path.stem
         return xr.load_dataset(path), path.stem
     return datasets.load(str(data)), str(data)
@@ -246,6 +263,11 @@ def _evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0
         }
         if baselines:
             entry["baselines"] = _baseline_mse(ts_n, ctx, tgt)
+        if not tgt.any():
+            entry["note"] = (
+                f"no points to score: no series here has enough observations for "
+                f"the {name} task, so the MSE and coverage are null"
+            )
         metrics[name] = entry
     return metrics
 
@@ -268,6 +290,7 @@ def fit_latent_ode(
     patience: int | None | str = FROM_RECIPE,
     progress: bool | None = None,
     max_plots: int = 6,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fit a latent ODE end to end and write the outputs listed in the module doc.
 
@@ -280,6 +303,9 @@ def fit_latent_ode(
     `anchor` is `LatentODE`'s (`"first"`: the paper's model; `"last"`: the latent
     state at each series' last context observation).
     The recipe used is recorded in `metrics.json` (`"recipe"`).
+    A run already in `out` is resumed when the settings match (after a kill: the
+    same result as an uninterrupted run) and refused when they differ;
+    `overwrite=True` (`--overwrite`) starts afresh there instead.
 
     Returns the metrics dict (also written to `OUT/metrics.json`).
     """
@@ -291,9 +317,8 @@ def fit_latent_ode(
         data, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
         patience=patience,
     )  # fmt: skip
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory.")
+    out = check_out_dir(out)
+    resolve_adjoint(adjoint, "integrate")  # before anything is written
     ds, data_name = _open(data)
     epochs, learning_rate = plan["epochs"], plan["learning_rate"]
     batch_size, patience = plan["batch_size"], plan["patience"]
@@ -318,9 +343,9 @@ def fit_latent_ode(
     # only now (the data and the settings passed their checks): no empty output
     # directory is left behind by a run that could not start
     out.mkdir(parents=True, exist_ok=True)
-    # a calibration from an earlier run in this directory does not describe the model
-    # trained now (if this run stops early, predictions use the model's own spread)
-    (out / "checkpoint" / CALIBRATION).unlink(missing_ok=True)
+    # a calibration.json from an earlier run here names the checkpoint it was made
+    # for; once this run writes a checkpoint it no longer matches, and predictions
+    # use the model's own spread until this run calibrates (`_read_calibration`)
     extra = {
         "job": "latent-ode",
         "job_version": _JOB_VERSION,
@@ -332,24 +357,30 @@ def fit_latent_ode(
         "split_seed": seed,
         "batch_size": batch_size,
     }
-    model, history = fit(
-        model,
-        train_n,
-        valid=valid_n,
-        epochs=epochs,
-        batch_size=batch_size,
-        key=jax.random.key(seed + 1),
-        learning_rate=learning_rate,
-        task=task,
-        eval_task=task,
-        layout="union",
-        checkpoint_dir=out / "checkpoint",
-        patience=patience,
-        monitor=plan["monitor"],
-        progress=progress,
-        extra_state=extra,
-        loss_kwargs={"n_samples": n_samples},
-    )
+    try:
+        model, history = fit(
+            model,
+            train_n,
+            valid=valid_n,
+            epochs=epochs,
+            batch_size=batch_size,
+            key=jax.random.key(seed + 1),
+            learning_rate=learning_rate,
+            task=task,
+            eval_task=task,
+            layout="union",
+            checkpoint_dir=out / "checkpoint",
+            patience=patience,
+            monitor=plan["monitor"],
+            progress=progress,
+            extra_state=extra,
+            loss_kwargs={"n_samples": n_samples},
+            resume=not overwrite,
+        )
+    except ValueError as err:
+        if "cannot be resumed" not in str(err):
+            raise
+        raise ValueError(_cli_words(str(err), out)) from None
     history.to_csv(out / "history.csv", index=False)
     t_fit = _time.perf_counter() - t_start
     scale = calibrate_spread(
@@ -361,10 +392,13 @@ def fit_latent_ode(
         "units": "normalised (train-split statistics)",
         "estimated_on": "validation split, interpolation and extrapolation tasks",
     }
+    calibration["checkpoint_sha256"] = _fingerprint(out / "checkpoint")
     _write_json(out / "checkpoint" / CALIBRATION, calibration)
     metrics = {
         "data": data_name,
         "model": "LatentODE",
+        "channels": list(ts.channels),
+        "ignored_variables": _ignored_variables(ds, ts),
         "hyperparameters": dict(model.hyperparameters),
         "series": {"train": len(train), "valid": len(valid), "test": len(test)},
         "recipe": plan,
@@ -403,11 +437,69 @@ def fit_latent_ode(
     return metrics
 
 
+def _cli_words(message: str, out: Path) -> str:
+    """`fit`'s refusal to resume a different run, in the job's (and CLI's) terms."""
+    head = message.split("\nResume with the same arguments")[0]
+    head = head.replace(
+        "holds a checkpoint of a different run",
+        f"(in --out {str(out)!r}) holds a checkpoint of a different run",
+    )
+    note = (
+        " (schedule_steps is the number of training steps: --epochs times the "
+        "batches per epoch)"
+        if "schedule_steps" in head
+        else ""
+    )
+    return (
+        f"{head}\nRerun with that run's options to resume it{note}, give another "
+        "--out, or pass --overwrite (overwrite=True) to start afresh there, "
+        "replacing it."
+    )
+
+
+def _fingerprint(checkpoint: Path) -> str | None:
+    """The SHA-256 of the checkpoint header at `checkpoint` (None if there is none):
+    it changes with every save, so it names one checkpoint exactly."""
+    import hashlib
+
+    from .train._checkpoint import HEADER, resolve_checkpoint
+
+    where = resolve_checkpoint(checkpoint)
+    if where is None:
+        return None
+    return hashlib.sha256((where / HEADER).read_bytes()).hexdigest()
+
+
+def _ignored_variables(ds: xr.Dataset, ts) -> dict[str, str]:
+    """The data variables of `ds` that are not channels of `ts`, and why (the
+    job models only numeric variables on the series' observation dims)."""
+    used = set(ts.channels) | {ts.meta.time_name}
+    dims = (ts.meta.series_dim, ts.meta.obs_dim)
+    out = {}
+    for name, var in ds.data_vars.items():
+        if name in used:
+            continue
+        role = var.attrs.get("role")
+        if var.dims == (dims[0],):
+            out[str(name)] = "one value per series (the job models only channels)"
+        elif set(var.dims) != set(dims):
+            out[str(name)] = f"dims {tuple(map(str, var.dims))}, not {dims}"
+        elif not (np.issubdtype(var.dtype, np.number) or var.dtype == bool):
+            out[str(name)] = f"dtype {var.dtype} is not numeric"
+        elif role is not None and role != "channel":
+            out[str(name)] = f"role {role!r}, not 'channel'"
+        else:
+            out[str(name)] = "not read as a channel"
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
-    """Write `obj` as JSON atomically (a reader sees the old file or the new one)."""
+    """Write `obj` as strict JSON atomically (a reader sees the old file or the new
+    one); NaN (no points to score) is written as null."""
     from .train._checkpoint import write_text_atomic
 
-    write_text_atomic(path, json.dumps(obj, indent=1, default=_json))
+    text = json.dumps(json_safe(obj), indent=1, default=_json, allow_nan=False)
+    write_text_atomic(path, text)
 
 
 def _json(x):
@@ -438,14 +530,29 @@ def _read_calibration(checkpoint: Path, channels) -> list[float] | None:
     for path in (checkpoint / CALIBRATION, checkpoint.parent / CALIBRATION):
         if path.is_file():
             try:
-                scale = json.loads(path.read_text())["residual_std"]
-                return [float(scale[c]) for c in channels]
+                stored = json.loads(path.read_text())
+                scale = [float(stored["residual_std"][c]) for c in channels]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path} is damaged or does not match the checkpoint's channels "
                     f"{list(channels)} ({type(e).__name__}: {e}); delete it to use "
                     "the model's own (uncalibrated) predictive spread."
                 ) from e
+            made_for = stored.get("checkpoint_sha256")  # absent: written before 0.1
+            if made_for is not None and made_for != _fingerprint(path.parent):
+                import warnings
+
+                warnings.warn(
+                    f"{path} was made for an earlier checkpoint than the one in "
+                    f"{str(path.parent)!r} (training went on after it, or a new run "
+                    "started there and has not finished), so it is not used: "
+                    "predictive spreads are the model's own, which are far too "
+                    "narrow. Finish the run (rerun `ctmodels fit` with its options) "
+                    "to calibrate it.",
+                    stacklevel=2,
+                )
+                return None
+            return scale
     return None
 
 
@@ -475,14 +582,12 @@ def predict_checkpoint(
 ) -> xr.Dataset:
     """Condition on the observed values of `data` and write predictions at every
     position with a valid time to `out` (netCDF, same dims and coordinates)."""
-    out = Path(out)
-    if out.is_dir():
-        raise ValueError(
-            f"--out {str(out)!r} is a directory; give a file path, e.g. "
-            f"{str(out / 'predictions.nc')!r}."
-        )
+    out = check_out_file(out, "--out", example="predictions.nc")
+    if plots is not None:
+        check_out_dir(plots, "--plots")
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
     ts = _read_like(data, norm)
+    check_time_kind(ts, extra.get("time_units"))
     pred = predict(
         model, ts, key=jax.random.key(seed), n_samples=n_samples, normalizer=norm,
         spread=extra["scale"], time_units=extra.get("time_units"),
@@ -492,7 +597,7 @@ def predict_checkpoint(
     pred.attrs["spread"] = (
         "calibrated on the validation split (calibration.json)"
         if extra["scale"] is not None
-        else "the model's own (no calibration.json)"
+        else "the model's own (no calibration.json for this checkpoint)"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -527,8 +632,11 @@ def evaluate_checkpoint(
         raise ValueError(
             f"task must be interpolation, extrapolation or both, got {task!r}."
         )
+    if out is not None:
+        out = check_out_file(out, "--out", example="metrics.json")
     model, norm, extra = _load(_resolve_checkpoint(checkpoint))
     ts = _read_like(data, norm)
+    check_time_kind(ts, extra.get("time_units"))
     tasks = ("interpolation", "extrapolation") if task == "both" else (task,)
     ts_n = norm.transform(in_time_units(ts, extra.get("time_units")))
     metrics = _evaluate(
@@ -538,6 +646,6 @@ def evaluate_checkpoint(
     )  # fmt: skip
     metrics = {"data": str(data), "checkpoint": str(checkpoint), **metrics}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(metrics, indent=1, default=_json))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(out, metrics)
     return metrics

@@ -28,7 +28,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float
 
-from ._integrate import integrate
+from ._integrate import integrate, resolve_adjoint
+from ._outputs import check_out_dir
 
 _DEFAULT_CHANNELS = ("bili", "albumin", "protime")
 _DEFAULT_STATIC = ("age", "sex", "trt")
@@ -409,8 +410,8 @@ def run_neural_ode(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
     epochs, batch_size, seed = int(epochs), int(batch_size), int(seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out)  # created once the data and settings passed
+    resolve_adjoint(adjoint, "integrate")
     channels = _as_names(channels, _DEFAULT_CHANNELS, "channels")
 
     ds, data_name = _open(data)
@@ -508,6 +509,7 @@ def run_neural_ode(
         key=key,
     )
     opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    out.mkdir(parents=True, exist_ok=True)
     lr_array = jnp.asarray(lr, jnp.float32)
     wd_array = jnp.asarray(weight_decay, jnp.float32)
     traces0 = dict(_TRACES)

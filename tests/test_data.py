@@ -215,7 +215,7 @@ def test_from_pandas_long_and_wide_round_trip():
         ([[0.0, 1.0, 1.0]], [[1.0, 1.0, 1.0]], "duplicate time 1.0 in series 0"),
         ([[0.0, np.nan, 1.0]], [[1.0, 2.0, 1.0]], "observed value at a NaN time"),
         ([[0.0, np.inf]], [[1.0, 1.0]], "infinite time"),
-        ([[0.0, 1.0]], [[np.nan, np.nan]], "series 0 .* has no observed value"),
+        ([[0.0, 1.0]], [[np.nan, np.nan]], "series 0 has no observed value"),
         ([[0.0, 1.0]], [[1.0, 1.0, 1.0]], "times must be"),
         ([[0.0, 1.0]], [["a", "b"]], "must be numeric"),
         ([[0.0, 1.0]], [[1.0, np.inf]], "infinite value"),
@@ -224,6 +224,23 @@ def test_from_pandas_long_and_wide_round_trip():
 def test_bad_timeseries_input(times, values, match):
     with pytest.raises(ValueError, match=match):
         cd.TimeSeries.from_arrays(np.asarray(times), np.asarray(values))
+
+
+@pytest.mark.parametrize(
+    "times_b, values_b, match",
+    [
+        ([0.0, -1.0], [1.0, 1.0], r"sorted in series 'b' \(index 1\): position 1"),
+        ([1.0, 1.0], [1.0, 1.0], r"in series 'b' \(index 1\) at position 1"),
+        ([0.0, 1.0], [np.inf, 1.0], r"'b' \(index 1\), position 0, channel 'y'"),
+        ([0.0, 1.0], [np.nan, np.nan], r"series 'b' \(index 1\) has no observed"),
+    ],
+)
+def test_bad_input_names_the_series_by_id(times_b, values_b, match):
+    # the ids are what a user finds in the data; positions alone (series 1) are not
+    times = np.asarray([[0.0, 1.0], times_b])
+    values = np.asarray([[1.0, 1.0], values_b])
+    with pytest.raises(ValueError, match=match):
+        cd.TimeSeries.from_arrays(times, values, channels=["y"], series_ids=["a", "b"])
 
 
 def test_bad_xarray_and_pandas_input():
@@ -392,6 +409,28 @@ def test_split_series_partitions():
     assert [len(p) for p in parts] == [7, 2, 2]
     with pytest.raises(ValueError, match="sum to 1"):
         cd.split_series(ts, (0.5, 0.2))
+
+
+def test_split_series_never_leaves_a_part_empty():
+    # 5 series at 0.8/0.1/0.1 round to bounds 4, 4, 5: the validation part was
+    # empty and `ctmodels fit` failed with "Selecting no series ..."
+    big = cd.from_xarray(ragged_dataset(np.random.default_rng(4), n_series=30, n_obs=4))
+    for fractions in [(0.8, 0.1, 0.1), (0.6, 0.2, 0.2), (0.5, 0.5), (0.9, 0.05, 0.05)]:
+        for n in range(len(fractions), 31):
+            ts = big[np.arange(n)]
+            parts = cd.split_series(ts, fractions, seed=n)
+            sizes = [len(p) for p in parts]
+            assert min(sizes) >= 1 and sum(sizes) == n, (fractions, n, sizes)
+            ids = np.concatenate([p.meta.series_ids for p in parts])
+            assert sorted(ids) == sorted(ts.meta.series_ids)
+            # where plain rounding already gave every part a series, it is kept
+            bounds = np.round(np.cumsum(fractions) * n).astype(int)
+            plain = np.diff(np.concatenate([[0], bounds]))
+            if plain.min() >= 1:
+                assert sizes == list(plain), (fractions, n, sizes)
+    assert [len(p) for p in cd.split_series(big[np.arange(5)], (0.8, 0.1, 0.1))] == [
+        3, 1, 1,
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------ lazy

@@ -5,6 +5,7 @@ coordinates, evaluate writes metrics JSON, bad input gives one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import equinox as eqx
 import jax
@@ -42,13 +43,19 @@ def test_fit_writes_outputs(fitted):
     assert len(list((out / "plots").glob("series_*.png"))) == 2
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["series"] == {"train": 32, "valid": 4, "test": 4}
+    src = xr.load_dataset(path)
+    # what the job modelled, and what it left out of the data and why
+    assert saved["channels"] == src.attrs["channels"].split()
+    ignored = saved["ignored_variables"]
+    assert set(ignored) == set(map(str, src.data_vars)) - set(saved["channels"])
+    assert ignored["age"].startswith("one value per series")
+    assert ignored["ascites"] == "role 'visit_covariate', not 'channel'"
     for task in ("interpolation", "extrapolation"):
         entry = saved["test"][task]
         assert np.isfinite(entry["mse"]) and entry["points"] > 0
         assert 0.0 <= entry["coverage_90"] <= 1.0
         assert set(entry["baselines"]) == {"locf", "linear_interpolation"}
     pred = xr.load_dataset(out / "predictions.nc")
-    src = xr.load_dataset(path)
     assert pred.sizes == src.sizes
     valid_t = src["time"].notnull().values
     for v in src.attrs["channels"].split():
@@ -132,7 +139,8 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     base = ["fit", "latent-ode", "--data", "periodic", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main(base + ["--epochs", "3", "--learning-rate", "0.1", "--patience", "0",
-                        "--batch-size", "8", "--anchor", "last"]) == 0  # fmt: skip
+                        "--batch-size", "8", "--anchor", "last",
+                        "--overwrite"]) == 0  # fmt: skip
     capsys.readouterr()
     # unset options reach the job as "use the recipe"; --patience 0 turns it off
     assert seen[0]["epochs"] is None and seen[0]["learning_rate"] is None
@@ -141,6 +149,7 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, 0)
     assert seen[0]["adjoint"] == "checkpoint"
     assert "anchor" not in seen[0] and seen[1]["anchor"] == "last"
+    assert "overwrite" not in seen[0] and seen[1]["overwrite"] is True
 
 
 def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
@@ -442,25 +451,139 @@ def test_load_fitted_predicts_at_any_times_in_data_units(fitted, tmp_path):
     xr.testing.assert_allclose(own[["bili", "bili_std"]], cli[["bili", "bili_std"]])
 
 
-def test_fit_drops_an_earlier_runs_calibration(tmp_path, monkeypatch):
-    """Reusing an --out directory: the old calibration.json must not be paired with
-    the model trained now, even if this run stops before calibrating."""
-    import ctmodels.train
-    from ctmodels._latent_job import fit_latent_ode
+def _copy_run(out, to):
+    import shutil
 
-    path = tmp_path / "pbc8.nc"
-    D.load("pbcseq").isel(series=slice(0, 8)).to_netcdf(path)
-    stale = tmp_path / "run" / "checkpoint" / "calibration.json"
-    stale.parent.mkdir(parents=True)
-    stale.write_text('{"residual_std": {}}')
+    shutil.copytree(out, to, ignore=shutil.ignore_patterns("plots"))
+    return to
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(ctmodels.train, "fit", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fit_latent_ode(path, tmp_path / "run", progress=False, **SMALL)
-    assert not stale.exists()
+def _edit_header(run, **hyper):
+    """Change the stored checkpoint (its header): any save after the calibration."""
+    header = run / "checkpoint" / "checkpoint" / "checkpoint.json"  # fit's layout
+    d = json.loads(header.read_text())
+    hp = dict(d["hyperparameters"])
+    hp.update(hyper)
+    d["hyperparameters"] = [[k, v] for k, v in hp.items()]
+    d["elapsed_edit"] = True  # a different header even with no hyperparameter
+    header.write_text(json.dumps(d))
+
+
+def test_calibration_belongs_to_its_checkpoint(fitted, tmp_path, capsys):
+    """calibration.json names the checkpoint it was made for: a refused re-run into
+    the same --out leaves it (and the calibrated spread) in place; once the
+    checkpoint changes (training went on, a new run started there) it is not used,
+    with a warning, instead of pairing an old scale with a new model."""
+    from ctmodels._latent_job import _read_calibration, predict_checkpoint
+
+    path, out, _ = fitted
+    run = _copy_run(out, tmp_path / "run")
+    cal = run / "checkpoint" / "calibration.json"
+    want = json.loads(cal.read_text())
+    channels = list(want["residual_std"])
+    assert _read_calibration(run / "checkpoint", channels) == list(
+        want["residual_std"].values()
+    )
+    # a re-run with other settings is refused before anything in --out changes
+    argv = ["fit", "latent-ode", "--data", str(path), "--out", str(run), "--epochs",
+            "3", "--batch-size", "16", "--latent-size", "3"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of a different run" in err
+    assert "pass --overwrite" in err and "resume=False" not in err
+    assert json.loads(cal.read_text()) == want
+    src = xr.load_dataset(path).isel(series=slice(0, 3))
+    src.to_netcdf(tmp_path / "s.nc")
+    kept = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "a.nc", n_samples=2)
+    assert kept.attrs["spread"].startswith("calibrated")
+    _edit_header(run)
+    with pytest.warns(UserWarning, match="made for an earlier checkpoint"):
+        assert _read_calibration(run / "checkpoint", channels) is None
+    with pytest.warns(UserWarning, match="made for an earlier checkpoint"):
+        own = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "b.nc", n_samples=2)
+    assert own.attrs["spread"].startswith("the model's own")
+    # a calibration written before it named its checkpoint is still read
+    cal.write_text(json.dumps({"residual_std": want["residual_std"]}))
+    assert _read_calibration(run / "checkpoint", channels) is not None
+
+
+def test_a_failed_solve_in_predict_is_one_solver_error(fitted, tmp_path, capsys):
+    """A latent ODE whose solve hits max_steps (the stored model with max_steps=2
+    and tight tolerances: same weights) gives ctmodels.SolverError naming the
+    series, in Python and as one line from the CLI, not a raw runtime error."""
+    from ctmodels import SolverError
+    from ctmodels.models import load_fitted, predict
+
+    path, out, _ = fitted
+    run = _copy_run(out, tmp_path / "run")
+    _edit_header(run, max_steps=2, rtol=1e-10, atol=1e-12)
+    (run / "checkpoint" / "calibration.json").unlink()  # made for the original
+    src = xr.load_dataset(path).isel(series=slice(0, 3))
+    fitted_model = load_fitted(run)
+    with pytest.raises(SolverError, match="maximum number of steps") as e:
+        predict(fitted_model, src, key=jax.random.key(0), n_samples=2)
+    ids = [str(i) for i in src["series"].values]
+    assert f"series {', '.join(ids)} failed" in str(e.value)
+    assert e.value.solver == "dopri5" and "throw=False" not in str(e.value)
+    src.to_netcdf(tmp_path / "s.nc")
+    for cmd in (["predict", "--out", str(tmp_path / "p.nc")], ["evaluate"]):
+        rc = main([cmd[0], "--checkpoint", str(run), "--data", str(tmp_path / "s.nc"),
+                   *cmd[1:]])  # fmt: skip
+        err = capsys.readouterr().err
+        assert rc == 2, cmd
+        errors = [ln for ln in err.splitlines() if ": error: " in ln]
+        assert len(errors) == 1 and "maximum number of steps" in errors[0]
+        assert "Traceback" not in err
+    assert not (tmp_path / "p.nc").exists()
+
+
+def test_bad_output_paths_fail_before_the_work(fitted, tmp_path, capsys):
+    """--out under a file, --plots that is a file, evaluate's --out that is a
+    directory: one line each, before anything is computed or written."""
+    path, out, _ = fitted
+    afile = tmp_path / "f.nc"
+    afile.write_text("x")
+    (tmp_path / "adir").mkdir()
+    cases = [
+        (["predict", "--checkpoint", str(out), "--data", str(path), "--out",
+          str(afile / "x.nc")], "is a file, not a directory"),
+        (["predict", "--checkpoint", str(out), "--data", str(path), "--out",
+          str(tmp_path / "p.nc"), "--plots", str(afile)], "--plots .* is a file"),
+        (["evaluate", "--checkpoint", str(out), "--data", str(path), "--out",
+          str(tmp_path / "adir")], "is a directory; give a file path"),
+        (["fit", "latent-ode", "--data", str(path), "--out", str(afile / "run")],
+         "is a file, not a directory"),
+        (["fit", "latent-ode", "--data", str(path), "--out", str(tmp_path / "r"),
+          "--adjoint", "implicit"], "differentiates a fixed point"),
+        (["fit", "neural-ode", "--data", str(path), "--out", str(tmp_path / "n"),
+          "--adjoint", "nope"], "Unknown adjoint"),
+    ]  # fmt: skip
+    for argv, match in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(match, err), (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "f.nc"]
+    assert afile.read_text() == "x"
+
+
+def test_metrics_without_points_are_null_with_a_note(fitted, tmp_path):
+    """Data whose series have one visit each: nothing to extrapolate to, so strict
+    JSON nulls and a note instead of NaN (interpolation still hides some of the
+    visit's channels)."""
+    from ctmodels._latent_job import evaluate_checkpoint
+
+    path, out, _ = fitted
+    one = xr.load_dataset(path).isel(series=slice(0, 3), obs=slice(0, 1))
+    one.to_netcdf(tmp_path / "one.nc")
+    target = tmp_path / "m.json"
+    evaluate_checkpoint(out, tmp_path / "one.nc", out=target, n_samples=2)
+    saved = json.loads(target.read_text(), parse_constant=pytest.fail)
+    entry = saved["extrapolation"]
+    assert entry["points"] == 0 and entry["mse"] is None
+    assert entry["coverage_90"] is None and "no points to score" in entry["note"]
+    assert saved["interpolation"]["points"] > 0
+    assert np.isfinite(saved["interpolation"]["mse"])
+    assert "note" not in saved["interpolation"]
 
 
 def test_fit_builds_the_model_with_the_anchor(tmp_path, monkeypatch):
@@ -481,6 +604,17 @@ def test_fit_builds_the_model_with_the_anchor(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fit_latent_ode(path, tmp_path / "run", progress=False, anchor="last", **SMALL)
     assert dict(seen[0].hyperparameters)["anchor"] == seen[0].anchor == "last"
+    # overwrite=True (--overwrite) starts afresh: fit is told not to resume
+    kwargs = []
+    monkeypatch.setattr(
+        ctmodels.train, "fit",
+        lambda *a, **k: (kwargs.append(k), interrupted(*a, **k)),
+    )  # fmt: skip
+    for overwrite in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            fit_latent_ode(path, tmp_path / "run", progress=False,
+                           overwrite=overwrite, **SMALL)  # fmt: skip
+    assert [k["resume"] for k in kwargs] == [True, False]
     with pytest.raises(ValueError, match="anchor must be 'first' or 'last'"):
         fit_latent_ode(path, tmp_path / "bad", progress=False, anchor="end", **SMALL)
     assert not (tmp_path / "bad").exists()

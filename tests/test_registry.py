@@ -82,7 +82,7 @@ def test_unknown_name_suggests_close_match():
 
 
 def test_wrong_kind_is_explained():
-    with pytest.raises(ValueError, match="controller entry, not a ode solver"):
+    with pytest.raises(ValueError, match="controller entry, not an ode solver"):
         solvers.get("pid", kind="ode")
 
 

@@ -172,7 +172,14 @@ def split_series(
         )
     order = np.random.default_rng(seed).permutation(n)
     bounds = np.round(np.cumsum(fractions) * n).astype(int)
-    bounds = np.maximum(bounds, np.arange(1, len(bounds) + 1))
+    # every part gets at least one series: where rounding makes a part empty (5
+    # series at 0.8/0.1/0.1 round to 4, 4, 5), it takes one from its neighbour
+    k = len(bounds)
+    for i in range(k):
+        bounds[i] = max(bounds[i], (bounds[i - 1] if i else 0) + 1)
+    bounds[-1] = n
+    for i in range(k - 2, -1, -1):
+        bounds[i] = min(bounds[i], bounds[i + 1] - 1)
     parts, start = [], 0
     for end in bounds:
         parts.append(ts[np.sort(order[start:end])])

@@ -173,11 +173,24 @@ class TimeSeries(eqx.Module):
                     raise ValueError("TimeSeries `mask` must be boolean (or 0/1).")
                 mask = mask.astype(bool)
             observed = observed & mask
+        ids = meta.series_ids if meta is not None else series_ids
+        names = meta.channels if meta is not None else channels
+
+        def series(s) -> str:  # its id where the data name one, and its position
+            if ids is None or len(ids) != S or str(ids[s]) == str(s):
+                return f"series {s}"
+            return f"series {_show(ids[s])} (index {s})"
+
         if np.isinf(values[observed]).any():
             s, t, c = np.argwhere(np.isinf(values) & observed)[0]
+            chan = (
+                f"channel {names[c]!r}"
+                if names is not None and len(names) == C
+                else f"channel {c}"
+            )
             raise ValueError(
-                f"TimeSeries values contain an infinite value (series {s}, position "
-                f"{t}, channel {c}). Mark it missing (NaN) or fix the data."
+                f"TimeSeries values contain an infinite value ({series(s)}, position "
+                f"{t}, {chan}). Mark it missing (NaN) or fix the data."
             )
         time_valid = ~np.isnan(times)
         obs_any = observed.any(axis=2)
@@ -185,17 +198,17 @@ class TimeSeries(eqx.Module):
         if bad.any():
             s, t = np.argwhere(bad)[0]
             raise ValueError(
-                f"TimeSeries has an observed value at a NaN time (series {s}, "
+                f"TimeSeries has an observed value at a NaN time ({series(s)}, "
                 f"position {t}). Every observed value needs a finite time; drop the "
                 "value or supply its time."
             )
         if np.isinf(times[time_valid]).any():
             s, t = np.argwhere(np.isinf(times))[0]
             raise ValueError(
-                f"TimeSeries times contain an infinite time (series {s}, position "
+                f"TimeSeries times contain an infinite time ({series(s)}, position "
                 f"{t}). Times must be finite."
             )
-        _check_sorted(times, time_valid)
+        _check_sorted(times, time_valid, series)
         empty = ~obs_any.any(axis=1)
         if S == 0 or T == 0:
             raise ValueError(
@@ -205,8 +218,8 @@ class TimeSeries(eqx.Module):
         if empty.any():
             s = int(np.flatnonzero(empty)[0])
             raise ValueError(
-                f"The data's series {s} (position {s} of {S} along the series dim; "
-                f"{int(empty.sum())} such series in all) has no observed value. Drop "
+                f"The data's {series(s)} has no observed value ({int(empty.sum())} "
+                f"of the {S} series have none). Drop "
                 "series without observations from the data first (e.g. "
                 "ds.dropna('series', how='all') or ds.isel(series=...))."
             )
@@ -339,8 +352,16 @@ class TimeSeries(eqx.Module):
         )
 
 
-def _check_sorted(times: np.ndarray, valid: np.ndarray) -> None:
-    """Valid times must be strictly increasing within each series."""
+def _show(x) -> str:
+    """A series id as written in messages: numbers plain, text quoted."""
+    x = x.item() if isinstance(x, np.generic) else x
+    return repr(x) if isinstance(x, str) else str(x)
+
+
+def _check_sorted(times: np.ndarray, valid: np.ndarray, series=None) -> None:
+    """Valid times must be strictly increasing within each series (`series(s)`
+    names series `s` in the message)."""
+    series = series or (lambda s: f"series {s}")
     T = times.shape[1]
     # previous valid time at each position (NaN if none)
     idx = np.where(valid, np.arange(T)[None, :], -1)
@@ -354,14 +375,14 @@ def _check_sorted(times: np.ndarray, valid: np.ndarray) -> None:
     if dup.any():
         s, t = np.argwhere(dup)[0]
         raise ValueError(
-            f"TimeSeries has a duplicate time {float(times[s, t])!r} in series {s} "
-            f"(position {t}). Merge observations at the same time into one row "
+            f"TimeSeries has a duplicate time {float(times[s, t])!r} in {series(s)} "
+            f"at position {t}. Merge observations at the same time into one row "
             "(one value per channel), e.g. with pandas groupby + first/mean."
         )
     if down.any():
         s, t = np.argwhere(down)[0]
         raise ValueError(
-            f"TimeSeries times are not sorted in series {s}: position {t} has time "
+            f"TimeSeries times are not sorted in {series(s)}: position {t} has time "
             f"{float(times[s, t])!r} after {float(prev[s, t])!r}. Sort each series by "
             "time first."
         )

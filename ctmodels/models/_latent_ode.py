@@ -193,7 +193,7 @@ class LatentODE(eqx.Module):
                 "the latent state is anchored at each series' last context "
                 "observation. Pass t0=None."
             )
-        check_ode_solver(solver, None, "LatentODE's solver")
+        check_ode_solver(solver, None, "LatentODE's solver", steps_arg=None)
         C.check_sizes(
             "LatentODE", num_channels=(num_channels, 1), latent_size=(latent_size, 1),
             encoder_size=(encoder_size, 1), units=(units, 0), depth=(depth, 0),

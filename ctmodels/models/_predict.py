@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ import xarray as xr
 from jaxtyping import PRNGKeyArray
 
 from .. import data as cdata
+from .._errors import CODES, RESULTS, SolverError, discard_failed_callbacks
 from ..data._batch import common_length, time_length
 from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
 from . import _common as C
@@ -27,6 +29,41 @@ def _predict_step(model, batch, key, n_samples, times=None):
     whatever task set the batch's context)."""
     query = {} if times is None else {"times": times}  # grid: any model's predict
     return model.predict(batch, key=key, n_samples=n_samples, **query)
+
+
+_FAILED = re.compile(r"ctmodels\.\w+ with solver '([^']*)' failed[^\n]*")
+
+
+def _run_step(model, batch, key, n_samples, ts, times=None):
+    """`_predict_step` as NumPy arrays; a solve that fails inside it (the model's
+    ODE hit `max_steps`, ...) is raised as one `ctmodels.SolverError` naming the
+    series, not as the compiled program's runtime error and its long traceback."""
+    try:
+        mu, sd = _predict_step(model, batch, key, n_samples, times)
+        return np.asarray(mu), np.asarray(sd)
+    except eqx.EquinoxRuntimeError as err:
+        found = _FAILED.search(str(err))
+        if found is None:
+            raise
+        discard_failed_callbacks()
+        idx = np.asarray(batch.index)
+        ids = [str(ts.meta.series_ids[i]) for i in idx[idx >= 0]]
+        more = f" (+{len(ids) - 5} more)" if len(ids) > 5 else ""
+        shown = ", ".join(ids[:5]) + more
+        msg = found.group(0).split(" (Pass throw=False")[0]
+        code = next(
+            (c for c in CODES if c != "successful" and RESULTS[getattr(RESULTS, c)]
+             in msg), "",
+        )  # fmt: skip
+        raise SolverError(
+            f"Prediction for the batch of series {shown} failed: {msg} The solver "
+            "settings are the trained model's (its solver, rtol/atol and max_steps "
+            "hyperparameters); predicting nearer times, or a model trained longer, "
+            "can avoid it.",
+            result=getattr(RESULTS, code) if code else None,
+            solver=found.group(1),
+            entry="predict",
+        ) from None
 
 
 @eqx.filter_jit
@@ -63,9 +100,9 @@ def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
         k = jax.random.fold_in(key, i)
         if task is not None:
             batch = _apply_task(task, batch, jax.random.fold_in(k, 1))
-        mu, sd = _predict_step(model, batch, k, n_samples)
-        cdata.unbatch(batch, np.asarray(mu), mean)
-        cdata.unbatch(batch, np.asarray(sd), std)
+        mu, sd = _run_step(model, batch, k, n_samples, ts)
+        cdata.unbatch(batch, mu, mean)
+        cdata.unbatch(batch, sd, std)
         cdata.unbatch(batch, np.asarray(batch.mask), ctx)
         cdata.unbatch(batch, np.asarray(batch.target_mask), tgt)
     return mean, std, ctx.astype(bool), tgt.astype(bool)
@@ -123,6 +160,18 @@ def in_time_units(ts: cdata.TimeSeries, units: str | None) -> cdata.TimeSeries:
     return ts if factor == 1.0 else dataclasses.replace(ts, times=ts.times * factor)
 
 
+def check_time_kind(ts: cdata.TimeSeries, units: str | None) -> None:
+    """Refuse dates (or durations) for a model trained on float times without a
+    unit: they count in days, and nothing says what the training times counted in."""
+    if units is None and ts.meta.time_kind != "float":
+        raise ValueError(
+            f"The data's times are {ts.meta.time_kind}s, but the model was trained on "
+            "float times without a `units` attribute, so ctmodels cannot tell how "
+            "to convert them (dates count in days). Give float times in the "
+            "training data's unit, as they were at training."
+        )
+
+
 class Fitted(NamedTuple):
     """A model fitted by `ctmodels fit latent-ode`, with what its predictions need
     (see `load_fitted`; `predict` accepts it in place of a model)."""
@@ -138,7 +187,8 @@ def load_fitted(checkpoint: str | Path) -> Fitted:
     """Load what `ctmodels fit latent-ode --out DIR` saved (`DIR` or
     `DIR/checkpoint`): the model, the training data's `Normalizer`, the
     validation-calibrated residual std per channel (`calibration.json`; None if
-    absent) and the training data's time unit, for `predict`:
+    absent, or made for an earlier checkpoint: then with a warning) and the
+    training data's time unit, for `predict`:
 
     ```python
     fitted = ctmodels.models.load_fitted("runs/pbcseq")
@@ -215,9 +265,13 @@ def _series(series, normalizer) -> cdata.TimeSeries:
         if channels is not None:
             missing = [c for c in channels if c not in series.data_vars]
             if missing:
+                have = sorted(map(str, series.data_vars))
                 raise ValueError(
                     f"The dataset lacks the normaliser's channels {missing}, which the "
-                    f"model was trained on (all: {channels})."
+                    f"model was trained on (all: {channels}); its variables are "
+                    f"{have}. Rename variables to the training names "
+                    "(ds.rename({'old': 'new'})); a channel not measured at all can be "
+                    "added as an all-NaN variable on the same dims."
                 )
         series = cdata.from_xarray(series, variables=channels, static=[])
     if isinstance(series, cdata.LazyTimeSeries):
@@ -238,9 +292,10 @@ def _query_floats(meta, times) -> tuple[np.ndarray, np.ndarray]:
     if np.issubdtype(t.dtype, np.datetime64) or np.issubdtype(t.dtype, np.timedelta64):
         want = "datetime" if np.issubdtype(t.dtype, np.datetime64) else "timedelta"
         if kind != want:
+            unit = f" (in {meta.time_units!r})" if meta.time_units else ""
             raise ValueError(
-                f"times are {t.dtype} but the series' times are {kind} (in "
-                f"{meta.time_units!r}): give the times as the series' are."
+                f"times are {t.dtype} but the series' times are {kind}{unit}: give "
+                "the times as the series' are."
             )
         ns = t.astype(f"{want}64[ns]")
         base = meta.time_origin if want == "datetime" else np.timedelta64(0, "ns")
@@ -308,6 +363,7 @@ def predict(
     dims `(series, time)` with the `[Q]` times as the `time` coordinate, or
     `(series, query)` with a 2-D `time` coordinate for `[S, Q]` times.
     """
+    checkpoint_units = isinstance(model, Fitted) and time_units is None
     if isinstance(model, Fitted):
         normalizer = model.normalizer if normalizer is None else normalizer
         spread = model.spread if spread is None else spread
@@ -318,6 +374,8 @@ def predict(
     if spread is not None:
         spread = np.asarray(spread, np.float64)
     ts = _series(series, normalizer)
+    if checkpoint_units:
+        check_time_kind(ts, time_units)
     ts_m = in_time_units(ts, time_units)
     ts_m = ts_m if normalizer is None else normalizer.transform(ts_m)
     factor = time_factor(ts.meta.time_units, time_units)
@@ -350,9 +408,9 @@ def predict(
                 q = query
             q = jnp.asarray(q, batch.times.dtype)
             k = jax.random.fold_in(key, i)
-            mu, sd = _predict_step(model, batch, k, n_samples, q)
-            mean[idx[rows]] = np.asarray(mu)[rows]
-            std[idx[rows]] = np.asarray(sd)[rows]
+            mu, sd = _run_step(model, batch, k, n_samples, ts_m, q)
+            mean[idx[rows]] = mu[rows]
+            std[idx[rows]] = sd[rows]
     std = with_spread(model, std, spread)
     if normalizer is not None:
         mean, std = normalizer.inverse(mean, std)

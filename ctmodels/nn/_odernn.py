@@ -20,8 +20,12 @@ from ._mlp import autonomous_field, mlp
 from ._recurrence import recurrence
 
 
-def check_ode_solver(solver, steps: int | None, what: str) -> None:
-    """Trace-time validation of a solver given to a model (a registry name or value)."""
+def check_ode_solver(
+    solver, steps: int | None, what: str, steps_arg: str | None = "steps"
+) -> None:
+    """Trace-time validation of a solver given to a model (a registry name or value);
+    `steps_arg`: the model's argument for fixed steps per interval (None: it has
+    none, so its solver must be adaptive)."""
     value, name = _registry.resolve(solver, "ode")
     if not isinstance(value, diffrax.AbstractSolver):
         raise ValueError(
@@ -29,9 +33,14 @@ def check_ode_solver(solver, steps: int | None, what: str) -> None:
             f"diffrax.AbstractSolver, got {type(value).__name__}."
         )
     if steps is None and not isinstance(value, diffrax.AbstractAdaptiveSolver):
+        given = (
+            f"give {steps_arg}=N (fixed steps per interval) or choose"
+            if steps_arg
+            else "it solves between arbitrary observation times, so choose"
+        )
         raise ValueError(
-            f"{what}={name!r} takes fixed steps; give a number of steps per interval "
-            "or choose an adaptive solver such as 'dopri5'."
+            f"{what}={name!r} takes fixed steps; {given} an adaptive solver such as "
+            "'dopri5' or 'tsit5' (`ctmodels solvers --kind ode` lists them)."
         )
 
 

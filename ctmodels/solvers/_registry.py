@@ -106,7 +106,8 @@ def _lookup(name: str, kind: str | None) -> Entry:
         )
     if kind is not None and kind not in e.kinds:
         raise ValueError(
-            f"{name!r} is a {'/'.join(e.kinds)} entry, not a {kind} solver. "
+            f"{name!r} is a {'/'.join(e.kinds)} entry, not "
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} solver. "
             f"{kind} solvers: {', '.join(names(kind))}."
         )
     return e
