@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         again = (
-            " The last checkpoint in --out was kept: rerun the same command to resume."
+            " The last checkpoint in --out was kept: rerun the same command "
+            "(without --overwrite) to resume."
             if ns.command == "fit" and getattr(ns, "model", "") == "latent-ode"
             else ""
         )

@@ -346,6 +346,7 @@ def fit_latent_ode(
     # a calibration.json from an earlier run here names the checkpoint it was made
     # for; once this run writes a checkpoint it no longer matches, and predictions
     # use the model's own spread until this run calibrates (`_read_calibration`)
+    _stamp_legacy_calibration(out / "checkpoint")
     extra = {
         "job": "latent-ode",
         "job_version": _JOB_VERSION,
@@ -438,7 +439,12 @@ def fit_latent_ode(
 
 
 def _cli_words(message: str, out: Path) -> str:
-    """`fit`'s refusal to resume a different run, in the job's (and CLI's) terms."""
+    """`fit`'s refusals to resume, in the job's (and CLI's) terms."""
+    if "holds a checkpoint of a different run" not in message:
+        return message.replace(
+            "pass resume=False to start afresh",
+            "pass --overwrite (overwrite=True) to start afresh",
+        ).replace("use another checkpoint_dir", f"give another --out than {str(out)!r}")
     head = message.split("\nResume with the same arguments")[0]
     head = head.replace(
         "holds a checkpoint of a different run",
@@ -455,6 +461,27 @@ def _cli_words(message: str, out: Path) -> str:
         "--out, or pass --overwrite (overwrite=True) to start afresh there, "
         "replacing it."
     )
+
+
+def _stamp_legacy_calibration(checkpoint: Path) -> None:
+    """A calibration.json written before it named its checkpoint describes the
+    checkpoint next to it (the job deleted it whenever a run started there): name
+    that one now, so a run that changes the checkpoint makes it stale, as for a
+    current one; without a checkpoint it describes nothing and is removed."""
+    path = checkpoint / CALIBRATION
+    if not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except ValueError:
+        return  # damaged: reading it says so
+    if not isinstance(stored, dict) or "checkpoint_sha256" in stored:
+        return
+    made_for = _fingerprint(checkpoint)
+    if made_for is None:
+        path.unlink()
+    else:
+        _write_json(path, {**stored, "checkpoint_sha256": made_for})
 
 
 def _fingerprint(checkpoint: Path) -> str | None:
@@ -531,7 +558,14 @@ def _read_calibration(checkpoint: Path, channels) -> list[float] | None:
         if path.is_file():
             try:
                 stored = json.loads(path.read_text())
-                scale = [float(stored["residual_std"][c]) for c in channels]
+                scale = [stored["residual_std"][c] for c in channels]
+                nulls = [c for c in channels if stored["residual_std"][c] is None]
+                if nulls:  # NaN is written as null
+                    raise ValueError(
+                        f"no finite residual std for channel(s) {nulls}: the "
+                        "model's validation predictions were not finite"
+                    )
+                scale = [float(v) for v in scale]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path} is damaged or does not match the checkpoint's channels "

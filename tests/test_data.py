@@ -243,6 +243,15 @@ def test_bad_input_names_the_series_by_id(times_b, values_b, match):
         cd.TimeSeries.from_arrays(times, values, channels=["y"], series_ids=["a", "b"])
 
 
+def test_series_ids_in_messages_are_positional():
+    # a pandas Series of ids is read by position, whatever its index
+    ids = pd.Series(["a", "b", "c"], index=[2, 0, 1])
+    values = np.ones((3, 2))
+    values[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"series 'b' \(index 1\)"):
+        cd.TimeSeries.from_arrays(np.zeros((3, 2)) + [0.0, 1.0], values, series_ids=ids)
+
+
 def test_bad_xarray_and_pandas_input():
     ds = ragged_dataset(np.random.default_rng(0))
     with pytest.raises(ValueError, match="no time variable or coordinate 'when'"):

@@ -468,7 +468,7 @@ def test_non_ode_registry_name_as_solver():
     with pytest.raises(ValueError) as info:
         ctmodels.integrate(linear, Y0, TS, A3, solver="pid")
     msg = str(info.value)
-    assert "'pid' is a controller entry, not a ode solver" in msg
+    assert "'pid' is a controller entry, not an ode solver" in msg
     assert "tsit5" in msg  # lists the ode solvers to choose from
 
 

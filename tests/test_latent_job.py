@@ -507,6 +507,40 @@ def test_calibration_belongs_to_its_checkpoint(fitted, tmp_path, capsys):
     assert _read_calibration(run / "checkpoint", channels) is not None
 
 
+def test_a_legacy_calibration_is_not_paired_with_a_new_model(
+    fitted, tmp_path, monkeypatch
+):
+    """A calibration.json from before it named its checkpoint: a run that starts in
+    that --out (here: --overwrite, stopped after it rewrote the checkpoint) makes it
+    stale like a current one; with no checkpoint beside it, it is removed."""
+    import ctmodels.train
+    from ctmodels._latent_job import _read_calibration, fit_latent_ode
+
+    path, out, _ = fitted
+    run = _copy_run(out, tmp_path / "run")
+    cal = run / "checkpoint" / "calibration.json"
+    legacy = json.loads(cal.read_text())
+    del legacy["checkpoint_sha256"]
+    cal.write_text(json.dumps(legacy))
+    channels = list(legacy["residual_std"])
+
+    def one_step_then_killed(*args, **kwargs):
+        _edit_header(run)  # the new run's first checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctmodels.train, "fit", one_step_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit_latent_ode(path, run, progress=False, overwrite=True, seed=1, **SMALL)
+    with pytest.warns(UserWarning, match="made for an earlier checkpoint"):
+        assert _read_calibration(run / "checkpoint", channels) is None
+    lone = tmp_path / "lone"
+    (lone / "checkpoint").mkdir(parents=True)
+    (lone / "checkpoint" / "calibration.json").write_text(json.dumps(legacy))
+    with pytest.raises(KeyboardInterrupt):
+        fit_latent_ode(path, lone, progress=False, **SMALL)
+    assert not (lone / "checkpoint" / "calibration.json").exists()
+
+
 def test_a_failed_solve_in_predict_is_one_solver_error(fitted, tmp_path, capsys):
     """A latent ODE whose solve hits max_steps (the stored model with max_steps=2
     and tight tolerances: same weights) gives ctmodels.SolverError naming the

@@ -233,7 +233,7 @@ def test_unknown_and_wrong_kind_solver_names():
         ctmodels.steady_state(cubic, Y0, A, method="integrate", solver="kvearno5")
     with pytest.raises(ValueError, match="Did you mean 'anderson'"):
         ctmodels.steady_state(cubic, Y0, A, method="root", solver="andersen")
-    with pytest.raises(ValueError, match="not a ode solver"):
+    with pytest.raises(ValueError, match="not an ode solver"):
         ctmodels.steady_state(cubic, Y0, A, method="integrate", solver="newton")
     with pytest.raises(ValueError, match="not a root solver"):
         ctmodels.steady_state(cubic, Y0, A, method="root", solver="tsit5")

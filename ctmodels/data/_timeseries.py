@@ -174,15 +174,19 @@ class TimeSeries(eqx.Module):
                 mask = mask.astype(bool)
             observed = observed & mask
         ids = meta.series_ids if meta is not None else series_ids
+        ids = None if ids is None else np.asarray(ids)  # (a pandas index: by position)
+        if ids is not None and (ids.ndim != 1 or len(ids) != S):
+            ids = None  # the shape check comes later, with its own message
         names = meta.channels if meta is not None else channels
 
         def series(s) -> str:  # its id where the data name one, and its position
-            if ids is None or len(ids) != S or str(ids[s]) == str(s):
+            if ids is None or str(ids[s]) == str(s):
                 return f"series {s}"
             return f"series {_show(ids[s])} (index {s})"
 
         if np.isinf(values[observed]).any():
             s, t, c = np.argwhere(np.isinf(values) & observed)[0]
+            names = None if names is None else [str(n) for n in names]
             chan = (
                 f"channel {names[c]!r}"
                 if names is not None and len(names) == C
