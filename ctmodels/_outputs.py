@@ -31,12 +31,13 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
 
 def check_out_file(path: str | Path, flag: str = "--out", example: str = "") -> Path:
     """`path` as a file a job may create or replace (ValueError if not)."""
+    raw = str(path)
+    ends_in_sep = raw.endswith(("/", "\\"))
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or ends_in_sep:
         hint = f", e.g. {str(path / example)!r}" if example else ""
-        raise ValueError(
-            f"{flag} {str(path)!r} is a directory; give a file path{hint}."
-        )
+        what = "is a directory" if path.is_dir() else "ends in '/' (a directory)"
+        raise ValueError(f"{flag} {raw!r} {what}; give a file path{hint}.")
     _check_parent(path, flag)
     return path
 

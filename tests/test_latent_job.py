@@ -585,6 +585,8 @@ def test_bad_output_paths_fail_before_the_work(fitted, tmp_path, capsys):
           str(tmp_path / "p.nc"), "--plots", str(afile)], "--plots .* is a file"),
         (["evaluate", "--checkpoint", str(out), "--data", str(path), "--out",
           str(tmp_path / "adir")], "is a directory; give a file path"),
+        (["predict", "--checkpoint", str(out), "--data", str(path), "--out",
+          str(tmp_path / "nd") + "/"], "ends in '/'"),
         (["fit", "latent-ode", "--data", str(path), "--out", str(afile / "run")],
          "is a file, not a directory"),
         (["fit", "latent-ode", "--data", str(path), "--out", str(tmp_path / "r"),
