@@ -239,6 +239,18 @@ def raise_if_failed_traced(
     return eqx.branched_error_if(x, pred, index, msgs, on_error=_ON_ERROR.get())
 
 
+def runtime_message(err: BaseException) -> str:
+    """The message of a runtime check that fired inside compiled code, without the
+    stack dump and debugging advice Equinox wraps it in."""
+    text = str(err).strip()
+    marker = "EquinoxRuntimeError: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    for end in ("\n\n\n", "\n-----", "\n\n"):
+        text = text.split(end)[0]
+    return text.strip() or type(err).__name__
+
+
 def is_int(x) -> bool:
     """An int for a count or a size: Python or NumPy ints, not bools."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

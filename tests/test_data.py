@@ -243,6 +243,25 @@ def test_bad_input_names_the_series_by_id(times_b, values_b, match):
         cd.TimeSeries.from_arrays(times, values, channels=["y"], series_ids=["a", "b"])
 
 
+@pytest.mark.parametrize("layout", ["padded", "union"])
+def test_times_that_float32_cannot_tell_apart_are_refused(layout):
+    # Unix seconds 30 s apart: float32 resolves ~128 s there, so a series' times
+    # would collapse onto a few values (oracle: the float64 times are distinct)
+    t = 1.6e9 + np.cumsum(np.full((3, 5), 30.0), axis=1) + np.arange(3)[:, None]
+    ts = cd.TimeSeries.from_arrays(t, np.ones((3, 5)))
+    assert len(np.unique(t[0].astype(np.float32))) < 5
+    with pytest.raises(ValueError, match="become equal in float32.*Subtract an origin"):
+        cd.make_batch(ts, layout=layout)
+    shifted = cd.TimeSeries.from_arrays(t - t.min(), np.ones((3, 5)))
+    b = cd.make_batch(shifted, layout=layout)
+    own = np.asarray(b.times)[0][np.asarray(b.time_mask)[0]]
+    np.testing.assert_allclose(own, (t - t.min())[0])
+    # different series' times that merge in float32 are harmless: accepted
+    near = cd.TimeSeries.from_arrays(np.array([[0.3, 1.0], [0.1 + 0.2, 2.0]]),
+                                     np.ones((2, 2)))  # fmt: skip
+    cd.make_batch(near, layout=layout)
+
+
 def test_series_ids_in_messages_are_positional():
     # a pandas Series of ids is read by position, whatever its index
     ids = pd.Series(["a", "b", "c"], index=[2, 0, 1])
@@ -250,6 +269,34 @@ def test_series_ids_in_messages_are_positional():
     values[1, 0] = np.inf
     with pytest.raises(ValueError, match=r"series 'b' \(index 1\)"):
         cd.TimeSeries.from_arrays(np.zeros((3, 2)) + [0.0, 1.0], values, series_ids=ids)
+
+
+def test_from_pandas_mistakes_are_named():
+    """Missing or mixed ids, timezone-aware or text times, a misspelt long-format
+    channel: each a ValueError saying what to do (they were raw TypeErrors, a series
+    called nan, or a silently all-NaN channel). Non-string column labels work."""
+    base = pd.DataFrame({"id": [1, 1, 2], "time": [0.0, 1.0, 0.0], "x": [1.0, 2, 3]})
+    cases = [
+        (base.assign(id=[1.0, np.nan, 2.0]), "missing id \\(row 1\\)"),
+        (base.assign(id=["a", None, "b"]), "missing id \\(row 1\\)"),
+        (base.assign(id=[1, "a", 2]), "mixes kinds of ids"),
+        (base.assign(time=pd.to_datetime([0, 1, 0], unit="D", utc=True)),
+         "timezone-aware.*tz_localize\\(None\\)"),
+        (base.assign(time=["2020-01-01", "2020-01-02", "2020-01-01"]),
+         "pd.to_datetime"),
+    ]  # fmt: skip
+    for df, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cd.from_pandas(df, id="id", time="time")
+    long = pd.DataFrame({"id": [1, 1], "time": [0.0, 1.0], "var": ["hr", "bp"],
+                         "val": [60.0, 120.0]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"Channels \['BP'\] never occur in column"):
+        cd.from_pandas(long, id="id", time="time", variable="var", value="val",
+                       channels=["hr", "BP"])  # fmt: skip
+    coded = pd.DataFrame({"id": [0, 0], "time": [0.0, 1.0], 5: [1.0, 2.0]})
+    ts = cd.from_pandas(coded, id="id", time="time")
+    assert ts.channels == ("5",)
+    np.testing.assert_array_equal(ts.values[0, :, 0], [1.0, 2.0])
 
 
 def test_bad_xarray_and_pandas_input():

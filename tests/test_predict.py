@@ -145,6 +145,13 @@ def test_errors(setup):
         predict(model, np.zeros((2, 3)), key=key)
     with pytest.raises(ValueError, match="batch_size"):
         predict(model, ts, key=key, batch_size=0)
+    # a check inside the compiled prediction: one ValueError naming the series
+    fixed = LatentODE(2, latent_size=2, encoder_size=4, units=8, t0=0.0,
+                      key=jax.random.key(0))  # fmt: skip
+    with pytest.raises(ValueError, match=r"series 10, 11, .*before t0=0.0") as e:
+        predict(fixed, ts, [-1.0, 5.0], key=key)
+    assert "stack" not in str(e.value)
+    assert np.isfinite(predict(fixed, ts, [0.0, 5.0], key=key)["b"].values).all()
 
 
 def test_per_series_times_across_batches_against_np_interp(setup):

@@ -772,11 +772,15 @@ def test_solver_failure_in_fit_is_a_skipped_step_and_diagnosed():
             jax.jit(lambda m: m.loss((jnp.asarray(x), jnp.asarray(y)), key=None))(model)
         )
     discard_failed_callbacks()  # that error is handled (GPU: see the test below)
-    with pytest.raises(FloatingPointError, match="maximum number of steps"):
+    with pytest.raises(FloatingPointError, match="maximum number of steps") as e:
         fit(
             model, (x, y), epochs=1, batch_size=8, key=jax.random.key(0),
             nan_policy="raise", log=False,
         )  # fmt: skip
+    # the cause is the check's own message, not Equinox's stack dump around it
+    cause = str(e.value).split("Cause: ", 1)[1]
+    assert cause.startswith("ctmodels.integrate with solver")
+    assert "stack" not in str(e.value) and "\n" not in str(e.value)
     # fit's diagnosis caught the probe's error: nothing re-raises it later (on a GPU
     # it would, through the runtime token, at the latest at exit)
     jax.effects_barrier()
@@ -937,6 +941,30 @@ def test_monitor_chooses_the_epoch_by_the_named_metric():
 
 
 # ------------------------------------------------------------------ bad arguments
+
+
+def test_series_data_mistakes_are_found_before_the_first_step():
+    """A `valid` with other channels fails before any step runs (it was found when
+    the first epoch ended, its steps lost); a Dataset / DataFrame as `train` says
+    how to convert it (it was taken for a lazy source: a raw KeyError)."""
+    import pandas as pd
+    import xarray as xr
+
+    from ctmodels.data import to_xarray
+
+    train = _series(8, channels=2)
+    steps = []
+    with pytest.raises(ValueError, match=r"`valid` has channels \['c0'\] but `train`"):
+        fit(Curve(2, key=jax.random.key(0)), train, valid=_series(4, channels=1),
+            epochs=1, batch_size=4, key=jax.random.key(1), log=False,
+            callback=steps.append)  # fmt: skip
+    assert steps == []
+    for data, how in ((to_xarray(train), "from_xarray"),
+                      (pd.DataFrame({"t": [0.0]}), "from_pandas")):  # fmt: skip
+        assert isinstance(data, (xr.Dataset, pd.DataFrame))
+        with pytest.raises(ValueError, match=f"`train` is .*ctmodels.data.{how}"):
+            fit(Curve(2, key=jax.random.key(0)), data, epochs=1,
+                key=jax.random.key(1), log=False)  # fmt: skip
 
 
 def test_bad_arguments():

@@ -217,12 +217,42 @@ def make_batch(
         if ts.labels is None
         else _pad_rows(ts.labels.astype(np.int32), batch_size, 0),
     }
+    _check_resolution(host["times"][:S], time_mask, times[:S], dtype)
     dev = jax.device_put(host)
     return Batch(
         **dev,
         target_mask=dev["mask"],
         layout=layout,
     )
+
+
+def _check_resolution(cast, time_mask, times, dtype) -> None:
+    """Refuse a batch in which a series' distinct times become equal (or out of
+    order) when cast to `dtype`: float32 resolves about 7 digits, so times such as
+    Unix seconds 30 s apart collapse, and a model would train on a wrong clock
+    without a sign. (Times of different series that merge are harmless.)"""
+    if np.dtype(dtype) == np.float64:
+        return
+    # each series' own times, in order, first (a union row also holds the others')
+    order = np.argsort(~time_mask, axis=1, kind="stable")
+    cast = np.take_along_axis(cast, order, axis=1)
+    times = np.take_along_axis(times, order, axis=1)
+    time_mask = np.take_along_axis(time_mask, order, axis=1)
+    both = time_mask[:, 1:] & time_mask[:, :-1]
+    if not both.any():
+        return
+    with np.errstate(invalid="ignore"):
+        merged = both & (np.diff(cast, axis=1) <= 0) & (np.diff(times, axis=1) > 0)
+    if merged.any():
+        s, t = np.argwhere(merged)[0]
+        a, b = float(times[s, t]), float(times[s, t + 1])
+        raise ValueError(
+            f"Times {a!r} and {b!r} become equal in {np.dtype(dtype).name} (it "
+            f"resolves about {np.finfo(dtype).eps * max(abs(a), abs(b)):.3g} at "
+            "that size). Subtract an origin from the times first (e.g. each "
+            "series' first time, or ds['time'] - ds['time'].min() in xarray), or "
+            "enable float64 with jax.config.update('jax_enable_x64', True)."
+        )
 
 
 def num_batches(n_series: int, batch_size: int, *, drop_last: bool = False) -> int:

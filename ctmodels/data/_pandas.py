@@ -64,6 +64,34 @@ def from_pandas(
             f"Column {time!r} has a missing time (row {row}); every observation needs "
             "a time."
         )
+    if df[id].isna().any():
+        row = int(np.flatnonzero(df[id].isna().to_numpy())[0])
+        raise ValueError(
+            f"Column {id!r} has a missing id (row {row}); every observation needs "
+            "the id of its series."
+        )
+    if pd.api.types.infer_dtype(df[id], skipna=True).startswith("mixed"):
+        raise ValueError(
+            f"Column {id!r} mixes kinds of ids (e.g. numbers and text); make them "
+            f"one kind first, e.g. df[{id!r}] = df[{id!r}].astype(str)."
+        )
+    tdtype = df[time].dtype
+    if isinstance(tdtype, pd.DatetimeTZDtype):
+        raise ValueError(
+            f"Column {time!r} holds timezone-aware datetimes ({tdtype.tz}); put them "
+            f"on one clock first, e.g. df[{time!r}] = "
+            f"df[{time!r}].dt.tz_convert('UTC').dt.tz_localize(None)."
+        )
+    if not (
+        pd.api.types.is_numeric_dtype(tdtype)
+        or pd.api.types.is_datetime64_dtype(tdtype)
+        or pd.api.types.is_timedelta64_dtype(tdtype)
+    ):
+        raise ValueError(
+            f"Column {time!r} holds {tdtype} values, not numbers or datetimes; "
+            f"convert it first, e.g. df[{time!r}] = pd.to_datetime(df[{time!r}]) "
+            "(or pd.to_numeric)."
+        )
     if variable is not None:
         dup = df.duplicated([id, time, variable])
         if dup.any():
@@ -79,6 +107,12 @@ def from_pandas(
             )
         wide = df.pivot(index=[id, time], columns=variable, values=value)
         if channels is not None:
+            unknown = [c for c in channels if c not in wide.columns]
+            if unknown:
+                raise ValueError(
+                    f"Channels {unknown} never occur in column {variable!r} (its "
+                    f"values: {sorted(map(str, wide.columns))})."
+                )
             wide = wide.reindex(columns=list(channels))
         wide.columns = [str(c) for c in wide.columns]
         chan = list(wide.columns)
@@ -93,23 +127,26 @@ def from_pandas(
                 "more than once; wide format needs one row per (id, time)."
             )
         skip = {id, time, *static} | ({labels} if labels else set())
-        chan = (
+        cols = (
             list(channels)
             if channels is not None
             else [
-                str(c)
+                c
                 for c in df.columns
                 if c not in skip and pd.api.types.is_numeric_dtype(df[c])
             ]
         )
-        for c in chan:
+        for c in cols:
             if c not in df.columns:
                 raise ValueError(f"Channel column {c!r} is not in the DataFrame.")
             if not pd.api.types.is_numeric_dtype(df[c]):
                 raise ValueError(
-                    f"Channel column {c!r} must be numeric, got {df[c].dtype}."
+                    f"Channel column {c!r} must be numeric, got {df[c].dtype}; "
+                    f"convert it first, e.g. pd.to_numeric(df[{c!r}])."
                 )
-        wide = df[[id, time, *chan]]
+        # channel names are strings (xarray variables); columns keep their labels
+        wide = df[[id, time, *cols]].rename(columns={c: str(c) for c in cols})
+        chan = [str(c) for c in cols]
         by_id = df.groupby(id)
         extra = by_id[[*static] + ([labels] if labels else [])].first()
         for s in [*static] + ([labels] if labels else []):

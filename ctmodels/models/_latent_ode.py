@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._errors import error_if
 from .._integrate import integrate
 from ..data import Batch
 from ..nn import ODERNNEncoder, apply, mlp
@@ -563,6 +564,14 @@ class LatentODE(eqx.Module):
             shared = times.ndim == 1
             if self.t0 is None and self.anchor == "first":
                 start = jnp.minimum(start, jnp.min(times))
+            elif self.t0 is not None:
+                start = error_if(
+                    start,
+                    jnp.any(times < self.t0),
+                    f"A requested time is before t0={self.t0}, the time of the "
+                    "initial latent state: predict at times >= t0 (or build the "
+                    "model with t0=None).",
+                )
         mean, std = self._posterior_at(batch, start)
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
         zs, _ = self._paths(mean + std * eps, start, times, shared)

@@ -16,7 +16,13 @@ import xarray as xr
 from jaxtyping import PRNGKeyArray
 
 from .. import data as cdata
-from .._errors import CODES, RESULTS, SolverError, discard_failed_callbacks
+from .._errors import (
+    CODES,
+    RESULTS,
+    SolverError,
+    discard_failed_callbacks,
+    runtime_message,
+)
 from ..data._batch import common_length, time_length
 from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
 from . import _common as C
@@ -37,19 +43,22 @@ _FAILED = re.compile(r"ctmodels\.\w+ with solver '([^']*)' failed[^\n]*")
 def _run_step(model, batch, key, n_samples, ts, times=None):
     """`_predict_step` as NumPy arrays; a solve that fails inside it (the model's
     ODE hit `max_steps`, ...) is raised as one `ctmodels.SolverError` naming the
-    series, not as the compiled program's runtime error and its long traceback."""
+    series, and another check that fires (times before a fixed `t0`, ...) as a
+    `ValueError`, not as the compiled program's runtime error and its traceback."""
     try:
         mu, sd = _predict_step(model, batch, key, n_samples, times)
         return np.asarray(mu), np.asarray(sd)
     except eqx.EquinoxRuntimeError as err:
-        found = _FAILED.search(str(err))
-        if found is None:
-            raise
         discard_failed_callbacks()
         idx = np.asarray(batch.index)
         ids = [str(ts.meta.series_ids[i]) for i in idx[idx >= 0]]
         more = f" (+{len(ids) - 5} more)" if len(ids) > 5 else ""
         shown = ", ".join(ids[:5]) + more
+        found = _FAILED.search(str(err))
+        if found is None:  # a check on the input (times before t0, ...)
+            raise ValueError(
+                f"Prediction for the batch of series {shown}: {runtime_message(err)}"
+            ) from None
         msg = found.group(0).split(" (Pass throw=False")[0]
         code = next(
             (c for c in CODES if c != "successful" and RESULTS[getattr(RESULTS, c)]
@@ -353,6 +362,14 @@ def predict(
     - `time_units`: the time unit the model was trained in; series (and `times`) in
       another known unit are converted (`time_factor`). None: taken as they are.
     - `batch_size`: series per compiled prediction.
+
+    Models that start from the earliest time of their batch (`LatentODE` with its
+    default `anchor="first"` and no fixed `t0`, `RNNVAE`, `ODERNN`, `GRUDelta`)
+    give predictions that depend on that time: a requested time before a series'
+    first observation, or another series in the batch that starts earlier, moves
+    the start back, and the prediction at a given time changes a little (by the
+    model's own dynamics over the longer stretch). `LOCF`, `LinearInterpolation`
+    and `LatentODE(anchor="last")` do not depend on it; a fixed `t0` removes it.
 
     **Returns:** an `xarray.Dataset` with `V` (mean) and `V_std` for each channel `V`
     (the std of a new measurement: with `spread`, also at the observed positions it

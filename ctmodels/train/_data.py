@@ -187,6 +187,18 @@ def as_data(x, batch_size: int, *, layout, time_bucket, name: str):
         return SeriesData(
             x, batch_size, layout=layout, time_bucket=time_bucket, name=name
         )
+    module = type(x).__module__.split(".")[0]
+    if module in ("xarray", "pandas"):
+        how = (
+            "from_xarray(ds)"
+            if module == "xarray"
+            else "from_pandas(df, id=..., time=...)"
+        )
+        raise ValueError(
+            f"`{name}` is {'an' if module == 'xarray' else 'a'} {module} "
+            f"{type(x).__name__}: build a TimeSeries from it "
+            f"first with ctmodels.data.{how}."
+        )
     leaves = jax.tree.leaves(x)
     if leaves and all(_is_array(leaf) for leaf in leaves):
         return ArrayData(x, batch_size, name=name)
@@ -203,6 +215,20 @@ def as_data(x, batch_size: int, *, layout, time_bucket, name: str):
         "source[indices] -> TimeSeries), or an array / pytree of arrays with a "
         f"leading example axis; got {type(x).__name__}."
     )
+
+
+def check_same_channels(train: Any, valid: Any) -> None:
+    """`valid` must have `train`'s channels: found before the first step, not when the
+    first epoch ends."""
+    if train.kind != "series" or valid.kind != "series":
+        return
+    a = getattr(train.source, "channels", None)
+    b = getattr(valid.source, "channels", None)
+    if a is not None and b is not None and tuple(a) != tuple(b):
+        raise ValueError(
+            f"`valid` has channels {list(b)} but `train` has {list(a)}: validation "
+            "data must have the training data's channels, in the same order."
+        )
 
 
 def batch_weight(batch: Any):

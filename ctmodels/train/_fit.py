@@ -41,7 +41,12 @@ import optax
 import pandas as pd
 from jaxtyping import PRNGKeyArray
 
-from .._errors import discard_failed_callbacks, is_int as _is_int, traced_failures
+from .._errors import (
+    discard_failed_callbacks,
+    is_int as _is_int,
+    runtime_message,
+    traced_failures,
+)
 from ..data import bucket_length
 from ._checkpoint import (
     FIT_SUBDIR,
@@ -53,7 +58,7 @@ from ._checkpoint import (
     write_checkpoint,
     write_text_atomic,
 )
-from ._data import as_data, auto_min_times, batch_weight
+from ._data import as_data, auto_min_times, batch_weight, check_same_channels
 from ._progress import Progress, resolve_log
 
 _SCHEDULES = ("warmup_cosine", "exponential", "constant")
@@ -357,10 +362,7 @@ def _diagnose(state, batch, hyper, step_key, loss_kwargs, cfg) -> str | None:
             jax.block_until_ready(out)
     except Exception as e:  # noqa: BLE001 - any runtime check that fired
         discard_failed_callbacks()  # reported below; not again at exit (GPU)
-        text = str(e).strip()
-        for marker in ("\n\n\n", "\n-----"):
-            text = text.split(marker)[0]
-        return text.strip() or type(e).__name__
+        return runtime_message(e)
     return None
 
 
@@ -694,6 +696,8 @@ def fit(
             valid, batch_size, layout=layout, time_bucket=rounding, name="valid"
         )
     )
+    if valid_data is not None:
+        check_same_channels(train_data, valid_data)
     min_times = 0
     if auto and train_data.kind == "series":
         # one floor for training and validation batches, fixed by the training data
