@@ -463,8 +463,10 @@ def test_split_series_partitions():
     ids = np.concatenate([p.meta.series_ids for p in parts])
     assert sorted(ids) == sorted(ts.meta.series_ids)
     assert [len(p) for p in parts] == [7, 2, 2]
-    with pytest.raises(ValueError, match="sum to 1"):
+    with pytest.raises(ValueError, match=r"sum to 1, got \[0.5, 0.2\]"):
         cd.split_series(ts, (0.5, 0.2))
+    with pytest.raises(ValueError, match="positive"):
+        cd.split_series(ts, (np.nan, 0.5, 0.5))
 
 
 def test_split_series_never_leaves_a_part_empty():

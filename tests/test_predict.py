@@ -145,6 +145,8 @@ def test_errors(setup):
         predict(model, np.zeros((2, 3)), key=key)
     with pytest.raises(ValueError, match="batch_size"):
         predict(model, ts, key=key, batch_size=0)
+    with pytest.raises(ValueError, match=r"one residual std per channel \(2"):
+        predict(model, ts, [0.0], key=key, spread=[0.1, 0.2, 0.3])
     # a check inside the compiled prediction: one ValueError naming the series
     fixed = LatentODE(2, latent_size=2, encoder_size=4, units=8, t0=0.0,
                       key=jax.random.key(0))  # fmt: skip

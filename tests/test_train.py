@@ -400,6 +400,8 @@ def test_exact_resume_after_keyboard_interrupt(tmp_path):
     out, hist = _resume_run(tmp_path)
     assert hist.attrs["resumed_from_step"] == 7
     _assert_same_leaves(out, ref)
+    # the same history, columns in the same order (the header sorts its JSON keys)
+    assert list(hist.columns) == list(ref_hist.columns)
     cols = [c for c in ref_hist.columns if c != "time"]
     pd.testing.assert_frame_equal(hist[cols], ref_hist[cols])
 

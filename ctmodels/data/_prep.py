@@ -160,9 +160,9 @@ def split_series(
     """Split by series (never within a series) into parts of the given fractions,
     after a seeded shuffle. Returns one `TimeSeries` per fraction."""
     fractions = np.asarray(fractions, float)
-    if (fractions <= 0).any() or abs(fractions.sum() - 1) > 1e-9:
+    if not (fractions > 0).all() or abs(fractions.sum() - 1) > 1e-9:  # NaN too
         raise ValueError(
-            f"fractions must be positive and sum to 1, got {list(fractions)}."
+            f"fractions must be positive and sum to 1, got {fractions.tolist()}."
         )
     n = len(ts)
     if n < len(fractions):

@@ -398,6 +398,11 @@ def predict(
     factor = time_factor(ts.meta.time_units, time_units)
     scale = (1.0 if normalizer is None else normalizer.time_scale) / factor
     S, C_ = len(ts), ts.num_channels
+    if spread is not None and spread.shape not in ((), (C_,)):
+        raise ValueError(
+            f"spread must be one residual std per channel ({C_}: {list(ts.channels)}) "
+            f"or one for all, got shape {spread.shape}."
+        )
     per_series = False
     if times is None:  # the series' own grid
         mean, std, _, _ = _predict_grid(

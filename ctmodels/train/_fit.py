@@ -871,6 +871,8 @@ def fit(
                     "batch": s.batch,
                 },
                 "history": [dict(r) for r in s.history],
+                # the header is written with sorted keys: the columns' own order
+                "history_columns": list(history_frame(s).columns),
                 "extra_state": extra_json,
             }
             header = {
@@ -1176,6 +1178,15 @@ def _pow2_era(checkpoint_dir) -> bool:
     )
 
 
+def _in_order(record: dict, columns) -> dict:
+    """A history record with its keys in the order the run wrote them (`columns`,
+    stored since the header's JSON sorts keys; None for older checkpoints)."""
+    if not columns:
+        return dict(record)
+    first = {k: record[k] for k in columns if k in record}
+    return {**first, **{k: v for k, v in record.items() if k not in first}}
+
+
 def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint_dir):
     where, header = read_header(ckpt_path)
     meta = header.get("metadata", {})
@@ -1248,6 +1259,9 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
     trees = {k: None if v is None else _strong(v) for k, v in trees.items()}
     resumed = _State.from_json(meta["state"], **trees)
     resumed = dataclasses.replace(
-        resumed, history=tuple(dict(r) for r in meta.get("history", []))
+        resumed,
+        history=tuple(
+            _in_order(r, meta.get("history_columns")) for r in meta.get("history", [])
+        ),  # fmt: skip
     )
     return resumed, float(meta.get("elapsed", 0.0))
