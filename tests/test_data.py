@@ -293,6 +293,11 @@ def test_from_pandas_mistakes_are_named():
     with pytest.raises(ValueError, match=r"Channels \['BP'\] never occur in column"):
         cd.from_pandas(long, id="id", time="time", variable="var", value="val",
                        channels=["hr", "BP"])  # fmt: skip
+    for col, match in (([40.0, 41.0], "not constant within series 1"),
+                       (["m", "m"], "must be numeric.*cat.codes")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            cd.from_pandas(long.assign(age=col), id="id", time="time",
+                           variable="var", value="val", static=["age"])  # fmt: skip
     coded = pd.DataFrame({"id": [0, 0], "time": [0.0, 1.0], 5: [1.0, 2.0]})
     ts = cd.from_pandas(coded, id="id", time="time")
     assert ts.channels == ("5",)

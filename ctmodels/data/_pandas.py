@@ -34,7 +34,7 @@ def from_pandas(
       channel (`channels`, default every numeric column other than `id`, `time`,
       `static` and `labels`). NaN means missing.
 
-    `static` columns (wide format; must be constant within a series) become static
+    `static` columns (numeric, constant within a series) become static
     covariates and `labels` the per-series label. Times may be numeric, datetime64 or
     timedelta64 (converted with `time_units`, default days, from `time_origin`, default
     the earliest time). Series are ordered by id, positions by time.
@@ -147,15 +147,23 @@ def from_pandas(
         # channel names are strings (xarray variables); columns keep their labels
         wide = df[[id, time, *cols]].rename(columns={c: str(c) for c in cols})
         chan = [str(c) for c in cols]
-        by_id = df.groupby(id)
-        extra = by_id[[*static] + ([labels] if labels else [])].first()
-        for s in [*static] + ([labels] if labels else []):
-            if (by_id[s].nunique(dropna=False) > 1).any():
-                bad = by_id[s].nunique(dropna=False)
-                raise ValueError(
-                    f"Column {s!r} is not constant within series "
-                    f"{bad[bad > 1].index[0]!r}; static covariates and labels must be."
-                )
+        extra = df.groupby(id)[[*static] + ([labels] if labels else [])].first()
+    # per-series columns, in either format: one value per series, numbers for static
+    by_id = df.groupby(id)
+    for s in [*static] + ([labels] if labels else []):
+        if (by_id[s].nunique(dropna=False) > 1).any():
+            bad = by_id[s].nunique(dropna=False)
+            raise ValueError(
+                f"Column {s!r} is not constant within series "
+                f"{_py(bad[bad > 1].index[0])!r}; static covariates and labels must "
+                "be."
+            )
+    for s in static:
+        if not pd.api.types.is_numeric_dtype(df[s]):
+            raise ValueError(
+                f"Static column {s!r} must be numeric, got {df[s].dtype}; encode it "
+                f"first, e.g. df[{s!r}].astype('category').cat.codes."
+            )
     if not chan:
         raise ValueError("No channel columns found; pass channels=[...].")
     wide = wide.sort_values([id, time], kind="stable")
