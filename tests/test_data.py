@@ -250,16 +250,17 @@ def test_times_that_float32_cannot_tell_apart_are_refused(layout):
     t = 1.6e9 + np.cumsum(np.full((3, 5), 30.0), axis=1) + np.arange(3)[:, None]
     ts = cd.TimeSeries.from_arrays(t, np.ones((3, 5)))
     assert len(np.unique(t[0].astype(np.float32))) < 5
+    f32 = dict(layout=layout, dtype=np.float32)  # (another test may enable x64)
     with pytest.raises(ValueError, match="become equal in float32.*Subtract an origin"):
-        cd.make_batch(ts, layout=layout)
+        cd.make_batch(ts, **f32)
     shifted = cd.TimeSeries.from_arrays(t - t.min(), np.ones((3, 5)))
-    b = cd.make_batch(shifted, layout=layout)
+    b = cd.make_batch(shifted, **f32)
     own = np.asarray(b.times)[0][np.asarray(b.time_mask)[0]]
     np.testing.assert_allclose(own, (t - t.min())[0])
     # different series' times that merge in float32 are harmless: accepted
     near = cd.TimeSeries.from_arrays(np.array([[0.3, 1.0], [0.1 + 0.2, 2.0]]),
                                      np.ones((2, 2)))  # fmt: skip
-    cd.make_batch(near, layout=layout)
+    cd.make_batch(near, **f32)
 
 
 def test_series_ids_in_messages_are_positional():
