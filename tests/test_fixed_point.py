@@ -20,6 +20,7 @@ from ctmodels import RESULTS, SolverError, solvers
 from ctmodels._errors import discard_failed_callbacks
 
 jax.config.update("jax_enable_x64", True)
+X64 = True  # for the whole module (tests/conftest.py)
 
 FP = solvers.names("fixed_point")
 ROOT = solvers.names("root")

@@ -34,6 +34,7 @@ from ctmodels import solvers
 from ctmodels._errors import discard_failed_callbacks
 
 jax.config.update("jax_enable_x64", True)
+X64 = True  # for the whole module (tests/conftest.py)
 
 RESULTS = ctmodels.RESULTS
 

@@ -1,0 +1,25 @@
+"""Suite-wide settings.
+
+float64 per module: `test_integrate.py`, `test_fixed_point.py` and
+`test_steady_state.py` compare with closed forms to float64 tolerances and switch
+float64 on when imported (their module-level constants are float64), and pytest
+imports every module before running any, so without this the whole suite would run
+in float64 while users (and the quick start) run in float32. Each module runs with
+the setting the session started with (JAX's default, float32) unless it sets
+`X64 = True`.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+_START = {"x64": bool(jax.config.jax_enable_x64)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64_per_module(request):
+    jax.config.update(
+        "jax_enable_x64", bool(getattr(request.module, "X64", False)) or _START["x64"]
+    )
+    yield
