@@ -311,6 +311,7 @@ def fit_latent_ode(
     """
     from .models import LatentODE
     from .train import fit
+    from .train._fit import ResumeRefused
 
     t_start = _time.perf_counter()
     plan = _resolve_recipe(
@@ -378,10 +379,8 @@ def fit_latent_ode(
             loss_kwargs={"n_samples": n_samples},
             resume=not overwrite,
         )
-    except ValueError as err:
-        if "cannot be resumed" not in str(err):
-            raise
-        raise ValueError(_cli_words(str(err), out)) from None
+    except ResumeRefused as err:
+        raise ValueError(_cli_words(err, out)) from None
     history.to_csv(out / "history.csv", index=False)
     t_fit = _time.perf_counter() - t_start
     scale = calibrate_spread(
@@ -438,28 +437,19 @@ def fit_latent_ode(
     return metrics
 
 
-def _cli_words(message: str, out: Path) -> str:
-    """`fit`'s refusals to resume, in the job's (and CLI's) terms."""
-    if "holds a checkpoint of a different run" not in message:
-        return message.replace(
-            "pass resume=False to start afresh",
-            "pass --overwrite (overwrite=True) to start afresh",
-        ).replace("use another checkpoint_dir", f"give another --out than {str(out)!r}")
-    head = message.split("\nResume with the same arguments")[0]
-    head = head.replace(
-        "holds a checkpoint of a different run",
-        f"(in --out {str(out)!r}) holds a checkpoint of a different run",
-    )
-    note = (
-        " (schedule_steps is the number of training steps: --epochs times the "
-        "batches per epoch)"
-        if "schedule_steps" in head
-        else ""
-    )
+def _cli_words(err, out: Path) -> str:
+    """`fit`'s refusal to resume (`ResumeRefused`), in the job's (and CLI's) terms."""
+    diffs = "".join(f"\n  - {d}" for d in err.diffs)
+    if any(d.startswith("schedule_steps") for d in err.diffs):
+        diffs += (
+            "\n(schedule_steps is the number of training steps: --epochs times the "
+            "batches per epoch.)"
+        )
+    again = "Rerun with that run's options to resume it, g" if err.diffs else "G"
     return (
-        f"{head}\nRerun with that run's options to resume it{note}, give another "
-        "--out, or pass --overwrite (overwrite=True) to start afresh there, "
-        "replacing it."
+        f"--out {str(out)!r} holds {err.reason}, so it cannot be resumed"
+        f"{':' if diffs else '.'}{diffs}\n{again}ive another --out, or pass "
+        "--overwrite (overwrite=True) to start afresh there, replacing it."
     )
 
 
@@ -559,7 +549,7 @@ def _read_calibration(checkpoint: Path, channels) -> list[float] | None:
             try:
                 stored = json.loads(path.read_text())
                 scale = [stored["residual_std"][c] for c in channels]
-                nulls = [c for c in channels if stored["residual_std"][c] is None]
+                nulls = [c for c, v in zip(channels, scale, strict=True) if v is None]
                 if nulls:  # NaN is written as null
                     raise ValueError(
                         f"no finite residual std for channel(s) {nulls}: the "
@@ -599,9 +589,13 @@ def _resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def _read_like(data, normalizer) -> cdata.TimeSeries:
-    """The series of `data` (a bundled name or a file) on the model's channels."""
-    return _series(_open(data)[0], normalizer)
+def _load_with_data(checkpoint, data):
+    """A checkpoint's model, normaliser and job state, and the series of `data` (a
+    bundled name or a file) on its channels, their time kind checked against it."""
+    model, norm, extra = _load(_resolve_checkpoint(checkpoint))
+    ts = _series(_open(data)[0], norm)
+    check_time_kind(ts, extra.get("time_units"))
+    return model, norm, extra, ts
 
 
 def predict_checkpoint(
@@ -619,9 +613,7 @@ def predict_checkpoint(
     out = check_out_file(out, "--out", example="predictions.nc")
     if plots is not None:
         check_out_dir(plots, "--plots")
-    model, norm, extra = _load(_resolve_checkpoint(checkpoint))
-    ts = _read_like(data, norm)
-    check_time_kind(ts, extra.get("time_units"))
+    model, norm, extra, ts = _load_with_data(checkpoint, data)
     pred = predict(
         model, ts, key=jax.random.key(seed), n_samples=n_samples, normalizer=norm,
         spread=extra["scale"], time_units=extra.get("time_units"),
@@ -668,9 +660,7 @@ def evaluate_checkpoint(
         )
     if out is not None:
         out = check_out_file(out, "--out", example="metrics.json")
-    model, norm, extra = _load(_resolve_checkpoint(checkpoint))
-    ts = _read_like(data, norm)
-    check_time_kind(ts, extra.get("time_units"))
+    model, norm, extra, ts = _load_with_data(checkpoint, data)
     tasks = ("interpolation", "extrapolation") if task == "both" else (task,)
     ts_n = norm.transform(in_time_units(ts, extra.get("time_units")))
     metrics = _evaluate(

@@ -856,6 +856,7 @@ def fit(
         s = dataclasses.replace(s, rollbacks=0)
         token = (s.step, s.epoch, s.batch, len(s.history))
         if ckpt_path is not None and saved["token"] != token:
+            frame = history_frame(s)
             meta = {
                 "fit": config,
                 "compare": compare,
@@ -872,7 +873,7 @@ def fit(
                 },
                 "history": [dict(r) for r in s.history],
                 # the header is written with sorted keys: the columns' own order
-                "history_columns": list(history_frame(s).columns),
+                "history_columns": list(frame.columns),
                 "extra_state": extra_json,
             }
             header = {
@@ -893,7 +894,7 @@ def fit(
             )
             write_text_atomic(
                 Path(checkpoint_dir) / "history.csv",
-                history_frame(s).to_csv(index=False),
+                frame.to_csv(index=False),
             )
             saved["token"] = token
         return s
@@ -1187,14 +1188,27 @@ def _in_order(record: dict, columns) -> dict:
     return {**first, **{k: v for k, v in record.items() if k not in first}}
 
 
+class ResumeRefused(ValueError):
+    """`fit` cannot resume the checkpoint in `checkpoint_dir`: `reason` says what it
+    holds instead, `diffs` (for a different run) how its settings differ. A caller
+    with its own words for "resume=False" and "checkpoint_dir" (the CLI) builds its
+    message from these."""
+
+    def __init__(self, message: str, *, reason: str, diffs=()):
+        super().__init__(message)
+        self.reason = reason
+        self.diffs = list(diffs)
+
+
 def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint_dir):
     where, header = read_header(ckpt_path)
     meta = header.get("metadata", {})
     if "fit" not in meta or "state" not in meta:
-        raise ValueError(
+        raise ResumeRefused(
             f"checkpoint_dir {os.fspath(checkpoint_dir)!r} holds a checkpoint that was "
             "not written by fit, so it cannot be resumed. Pass resume=False to start "
-            "afresh (it is overwritten) or use another checkpoint_dir."
+            "afresh (it is overwritten) or use another checkpoint_dir.",
+            reason="a checkpoint that was not written by fit",
         )
     diffs = []
     old_hp = header.get("hyperparameters")
@@ -1234,12 +1248,14 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
                 f"{what}: checkpoint {old_cmp.get(k)!r}, now {compare.get(k)!r}"
             )
     if diffs:
-        raise ValueError(
+        raise ResumeRefused(
             f"checkpoint_dir {os.fspath(checkpoint_dir)!r} holds a checkpoint of a "
             "different run, so it cannot be resumed:\n  - "
             + "\n  - ".join(diffs)
             + "\nResume with the same arguments, pass resume=False to start afresh "
-            "(the checkpoint there is overwritten), or use another checkpoint_dir."
+            "(the checkpoint there is overwritten), or use another checkpoint_dir.",
+            reason="a checkpoint of a different run",
+            diffs=diffs,
         )
     try:
         trees = {
@@ -1250,11 +1266,12 @@ def _resume(ckpt_path, state, model, opt_state0, model_desc, compare, checkpoint
             else None,
         }
     except ValueError as e:
-        raise ValueError(
+        raise ResumeRefused(
             f"checkpoint_dir {os.fspath(checkpoint_dir)!r} holds a checkpoint that "
             f"does not fit this model or optimizer, so it cannot be resumed. {e} Or "
             "pass resume=False to start afresh (the checkpoint there is overwritten), "
-            "or use another checkpoint_dir."
+            "or use another checkpoint_dir.",
+            reason=f"a checkpoint that does not fit this model or optimizer ({e})",
         ) from e
     trees = {k: None if v is None else _strong(v) for k, v in trees.items()}
     resumed = _State.from_json(meta["state"], **trees)
