@@ -59,7 +59,7 @@ def fit(
     valid: Any = None,
     epochs: int | None = None,
     steps: int | None = None,
-    batch_size: int = 50,
+    batch_size: int = 32,
     key: PRNGKeyArray,
     optimizer: optax.GradientTransformation | None = None,
     learning_rate: float = 1e-3,
@@ -108,7 +108,8 @@ def fit(
       `weight.sum()` or row count).
     - `epochs` / `steps`: how long to train; give exactly one. With `steps`, the
       last (partial) epoch is still validated and recorded.
-    - `batch_size`: series (or rows) per batch.
+    - `batch_size`: series (or rows) per batch (default 32, as in the default
+      recipe of `ctmodels fit`).
     - `key`: a JAX PRNG key; all randomness derives from it (see the module docs).
     - `optimizer`: any `optax.GradientTransformation` (its updates are applied as
       they are). Default: Adam after global-norm clipping at `clip_norm`, on the
