@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ._state import LoopState
 from ._stopping import evaluate, improved
+
+if TYPE_CHECKING:
+    from ._run import Run
 
 
 def history_frame(history: tuple) -> pd.DataFrame:
@@ -30,7 +33,7 @@ def in_order(record: dict, columns) -> dict:
     return {**first, **{k: v for k, v in record.items() if k not in first}}
 
 
-def end_epoch(run, s: LoopState, prog, elapsed: Callable[[], float]) -> LoopState:
+def end_epoch(run: Run, s: LoopState, prog, elapsed: Callable[[], float]) -> LoopState:
     """Close the current epoch: its history row (validated, with early stopping
     decided), reported by `prog`; the counters of the next epoch start at zero."""
     row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step}
@@ -47,7 +50,7 @@ def end_epoch(run, s: LoopState, prog, elapsed: Callable[[], float]) -> LoopStat
     stop = False
     if run.valid is not None:
         row.update(evaluate(run, s.model))
-        best = improved(run, s, row[f"valid_{run.options.monitor}"])
+        best = improved(s, row[f"valid_{run.options.monitor}"])
         stop = run.options.patience is not None and (
             best["bad_epochs"] >= run.options.patience
         )
@@ -76,7 +79,9 @@ def end_epoch(run, s: LoopState, prog, elapsed: Callable[[], float]) -> LoopStat
     )
 
 
-def returned_history(run, s: LoopState, compilations, resumed_from) -> pd.DataFrame:
+def returned_history(
+    run: Run, s: LoopState, compilations, resumed_from
+) -> pd.DataFrame:
     """The history `fit` returns, with its `attrs` (see `fit`)."""
     history = history_frame(s.history)
     history.attrs["compilations"] = compilations

@@ -7,6 +7,7 @@ The host-side state is one immutable `LoopState`, replaced by one assignment per
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -15,8 +16,11 @@ from ._history import end_epoch
 from ._nan import after_bad_step
 from ._state import LoopState
 
+if TYPE_CHECKING:
+    from ._run import Run
 
-def train_loop(run, state: LoopState, *, prog, save, term) -> LoopState:
+
+def train_loop(run: Run, state: LoopState, *, prog, save, term) -> LoopState:
     """Train from `state` until `run` is finished; the final state (saved).
 
     `save` makes save points (`SavePoints`), `term` catches SIGTERM (`TermGuard`),
@@ -34,7 +38,7 @@ def train_loop(run, state: LoopState, *, prog, save, term) -> LoopState:
                 continue
             order = order_of(state.epoch)
             batch = run.train.batch(order, state.batch, train=True)
-            new_model, new_opt_state, out = run.steps.train(
+            new_model, new_opt_state, out = run.compiled.train(
                 state.model, state.opt_state, batch, state.step, state.lr_scale
             )
             # the step runs asynchronously: read the next batch meanwhile
@@ -74,7 +78,7 @@ def train_loop(run, state: LoopState, *, prog, save, term) -> LoopState:
 class _EpochOrders:
     """Epoch `e`'s order of the training examples (the current epoch's is kept)."""
 
-    def __init__(self, run):
+    def __init__(self, run: Run):
         self.run = run
         self.orders: dict[int, np.ndarray] = {}
 

@@ -9,14 +9,18 @@ up with a `FloatingPointError` that says what to try (and, if a solver failed, w
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from ._state import LoopState
+
+if TYPE_CHECKING:
+    from ._run import Run
 
 ROLLBACK_FACTOR = 0.5
 
 
 def after_bad_step(
-    run, s: LoopState, snapshot: LoopState, stepped, out, batch, prog
+    run: Run, s: LoopState, snapshot: LoopState, stepped, out, batch, prog
 ) -> tuple[LoopState, bool]:
     """The state after the non-finite step `s.step` and whether it rolled back.
 
@@ -30,7 +34,7 @@ def after_bad_step(
     return _skip(run, s, stepped, out, batch), False
 
 
-def _rollback(run, s, snapshot, out, batch, prog) -> LoopState:
+def _rollback(run: Run, s, snapshot, out, batch, prog) -> LoopState:
     if s.rollbacks >= run.options.max_nan_skips:
         raise FloatingPointError(
             nan_message(
@@ -54,7 +58,7 @@ def _rollback(run, s, snapshot, out, batch, prog) -> LoopState:
     )
 
 
-def _skip(run, s, stepped, out, batch) -> LoopState:
+def _skip(run: Run, s, stepped, out, batch) -> LoopState:
     if s.consecutive_bad + 1 >= run.options.max_nan_skips:
         raise FloatingPointError(
             nan_message(
@@ -74,10 +78,10 @@ def _skip(run, s, stepped, out, batch) -> LoopState:
     )
 
 
-def nan_message(run, s: LoopState, out, what: str, batch=None) -> str:
+def nan_message(run: Run, s: LoopState, out, what: str, batch=None) -> str:
     cause = ""
     if batch is not None:
-        found = run.steps.diagnose(s.model, batch, s.step)
+        found = run.compiled.diagnose(s.model, batch, s.step)
         if found:
             cause = f" Cause: {found}"
     hint = (

@@ -41,7 +41,7 @@ class Run:
     model_desc: dict[str, Any]
     compare: dict[str, Any]  # what a resumed run must match
     config: dict[str, Any]  # `compare` and the other settings, for the checkpoint
-    steps: Steps
+    compiled: Steps  # the compiled steps, bound to this run
     data_key: Any  # epoch e shuffles with fold_in(data_key, e)
     ckpt_path: Path | None
 
@@ -86,7 +86,7 @@ def prepare(model, train, valid, key, options: FitOptions) -> Run:
         total_steps=total_steps, min_times=min_times, pass_kl=checked.pass_kl,
         key_data=checked.key_data, extra_json=checked.extra_json, log=log_fn,
         model_desc=model_desc, compare=compare, config=config,
-        steps=_bind_steps(o, key, checked.pass_kl, total_steps),
+        compiled=_bind_steps(o, key, checked.pass_kl, total_steps),
         data_key=jax.random.fold_in(key, 0),
         ckpt_path=None if o.checkpoint_dir is None
         else Path(o.checkpoint_dir) / FIT_SUBDIR,

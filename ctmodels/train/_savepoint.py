@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ._checkpoint import write_checkpoint, write_text_atomic
 from ._history import history_frame
 from ._state import Clock, LoopState
+
+if TYPE_CHECKING:
+    from ._run import Run
 
 _STREAMS = (
     "epoch e: fold_in(fold_in(key, 0), e); step s: fold_in(fold_in(key, 1), s); "
@@ -27,7 +30,7 @@ class SavePoints:
     """Call with a state to make it a save point; the checkpoint is written unless
     this very state was the last one written (or the one resumed from)."""
 
-    def __init__(self, run, clock: Clock, resumed: LoopState | None):
+    def __init__(self, run: Run, clock: Clock, resumed: LoopState | None):
         self.run = run
         self.clock = clock
         # no need to rewrite the checkpoint just read

@@ -4,14 +4,17 @@ monitored one improved."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from ._state import LoopState
 
+if TYPE_CHECKING:
+    from ._run import Run
 
-def evaluate(run, model) -> dict[str, float]:
+
+def evaluate(run: Run, model) -> dict[str, float]:
     """`valid_<name>` for the loss and each metric: their means over the validation
     batches, weighted by each batch's weight (NaN without any weight)."""
     valid = run.valid
@@ -20,7 +23,7 @@ def evaluate(run, model) -> dict[str, float]:
     total = 0.0
     for i in range(valid.num_batches(train=False)):
         batch = valid.batch(order, i, train=False)
-        out = jax.device_get(run.steps.eval(model, batch, i))
+        out = jax.device_get(run.compiled.eval(model, batch, i))
         w = float(out["weight"])
         total += w
         for name, v in (("loss", out["loss"]), *out["metrics"].items()):
@@ -30,7 +33,7 @@ def evaluate(run, model) -> dict[str, float]:
     }
 
 
-def improved(run, s: LoopState, value: float) -> dict[str, Any]:
+def improved(s: LoopState, value: float) -> dict[str, Any]:
     """The early-stopping fields after an epoch whose monitored validation value is
     `value`: a finite value below the best so far makes this epoch's model the best;
     anything else counts one more epoch without improvement."""
@@ -49,12 +52,12 @@ def improved(run, s: LoopState, value: float) -> dict[str, Any]:
     }
 
 
-def check_monitor(run, model) -> None:
+def check_monitor(run: Run, model) -> None:
     """A monitor other than the loss must be a metric the loss returns (shapes only:
     nothing runs)."""
     monitor = run.options.monitor
     batch0 = run.valid.batch(run.valid.order(None), 0, train=False)
-    shapes = run.steps.eval_shapes(model, batch0)
+    shapes = run.compiled.eval_shapes(model, batch0)
     names = sorted(["loss", *shapes["metrics"]])
     if monitor not in names:
         raise ValueError(
