@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -96,7 +97,7 @@ def _fit(ns) -> int:
 
 
 def _parse_assignment(text: str):
-    from .jobs._options import parse_assignment
+    from .jobs import parse_assignment
 
     return parse_assignment(text)
 
@@ -323,34 +324,38 @@ def _flag_type(opt):
     return parse
 
 
-def _add_job_flags(p, *, recipe_help: str) -> None:
-    """The training flags every family shares (the recipe's and the run's)."""
+def _add_job_flags(p, *, recipe_help) -> None:
+    """The training flags every family shares (the recipe's and the run's);
+    `recipe_help(key)` says a recipe setting's default."""
     p.add_argument(
         "--data", required=True,
         help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default: {recipe_help})")  # fmt: skip
+                   help=f"training epochs (default: {recipe_help('epochs')})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"series per batch (default: {recipe_help})")  # fmt: skip
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"series per batch (default: {recipe_help('batch_size')})",
+    )  # fmt: skip
     p.add_argument(
         "--learning-rate", type=float, default=None,
-        help=f"peak Adam step (default: {recipe_help})",
+        help=f"peak Adam step (default: {recipe_help('learning_rate')})",
     )  # fmt: skip
     p.add_argument("--lr", dest="learning_rate", type=float, action=_Deprecated,
                    new="--learning-rate", help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _recipe_words(family) -> str:
-    rec = family.recipe
-    words = (f"the dataset's recipe; {rec['epochs']} epochs, batch "
-             f"{rec['batch_size']}, {rec['learning_rate']:g}")  # fmt: skip
+def _recipe_words(family, key: str) -> str:
+    """`key`'s value in the family's recipe, and where a dataset's recipe differs."""
+    value = family.recipe[key]
+    words = f"the dataset's recipe; {value:g}" if isinstance(value, float) else (
+        f"the dataset's recipe; {value}")  # fmt: skip
     for name, r in family.recipes.items():
-        words += f"; {name}: " + ", ".join(f"{k} {v}" for k, v in r.items()
-                                           if rec.get(k) != v)  # fmt: skip
+        if key in r and r[key] != value:
+            words += f", {name} {'off' if r[key] is None else r[key]}"
     return words
 
 
@@ -374,12 +379,11 @@ def _add_fit(sub) -> None:
             "left unset take the defaults shown (the model's constructor's, or "
             "the family's own table); the training recipe depends on the dataset.",
         )  # fmt: skip
-        _add_job_flags(q, recipe_help=_recipe_words(family))
-        rec = family.recipe
+        _add_job_flags(q, recipe_help=functools.partial(_recipe_words, family))
         q.add_argument(
             "--patience", type=int, default=None,
-            help="early-stopping patience in epochs, 0 = off (default: the "
-            f"dataset's recipe; {rec['patience']})",
+            help="early-stopping patience in epochs, 0 = off (default: "
+            f"{_recipe_words(family, 'patience')})",
         )  # fmt: skip
         q.add_argument(
             "--overwrite", action="store_true",
@@ -395,7 +399,10 @@ def _add_fit(sub) -> None:
         for opt in family.options.values():
             default = f"default: {opt.default!r}" if opt.default is not None else (
                 "default: none")  # fmt: skip
-            help_text = (opt.help.replace("%", "%%") + f" ({default})").strip()
+            words = opt.help or ""
+            if opt.where == "loss":
+                words = f"in the training loss: {opt.name} ({words.rstrip('.')})."
+            help_text = (words.replace("%", "%%") + f" ({default})").strip()
             kw = dict(dest=_dest(opt.name), default=argparse.SUPPRESS,
                       help=help_text)  # fmt: skip
             if opt.flag_type == "bool":
@@ -424,7 +431,8 @@ def _add_fit(sub) -> None:
         description="Fit a neural ODE that forecasts each series from its first "
         "observation (ctmodels' first job; writes plot.png, no checkpoint).",
     )  # fmt: skip
-    _add_job_flags(q, recipe_help="neural-ode's own: 150 epochs, batch 32, 3e-3")
+    own = {"epochs": 150, "batch_size": 32, "learning_rate": 3e-3}
+    _add_job_flags(q, recipe_help=lambda key: f"{own[key]:g}")
     q.add_argument("--solver", default=None, help="ODE solver (default tsit5)")
     q.add_argument("--adjoint", default="checkpoint",
                    help="adjoint registry name (default checkpoint)")  # fmt: skip

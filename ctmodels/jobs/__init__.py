@@ -9,7 +9,6 @@ the registry: `ctmodels fit FAMILY --data ... --out ...` and
 checkpoint records). See docs/cli.md.
 """
 
-from . import _series as series
 from ._family import (
     DEFAULT_RECIPE as DEFAULT_RECIPE,
     Family as Family,
@@ -32,9 +31,11 @@ from ._latent_ode import (
     RECIPES as RECIPES,
     mixed_task as mixed_task,
 )
-from ._options import DEPRECATED as DEPRECATED, Option as Option
+from ._options import (
+    DEPRECATED as DEPRECATED,
+    Option as Option,
+    parse_assignment as parse_assignment,
+)
 from ._series import EVAL_SAMPLES as EVAL_SAMPLES
-
-series = series  # the time-series helpers a family may reuse (see _series)
 
 register_family(LATENT_ODE)

@@ -44,7 +44,10 @@ class Option:
         """`value` (a Python value, or text from the command line) as this option's
         value; ValueError saying what is expected."""
         if isinstance(value, str) and self.flag_type != "str":
-            return self.parse(value)
+            try:
+                return self.parse(value)
+            except ValueError as e:
+                raise ValueError(f"{self.name}: {e}.") from None
         if self.choices is not None and value not in self.choices:
             *first, last = map(repr, self.choices)
             want = f"{', '.join(first)} or {last}" if first else last
