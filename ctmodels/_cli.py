@@ -45,8 +45,6 @@ def _fit(ns) -> int:
     from . import jobs
     from ._outputs import json_safe
 
-    if ns.model == "neural-ode":
-        return _fit_neural_ode(ns)
     family = jobs.get_family(ns.model)
     options = {
         name: getattr(ns, _dest(name))
@@ -67,8 +65,9 @@ def _fit(ns) -> int:
         given["patience"] = ns.patience
     if ns.overwrite:
         given["overwrite"] = True
-    if ns.max_plots is not None:
-        given["max_plots"] = ns.max_plots
+    for name in ("max_plots", "channels", "max_series"):
+        if getattr(ns, name) is not None:
+            given[name] = getattr(ns, name)
     progress = False if ns.quiet else None
     metrics = jobs.fit(
         family.name, ns.data, ns.out, seed=ns.seed, progress=progress, **given,
@@ -105,41 +104,6 @@ def _parse_assignment(text: str):
 def _dest(name: str) -> str:
     """The argparse attribute of a family option (apart from the job's own)."""
     return f"option_{name}"
-
-
-def _fit_neural_ode(ns) -> int:
-    # the neural-ODE job keeps its own loop until it becomes a model family
-    import json
-
-    from ._node_job import run_neural_ode
-
-    if ns.overwrite:
-        raise ValueError(
-            "--overwrite applies to latent-ode only: the neural-ode job keeps no "
-            "checkpoint and always starts afresh."
-        )
-
-    if ns.patience is not None:
-        raise ValueError(
-            "--patience applies to latent-ode only: the neural-ode job trains for "
-            "--epochs without early stopping."
-        )
-    if ns.anchor is not None:
-        raise ValueError(
-            "--anchor applies to latent-ode only (where its latent state is "
-            "anchored); the neural-ode job has no encoder."
-        )
-    options = dict(
-        seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint,
-        latent=ns.latent_size,
-    )  # fmt: skip
-    given = {"epochs": ns.epochs, "batch_size": ns.batch_size, "lr": ns.learning_rate}
-    given.update({"rtol": ns.rtol, "atol": ns.atol, "hidden": ns.hidden,
-                  "weight_decay": ns.weight_decay})  # fmt: skip
-    options.update({k: v for k, v in given.items() if v is not None})
-    metrics = run_neural_ode(data=ns.data, out=ns.out, progress=not ns.quiet, **options)
-    print(json.dumps(metrics, indent=1, default=str))
-    return 0
 
 
 def _predict(ns) -> int:
@@ -350,12 +314,14 @@ def _add_job_flags(p, *, recipe_help) -> None:
 
 def _recipe_words(family, key: str) -> str:
     """`key`'s value in the family's recipe, and where a dataset's recipe differs."""
+    def word(v):
+        return "off" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
     value = family.recipe[key]
-    words = f"the dataset's recipe; {value:g}" if isinstance(value, float) else (
-        f"the dataset's recipe; {value}")  # fmt: skip
+    words = f"the dataset's recipe; {word(value)}"
     for name, r in family.recipes.items():
         if key in r and r[key] != value:
-            words += f", {name} {'off' if r[key] is None else r[key]}"
+            words += f", {name} {word(r[key])}"
     return words
 
 
@@ -368,7 +334,7 @@ def _add_fit(sub) -> None:
         help="fit a model to a dataset",
         description="Fit a model and write history.csv, metrics.json, "
         "predictions.nc and plots into --out, and the checkpoint/ that predict, "
-        "evaluate and sample read (neural-ode: plot.png, no checkpoint). "
+        "evaluate and sample read. "
         "`ctmodels fit MODEL --help` lists a model's options with their defaults.",
     )
     models = p.add_subparsers(dest="model", metavar="MODEL", required=True)
@@ -392,6 +358,11 @@ def _add_fit(sub) -> None:
         )  # fmt: skip
         q.add_argument("--max-plots", type=int, default=None,
                        help="test series plotted (default 6)")  # fmt: skip
+        q.add_argument("--channels", default=None,
+                       help="the variables to model, comma-separated (default: "
+                       "every channel of the data)")  # fmt: skip
+        q.add_argument("--max-series", type=int, default=None,
+                       help="train on a random subset of this many series")
         g = q.add_argument_group(
             f"{family.model.__name__} options",
             "(also settable as --option KEY=VALUE)",
@@ -426,32 +397,6 @@ def _add_fit(sub) -> None:
         )  # fmt: skip
         q.set_defaults(func=_fit)
 
-    q = models.add_parser(
-        "neural-ode", help="neural ODE forecaster from the first visit",
-        description="Fit a neural ODE that forecasts each series from its first "
-        "observation (ctmodels' first job; writes plot.png, no checkpoint).",
-    )  # fmt: skip
-    own = {"epochs": 150, "batch_size": 32, "learning_rate": 3e-3}
-    _add_job_flags(q, recipe_help=lambda key: f"{own[key]:g}")
-    q.add_argument("--solver", default=None, help="ODE solver (default tsit5)")
-    q.add_argument("--adjoint", default="checkpoint",
-                   help="adjoint registry name (default checkpoint)")  # fmt: skip
-    q.add_argument("--rtol", type=float, default=None, help="default 1e-3")
-    q.add_argument("--atol", type=float, default=None, help="default 1e-4")
-    q.add_argument("--latent-size", type=_positive_int, default=8,
-                   help="latent state size (default 8)")  # fmt: skip
-    q.add_argument("--latent", dest="latent_size", type=_positive_int,
-                   action=_Deprecated, new="--latent-size",
-                   help=argparse.SUPPRESS)  # fmt: skip
-    q.add_argument("--hidden", type=_positive_int, default=None,
-                   help="width of the encoder and vector-field MLPs (default 32)")
-    q.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW weight decay (default 0.1)")  # fmt: skip
-    # latent-ode's flags, refused with a message (not an unknown-flag error)
-    q.add_argument("--patience", type=int, default=None, help=argparse.SUPPRESS)
-    q.add_argument("--anchor", default=None, help=argparse.SUPPRESS)
-    q.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS)
-    q.set_defaults(func=_fit)
 
 
 def _enable_compilation_cache() -> None:
@@ -535,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         again = (
             " The last checkpoint in --out was kept: rerun the same command "
             "(without --overwrite) to resume."
-            if ns.command == "fit" and getattr(ns, "model", "") != "neural-ode"
+            if ns.command == "fit"
             else ""
         )
         print(f"ctmodels {ns.command}: interrupted.{again}", file=sys.stderr)

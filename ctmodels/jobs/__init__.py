@@ -31,6 +31,10 @@ from ._latent_ode import (
     RECIPES as RECIPES,
     mixed_task as mixed_task,
 )
+from ._neural_ode import (
+    NEURAL_ODE as NEURAL_ODE,
+    first_visit_task as first_visit_task,
+)
 from ._options import (
     DEPRECATED as DEPRECATED,
     Option as Option,
@@ -39,3 +43,4 @@ from ._options import (
 from ._series import EVAL_SAMPLES as EVAL_SAMPLES
 
 register_family(LATENT_ODE)
+register_family(NEURAL_ODE)

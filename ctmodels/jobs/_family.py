@@ -58,12 +58,15 @@ class Family:
       `recipes`: recipes by bundled dataset name (a setting left out is `recipe`'s).
     - `task`: the training task (`task(batch, *, key) -> batch`, the context a loss
       sees; None: `fit`'s default); also the validation task.
+    - `fit_options`: further keyword arguments of `ctmodels.train.fit` (default:
+      the union-of-times batch layout).
     - `data`: how data are opened, split and normalised (`prepare(data, *, seed)`)
       and re-read for a checkpoint (`reload(data, state)`); default: irregular time
       series (`ctmodels.jobs` time-series helpers).
     - `evaluate`, `eval_tasks`: the metrics of a model on normalised data and the
       task names they score (default: interpolation and extrapolation MSE against
-      LOCF and linear interpolation, with 90% coverage).
+      LOCF and linear interpolation, with 90% coverage); `metric_units` says what
+      the numbers are (`metrics.json`'s `"units"`).
     - `calibrate`: whether `fit` estimates a residual spread per channel on the
       validation split (`calibration.json`), used by `predict` and `evaluate`.
     - `predict`: what `predict` writes (default: every variable `V` as its predicted
@@ -84,9 +87,13 @@ class Family:
     recipe: Mapping[str, Any] = dataclasses.field(default_factory=lambda: DEFAULT_RECIPE)
     recipes: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     task: Callable | None = None
+    fit_options: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: {"layout": "union"}
+    )
     data: Any = _series
     evaluate: Callable = _series.evaluate
     eval_tasks: tuple[str, ...] = _series.TASKS
+    metric_units: str = "MSE in normalised units (train-split statistics)"
     calibrate: bool = True
     predict: Callable | None = _series.predict
     sample: Callable | None = None

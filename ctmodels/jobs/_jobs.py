@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time as _time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -92,6 +93,8 @@ def fit(
     progress: bool | None = None,
     max_plots: int = 6,
     overwrite: bool = False,
+    channels: Sequence[str] | str | None = None,
+    max_series: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fit a model of `family` to `data` end to end and write the outputs listed in
@@ -111,6 +114,9 @@ def fit(
     - `seed`: the split, the initialisation and the training draws.
     - `progress`: the progress bar (None: when the output is a terminal).
     - `max_plots`: test series plotted.
+    - `channels`: the variables to model (names, or one comma-separated string;
+      None: every channel of the data); `max_series`: train on a random subset of
+      that many series.
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
       family's defaults.
@@ -126,7 +132,11 @@ def fit(
     model_kw, loss_kw = family.resolve_options(options)
     out = check_out_dir(out)
     _check_options(model_kw)  # before anything is written
-    prepared = family.data.prepare(data, seed=seed)
+    if isinstance(channels, str):
+        channels = [c.strip() for c in channels.split(",") if c.strip()]
+    data_kw = {k: v for k, v in (("channels", channels), ("max_series", max_series))
+               if v is not None}  # fmt: skip
+    prepared = family.data.prepare(data, seed=seed, **data_kw)
     batch_size = plan["batch_size"]
     model = family.model(
         **family.from_data(prepared), **model_kw, key=jax.random.key(seed)
@@ -159,7 +169,7 @@ def fit(
             key=jax.random.key(seed + 1),
             learning_rate=plan["learning_rate"],
             **task_kw,
-            layout="union",
+            **family.fit_options,
             checkpoint_dir=out / "checkpoint",
             patience=plan["patience"],
             monitor=plan["monitor"],
@@ -197,7 +207,7 @@ def fit(
     if calibration is not None:
         metrics["calibration"] = calibration
     metrics.update({
-        "units": "MSE in normalised units (train-split statistics)",
+        "units": family.metric_units,
         "fit_seconds": round(t_fit, 1),
         "compilations": history.attrs.get("compilations"),
     })  # fmt: skip

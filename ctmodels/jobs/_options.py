@@ -15,7 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 #: Old spellings still accepted, with a deprecation message: old -> current name.
-DEPRECATED: dict[str, str] = {"lr": "learning_rate", "latent": "latent_size"}
+DEPRECATED: dict[str, str] = {
+    "lr": "learning_rate",
+    "latent": "latent_size",
+    "hidden": "hidden_size",
+}
 
 # sizes and counts that must be >= 1 (a zero-width layer is never meant)
 _POSITIVE = re.compile(r"(^|_)(size|units|depth|width|hidden|steps|samples)$")
@@ -225,7 +229,7 @@ def resolve(
     loss: dict[str, Any] = {}
     values: dict[str, Any] = {}
     for key, value in given.items():
-        name = DEPRECATED.get(key, key)
+        name = key if key in options else DEPRECATED.get(key, key)
         if name != key and name in options:
             warnings.warn(
                 f"{key!r} is deprecated; its name is {name!r} (--"

@@ -123,12 +123,28 @@ class Prepared:
                 "test": len(self.test)}  # fmt: skip
 
 
-def prepare(data: str | Path, *, seed: int) -> Prepared:
+def prepare(data: str | Path, *, seed: int, channels=None,
+            max_series: int | None = None) -> Prepared:  # fmt: skip
     """Open `data`, split it by series (80/10/10 with `seed`) and normalise with the
     training split's statistics (log first for channels marked `transform="log"`;
-    times scaled by the training span)."""
+    times scaled by the training span). `channels`: the variables to model (None:
+    every channel); `max_series`: a random subset of that many series (with
+    `seed`)."""
     ds, name = open_data(data)
-    ts = cdata.from_xarray(ds, static=[])
+    if max_series is not None:
+        from .._errors import is_int
+
+        n = ds.sizes[ds["time"].dims[0]] if "time" in ds else None
+        if not is_int(max_series) or max_series < 3:
+            raise ValueError(
+                f"max_series must be an int >= 3 (train/valid/test), got "
+                f"{max_series!r}."
+            )
+        if n is not None and max_series < n:
+            rng = np.random.default_rng(seed)
+            keep = np.sort(rng.choice(n, size=max_series, replace=False))
+            ds = ds.isel({ds["time"].dims[0]: keep})
+    ts = cdata.from_xarray(ds, static=[], variables=channels)
     if isinstance(ts, cdata.LazyTimeSeries):
         ts = ts.load()
     train, valid, test = cdata.split_series(ts, SPLIT, seed=seed)
@@ -174,11 +190,20 @@ def ignored_variables(ds: xr.Dataset, ts) -> dict[str, str]:
 # ------------------------------------------------------------ evaluation protocol
 
 
-def baseline_mse(ts, ctx, tgt) -> dict[str, float]:
-    """LOCF and linear interpolation from the context points, per channel."""
+BASELINES = ("locf", "linear_interpolation")
+
+
+def baseline_mse(ts, ctx, tgt, names=BASELINES) -> dict[str, float]:
+    """The baselines' MSE on the target points: LOCF and linear interpolation from
+    the context points, per channel; `train_mean` predicts the training mean (0 in
+    normalised units)."""
     out = {}
-    for name, cls in (("locf", LOCF), ("linear_interpolation", LinearInterpolation)):
-        model = cls(ts.num_channels)
+    classes = {"locf": LOCF, "linear_interpolation": LinearInterpolation}
+    for name in names:
+        if name == "train_mean":
+            out[name] = mse(np.zeros(ts.values.shape), ts.values, tgt)
+            continue
+        model = classes[name](ts.num_channels)
         mean = np.full(ts.values.shape, np.nan)
         for batch in cdata.batches(ts, 64, layout="padded"):
             idx = np.asarray(batch.index)
@@ -221,14 +246,16 @@ TASKS = ("interpolation", "extrapolation")
 
 
 def evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.5,
-             tasks=TASKS, baselines=True, scale=None) -> dict[str, Any]:  # fmt: skip
+             tasks=TASKS, baselines=BASELINES, scale=None,
+             extra_tasks=None) -> dict[str, Any]:  # fmt: skip
     """The evaluation protocol on normalised series `ts_n`: per task (`interpolation`:
     a random `fraction` of the observed values hidden; `extrapolation`: the values
-    after `split` of each series' span hidden) the MSE of the predictive mean on the
-    hidden values, overall and per channel, the coverage of the 90% interval (with
-    the calibrated `scale`), and the baselines' MSE on the same points."""
+    after `split` of each series' span hidden; a family's own in `extra_tasks`,
+    name -> `task(batch, *, key)`) the MSE of the predictive mean on the hidden
+    values, overall and per channel, the coverage of the 90% interval (with the
+    calibrated `scale`), and the `baselines`' MSE on the same points."""
     metrics: dict[str, Any] = {}
-    all_tasks = evaluation_tasks(fraction, split)
+    all_tasks = {**evaluation_tasks(fraction, split), **(extra_tasks or {})}
     for name in tasks:
         mean, std, ctx, tgt = predict_grid(
             model,
@@ -249,7 +276,8 @@ def evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.
             },
         }
         if baselines:
-            entry["baselines"] = baseline_mse(ts_n, ctx, tgt)
+            names = BASELINES if baselines is True else baselines
+            entry["baselines"] = baseline_mse(ts_n, ctx, tgt, names)
         if not tgt.any():
             entry["note"] = (
                 f"no points to score: no series here has enough observations for "

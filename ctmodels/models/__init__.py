@@ -16,6 +16,7 @@ from ._baselines import (
 )
 from ._catalog import MODELS as MODELS
 from ._latent_ode import LatentODE as LatentODE
+from ._neural_ode import NeuralODE as NeuralODE
 from ._odernn import ODERNN as ODERNN
 from ._predict import (
     Fitted as Fitted,

@@ -4,6 +4,7 @@ for rebuilding models from checkpoints."""
 from .._catalog import register
 from ._baselines import LOCF, RNNVAE, GRUDelta, LinearInterpolation
 from ._latent_ode import LatentODE
+from ._neural_ode import NeuralODE
 from ._odernn import ODERNN
 
 #: ctmodels' own models by class name (the catalogue may hold users' models too:
@@ -17,5 +18,5 @@ MODELS: dict[str, type] = {
     "LOCF": LOCF,
 }
 
-for _cls in MODELS.values():
+for _cls in (*MODELS.values(), NeuralODE):
     register(_cls)
