@@ -163,24 +163,31 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
-    import ctmodels._node_job as node
+    import ctmodels.jobs as job
 
     seen = []
-    monkeypatch.setattr(node, "run_neural_ode", lambda **kw: seen.append(kw) or {})
+
+    def fake_fit(family, data, out, **options):
+        assert family == "neural-ode"
+        seen.append(options)
+        return {"recipe": {}, "epochs_run": 0, "fit_seconds": 0.0, "test": {}}
+
+    monkeypatch.setattr(job, "fit", fake_fit)
     base = ["fit", "neural-ode", "--data", "pbcseq", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main(base + ["--batch-size", "8", "--learning-rate", "0.1",
                         "--latent-size", "3", "--epochs", "2"]) == 0  # fmt: skip
-    assert {"batch_size", "lr", "epochs"}.isdisjoint(seen[0])  # the job's defaults
-    assert (seen[1]["batch_size"], seen[1]["lr"]) == (8, 0.1)
-    assert (seen[1]["latent"], seen[1]["epochs"]) == (3, 2)
+    # the job's defaults (its recipe)
+    assert all(seen[0][k] is None for k in ("batch_size", "learning_rate", "epochs"))
+    assert (seen[1]["batch_size"], seen[1]["learning_rate"]) == (8, 0.1)
+    assert (seen[1]["latent_size"], seen[1]["epochs"]) == (3, 2)
+    # the neural ODE now trains through ctmodels.train.fit: early stopping applies
+    assert main(base + ["--patience", "3"]) == 0 and seen[2]["patience"] == 3
     capsys.readouterr()
-    assert main(base + ["--patience", "3"]) == 2  # not silently ignored
-    err = capsys.readouterr().err.strip()
-    assert "--patience applies to latent-ode only" in err and len(err.splitlines()) == 1
-    assert main(base + ["--anchor", "last"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--anchor applies to latent-ode only" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # not silently ignored
+        main(base + ["--anchor", "last"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --anchor last" in err
 
 
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
