@@ -1,6 +1,6 @@
 """Latent ODE vs baselines on pbcseq: test-set interpolation and extrapolation MSE.
 
-The setting of `ctmodels fit latent-ode` (`ctmodels.jobs.fit` with the `latent-ode` family):
+The setting of `ctmodels fit latent-ode` (`ctmodels.jobs.fit`, family `latent-ode`):
 pbcseq (312 patients, 7 lab channels, up to 16 irregular visits), split by series
 80/10/10 with the seed, normalised with statistics of the training split only (log
 first for the channels whose attrs say `transform="log"`, times scaled by the span),
@@ -91,18 +91,25 @@ import jax.numpy as jnp  # noqa: E402
 
 import ctmodels.data as cdata  # noqa: E402
 import ctmodels.datasets as datasets  # noqa: E402
-from ctmodels.jobs import EVAL_SAMPLES, FROM_RECIPE, mixed_task  # noqa: E402
-from ctmodels.jobs import resolve_recipe as _job_recipe  # noqa: E402
+from ctmodels.jobs import (  # noqa: E402
+    EVAL_SAMPLES,
+    FROM_RECIPE,
+    mixed_task,
+    resolve_recipe as _job_recipe,  # noqa: E402
+)
 from ctmodels.jobs._series import (  # noqa: E402
     baseline_mse as _baseline_mse,
     log_channels as _log_channels,
     mse as _mse,
 )
-from ctmodels.models import (  # noqa: E402
+from ctmodels.models import (  # noqa: E402  # noqa: E402
+    ODERNN,
+    RNNVAE,
+    GRUDelta,
+    LatentODE,
     evaluation_tasks as _tasks,
     predict_grid as _predict_grid,
 )
-from ctmodels.models import ODERNN, RNNVAE, GRUDelta, LatentODE  # noqa: E402
 from ctmodels.train import fit  # noqa: E402
 
 LEARNED = ("LatentODE", "RNNVAE", "ODERNN", "GRUDelta")

@@ -53,6 +53,12 @@ def _fit(ns) -> int:
     }
     for text in ns.option or ():
         key, value = _parse_assignment(text)
+        job_flag = f"--{key.replace('_', '-')}"
+        if key in _JOB_SETTINGS:
+            raise ValueError(
+                f"--option {text!r}: {key} is a training setting, not a model "
+                f"option; give it as {job_flag}."
+            )
         if key in options:
             raise ValueError(
                 f"--option {text!r} sets {key!r}, which "
@@ -93,6 +99,10 @@ def _fit(ns) -> int:
         summary["baselines"] = base
     print(json.dumps(json_safe(summary), indent=1, default=str))
     return 0
+
+
+_JOB_SETTINGS = ("epochs", "learning_rate", "batch_size", "patience", "seed",
+                 "overwrite", "max_plots", "channels", "max_series")  # fmt: skip
 
 
 def _parse_assignment(text: str):
@@ -208,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument("--out", required=True, help="output netCDF path")
     p.add_argument(
-        "--samples", type=_positive_int, default=16,
+        "--n-samples", dest="samples", type=_positive_int, default=16,
         help="posterior samples (default 16)",
     )  # fmt: skip
+    p.add_argument("--samples", dest="samples", type=_positive_int,
+                   action=_Deprecated, new="--n-samples",
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--plots", default=None, help="directory for per-series PNGs")
     p.set_defaults(func=_predict)
@@ -230,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument(
-        "--task", choices=("interpolation", "extrapolation", "both"), default="both",
-        help="which task to score (default both)",
+        "--task", choices=(*_eval_tasks(), "both"), default="both",
+        help="which of the family's evaluation tasks to score (time series: "
+        "interpolation, extrapolation; neural-ode: forecast; default both: all)",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -258,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=_sample)
     return parser
+
+
+def _eval_tasks() -> list[str]:
+    from . import jobs
+
+    names = [t for f in jobs.families().values() for t in f.eval_tasks]
+    return list(dict.fromkeys(names))
 
 
 class _Deprecated(argparse.Action):
@@ -296,8 +317,12 @@ def _add_job_flags(p, *, recipe_help) -> None:
         help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"training epochs (default: {recipe_help('epochs')})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: {recipe_help('epochs')})",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--batch-size", type=int, default=None,
@@ -314,6 +339,7 @@ def _add_job_flags(p, *, recipe_help) -> None:
 
 def _recipe_words(family, key: str) -> str:
     """`key`'s value in the family's recipe, and where a dataset's recipe differs."""
+
     def word(v):
         return "off" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -361,8 +387,12 @@ def _add_fit(sub) -> None:
         q.add_argument("--channels", default=None,
                        help="the variables to model, comma-separated (default: "
                        "every channel of the data)")  # fmt: skip
-        q.add_argument("--max-series", type=int, default=None,
-                       help="train on a random subset of this many series")
+        q.add_argument(
+            "--max-series",
+            type=int,
+            default=None,
+            help="train on a random subset of this many series",
+        )
         g = q.add_argument_group(
             f"{family.model.__name__} options",
             "(also settable as --option KEY=VALUE)",
@@ -396,7 +426,6 @@ def _add_fit(sub) -> None:
             "e.g. --option max_steps=8192 --option solver=tsit5)",
         )  # fmt: skip
         q.set_defaults(func=_fit)
-
 
 
 def _enable_compilation_cache() -> None:

@@ -55,5 +55,10 @@ def test_layers_point_down():
     assert reaches("ctmodels.models", "ctmodels.train") == []
     assert reaches("ctmodels.models", "ctmodels.jobs") == []
     # the job layer and the command line use other packages' public names only
-    assert [p for p in private if p[0].startswith(("ctmodels.jobs", "ctmodels._cli",
-                                                   "ctmodels.models._predict"))] == []
+    assert [
+        p
+        for p in private
+        if p[0].startswith(
+            ("ctmodels.jobs", "ctmodels._cli", "ctmodels.models._predict")
+        )
+    ] == []

@@ -52,9 +52,11 @@ class ToyMean(eqx.Module):
 
     def predict(self, batch, *, key, n_samples=1, times=None):
         del key, n_samples
-        shape = batch.values.shape if times is None else (*batch.times.shape[:1],
-                                                          np.shape(times)[-1],
-                                                          self.level.shape[0])
+        shape = (
+            batch.values.shape
+            if times is None
+            else (*batch.times.shape[:1], np.shape(times)[-1], self.level.shape[0])
+        )
         mean = jnp.broadcast_to(self.level, shape)
         return mean, jnp.broadcast_to(jnp.exp(self.log_std), shape)
 
@@ -102,8 +104,23 @@ def data(tmp_path_factory):
 
 def test_a_family_from_a_spec_runs_every_job_through_the_cli(data, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["fit", "toy", "--data", str(data), "--out", str(out), "--quiet",
-               "--option", "init=0.5", "--width", "2", "--learning-rate", "0.1"])
+    rc = main(
+        [
+            "fit",
+            "toy",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+            "--option",
+            "init=0.5",
+            "--width",
+            "2",
+            "--learning-rate",
+            "0.1",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["recipe"]["epochs"] == 3 and summary["recipe"]["batch_size"] == 8
@@ -125,7 +142,7 @@ def test_a_family_from_a_spec_runs_every_job_through_the_cli(data, tmp_path, cap
 
     pred_path = tmp_path / "pred.nc"
     rc = main(["predict", "--checkpoint", str(out), "--data", str(data), "--out",
-               str(pred_path), "--samples", "2"])  # fmt: skip
+               str(pred_path), "--n-samples", "2"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     pred = xr.load_dataset(pred_path)
     src = xr.load_dataset(data)

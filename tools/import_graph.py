@@ -99,7 +99,11 @@ def _check_private(mod, is_pkg, src, name, out) -> None:
     else:
         owner_mod = src
     if name and name.startswith("_") and not name.startswith("__"):
-        owner = owner_mod if owner_mod.split(".")[-1][0] != "_" else owner_mod.rsplit(".", 1)[0]
+        owner = (
+            owner_mod
+            if owner_mod.split(".")[-1][0] != "_"
+            else owner_mod.rsplit(".", 1)[0]
+        )
         if not (home == owner or home.startswith(owner + ".")):
             out.append((mod, f"{src}.{name}"))
 
@@ -145,7 +149,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    root = Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "ctmodels"
+    root = (
+        Path(argv[0]) if argv else Path(__file__).resolve().parent.parent / "ctmodels"
+    )
     graph, private = imports(root)
     for mod in sorted(graph):
         deps = ", ".join(sorted(graph[mod]))

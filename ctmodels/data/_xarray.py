@@ -26,6 +26,7 @@ import xarray as xr
 from ._time_units import canonical_time_unit, ns_per_time_unit
 from ._timeseries import Metadata, TimeSeries
 
+
 def _roles(ds: xr.Dataset) -> dict[str, str]:
     return {name: str(ds[name].attrs.get("role", "")) for name in ds.variables}
 

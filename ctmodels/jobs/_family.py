@@ -60,20 +60,29 @@ class Family:
       sees; None: `fit`'s default); also the validation task.
     - `fit_options`: further keyword arguments of `ctmodels.train.fit` (default:
       the union-of-times batch layout).
-    - `data`: how data are opened, split and normalised (`prepare(data, *, seed)`)
-      and re-read for a checkpoint (`reload(data, state)`); default: irregular time
-      series (`ctmodels.jobs` time-series helpers).
-    - `evaluate`, `eval_tasks`: the metrics of a model on normalised data and the
-      task names they score (default: interpolation and extrapolation MSE against
+    - `data`: a module or object with `is_file(data)`, `prepare(data, *, seed,
+      **data_options) -> prepared` (open, split, normalise: `prepared.train_n`,
+      `valid_n`, `test_n` for `ctmodels.train.fit`, `.state` for the checkpoint,
+      `.summary` and `.sizes` for metrics.json, `.ts`/`.test` for predictions and
+      plots), `reload(data, state)` (new data read as at training) and
+      `to_model_units(data, state)`; default: irregular time series
+      (`ctmodels.jobs._series`).
+    - `evaluate(model, data_n, *, seed, n_samples, batch_size, tasks, scale,
+      **task_options) -> dict`, `eval_tasks`: the metrics of a model on normalised
+      data and the task names they score (default: interpolation and extrapolation
+      MSE against
       LOCF and linear interpolation, with 90% coverage); `metric_units` says what
       the numbers are (`metrics.json`'s `"units"`).
     - `calibrate`: whether `fit` estimates a residual spread per channel on the
       validation split (`calibration.json`), used by `predict` and `evaluate`.
-    - `predict`: what `predict` writes (default: every variable `V` as its predicted
-      mean and `V_std`, on the data's own coordinates, netCDF).
+    - `predict(model, data, state, *, key, n_samples, spread, batch_size,
+      time_units=None) -> xarray.Dataset`: what `predict` writes (default: every
+      variable `V` as its predicted mean and `V_std`, on the data's own
+      coordinates, netCDF).
     - `sample`: `sample(model, state, *, key, n, out, **options)` writing samples
       (None: the family has no `sample` job).
-    - `plot`: per-series plots after `fit` and with `predict --plots` (None: none).
+    - `plot(data, predictions, out_dir, *, series=None, max_series=6, title="")`:
+      per-series plots after `fit` and with `predict --plots` (None: none).
     """
 
     name: str
@@ -84,7 +93,9 @@ class Family:
     hidden: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     loss_options: tuple[str, ...] = ()
-    recipe: Mapping[str, Any] = dataclasses.field(default_factory=lambda: DEFAULT_RECIPE)
+    recipe: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: DEFAULT_RECIPE
+    )
     recipes: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     task: Callable | None = None
     fit_options: Mapping[str, Any] = dataclasses.field(

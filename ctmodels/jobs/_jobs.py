@@ -20,8 +20,8 @@ the recipe for the data (`Family.recipe_for`), then writes:
 from __future__ import annotations
 
 import time as _time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -188,9 +188,7 @@ def fit(
             model, prepared.valid_n, key=jax.random.key(seed + 3000),
             n_samples=EVAL_SAMPLES, batch_size=batch_size,
         )  # fmt: skip
-        calibration = write_calibration(
-            out / "checkpoint", prepared.ts.channels, scale
-        )
+        calibration = write_calibration(out / "checkpoint", prepared.ts.channels, scale)
     metrics = {
         "data": prepared.name,
         "model": type(model).__name__,
@@ -200,8 +198,13 @@ def fit(
         "recipe": plan,
         "epochs_run": int(len(history)),
         "test": family.evaluate(
-            model, prepared.test_n, seed=seed, n_samples=EVAL_SAMPLES,
-            batch_size=batch_size, tasks=family.eval_tasks, scale=scale,
+            model,
+            prepared.test_n,
+            seed=seed,
+            n_samples=EVAL_SAMPLES,
+            batch_size=batch_size,
+            tasks=family.eval_tasks,
+            scale=scale,
         ),  # fmt: skip
     }
     if calibration is not None:

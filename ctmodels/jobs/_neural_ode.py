@@ -45,7 +45,8 @@ NEURAL_ODE = Family(
     hidden=("num_static",),
     recipe=RECIPE,
     evaluate=functools.partial(
-        _series.evaluate, extra_tasks={"forecast": first_visit_task},
+        _series.evaluate,
+        extra_tasks={"forecast": first_visit_task},
         baselines=("locf", "train_mean"),
     ),  # fmt: skip
     eval_tasks=("forecast",),

@@ -30,6 +30,7 @@ from ._predict import (
     with_spread as with_spread,
 )
 
+
 def __getattr__(name: str):
     # `load_fitted` reads a job's checkpoint folder (checkpoint, normaliser,
     # calibration), which is the job layer's business: it lives in `ctmodels.jobs`

@@ -85,10 +85,24 @@ class NeuralODE(eqx.Module):
                       latent_size=(latent_size, 1), hidden_size=(hidden_size, 1),
                       num_static=(num_static, 0))  # fmt: skip
         k1, k2, k3 = jax.random.split(key, 3)
-        self.encoder = eqx.nn.MLP(2 * num_channels + num_static, latent_size,
-                                  hidden_size, depth=1, activation=jnp.tanh, key=k1)
-        self.field = _Field(eqx.nn.MLP(latent_size, latent_size, hidden_size,
-                                       depth=2, activation=jnp.tanh, key=k2))
+        self.encoder = eqx.nn.MLP(
+            2 * num_channels + num_static,
+            latent_size,
+            hidden_size,
+            depth=1,
+            activation=jnp.tanh,
+            key=k1,
+        )
+        self.field = _Field(
+            eqx.nn.MLP(
+                latent_size,
+                latent_size,
+                hidden_size,
+                depth=2,
+                activation=jnp.tanh,
+                key=k2,
+            )
+        )
         self.decoder = eqx.nn.Linear(latent_size, num_channels, key=k3)
         self.num_channels, self.num_static = num_channels, num_static
         self.solver, self.adjoint = solver, adjoint
@@ -119,8 +133,9 @@ class NeuralODE(eqx.Module):
         z0 = jax.vmap(self.encoder)(jnp.concatenate(parts, axis=-1))
 
         def one(z0, t0, ts):
-            grid, where = C.distinct_times(jnp.concatenate([t0[None],
-                                                            jnp.maximum(ts, t0)]))
+            grid, where = C.distinct_times(
+                jnp.concatenate([t0[None], jnp.maximum(ts, t0)])
+            )
             sol = integrate(self.field, z0, grid, solver=self.solver,
                             adjoint=self.adjoint, rtol=self.rtol, atol=self.atol,
                             max_steps=self.max_steps)  # fmt: skip
@@ -158,7 +173,8 @@ class NeuralODE(eqx.Module):
         unused (deterministic). **Returns:** `(mean, std)`."""
         del key, n_samples
         C.check_batch("NeuralODE", self.num_channels, batch)
-        query = batch.times if times is None else C.query_times(batch, times,
-                                                                 ordered=True)
+        query = (
+            batch.times if times is None else C.query_times(batch, times, ordered=True)
+        )
         mean = self._forecast(batch, query)
         return mean, jnp.zeros_like(mean)

@@ -451,8 +451,3 @@ def _query_dataset(ts, mean, std, given, per_series) -> xr.Dataset:
     }
     return xr.Dataset(data_vars, coords=coords)
 
-
-# the names these had before they were public (benchmarks import them)
-_predict_grid = predict_grid
-_tasks = evaluation_tasks
-_series = as_series
