@@ -1,11 +1,11 @@
 """Latent ODE vs baselines on pbcseq: test-set interpolation and extrapolation MSE.
 
-The setting of `ctmodels fit latent-ode` (`ctmodels._latent_job.fit_latent_ode`):
+The setting of `ctmodels fit latent-ode` (`ctmodels.jobs.fit`, family `latent-ode`):
 pbcseq (312 patients, 7 lab channels, up to 16 irregular visits), split by series
 80/10/10 with the seed, normalised with statistics of the training split only (log
 first for the channels whose attrs say `transform="log"`, times scaled by the span),
 trained with `ctmodels.train.fit` on the job's training recipe for the dataset
-(`ctmodels._latent_job.recipe`; pbcseq: Adam with peak step 1e-2 on the default
+(`ctmodels.jobs.LATENT_ODE.recipe_for`; pbcseq: Adam with peak step 1e-2 on the default
 warmup-cosine schedule, batch 32, 40 epochs, early stopping on the validation loss
 with patience 10; periodic: 2e-3, batch 50, 200 epochs, no early stopping; the
 epoch of the best validation loss is restored either way; `--lr`, `--batch-size`,
@@ -23,7 +23,7 @@ Models (hyperparameters sized like the job's latent ODE: state 8 / 24, MLPs 64 w
 | `LinearInterpolation`, `LOCF` | no training | - |
 
 `LatentODE` has the ODE-RNN encoder and dopri5 latent solve (the job's model).
-`mixed` (the job's training task, `ctmodels._latent_job.mixed_task`): each training
+`mixed` (the job's training task, `ctmodels.jobs.mixed_task`): each training
 step draws, with probability 1/2 each, either an interpolation task (context: a
 random half of the observed values) or an extrapolation task (context: the values in
 the first half of each series' time span); the target is every observed value. The
@@ -91,18 +91,25 @@ import jax.numpy as jnp  # noqa: E402
 
 import ctmodels.data as cdata  # noqa: E402
 import ctmodels.datasets as datasets  # noqa: E402
-from ctmodels._latent_job import (  # noqa: E402
+from ctmodels.jobs import (  # noqa: E402
     EVAL_SAMPLES,
     FROM_RECIPE,
-    _baseline_mse,
-    _log_channels,
-    _mse,
-    _predict_grid,
-    _resolve_recipe,
-    _tasks,
     mixed_task,
+    resolve_recipe as _job_recipe,  # noqa: E402
 )
-from ctmodels.models import ODERNN, RNNVAE, GRUDelta, LatentODE  # noqa: E402
+from ctmodels.jobs._series import (  # noqa: E402
+    baseline_mse as _baseline_mse,
+    log_channels as _log_channels,
+    mse as _mse,
+)
+from ctmodels.models import (  # noqa: E402  # noqa: E402
+    ODERNN,
+    RNNVAE,
+    GRUDelta,
+    LatentODE,
+    evaluation_tasks as _tasks,
+    predict_grid as _predict_grid,
+)
 from ctmodels.train import fit  # noqa: E402
 
 LEARNED = ("LatentODE", "RNNVAE", "ODERNN", "GRUDelta")
@@ -168,7 +175,8 @@ def parse_args(argv=None):
 
 def plan_for(args, data):
     """The job's training recipe for `data` with the command line's overrides."""
-    return _resolve_recipe(
+    return _job_recipe(
+        "latent-ode",
         data,
         epochs=args.epochs if data == "pbcseq" else args.periodic_epochs,
         learning_rate=args.lr,

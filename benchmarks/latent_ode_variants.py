@@ -67,13 +67,14 @@ import optax  # noqa: E402
 
 from ctmodels import data as cdata  # noqa: E402
 from ctmodels import datasets  # noqa: E402
-from ctmodels._latent_job import (  # noqa: E402
-    EVAL_SAMPLES,
-    _log_channels,
-    _mse,
-    _predict_grid,
-    _tasks,
-    recipe,
+from ctmodels.jobs import EVAL_SAMPLES, LATENT_ODE  # noqa: E402
+from ctmodels.jobs._series import (  # noqa: E402
+    log_channels as _log_channels,
+    mse as _mse,
+)
+from ctmodels.models import (  # noqa: E402
+    evaluation_tasks as _tasks,
+    predict_grid as _predict_grid,
 )
 from ctmodels.models import _common as C  # noqa: E402
 from ctmodels.models._predict import _batches as _predict_batches  # noqa: E402
@@ -247,7 +248,7 @@ def mixed_after_cut(batch, *, key):
 def main(argv=None):
     args = parse_args(argv)
     P.TIME_BUCKET = args.time_bucket
-    plan = recipe("pbcseq")
+    plan = LATENT_ODE.recipe_for("pbcseq")
     plan["learning_rate"] = args.lr or plan["learning_rate"]
     plan["epochs"] = args.epochs or plan["epochs"]
     if args.train_task == "extrapolation":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -41,76 +42,84 @@ def _datasets(ns) -> int:
 def _fit(ns) -> int:
     import json
 
+    from . import jobs
     from ._outputs import json_safe
 
-    if ns.model == "latent-ode":
-        from ._latent_job import fit_latent_ode
-
-        options = dict(
-            seed=ns.seed,
-            solver=ns.solver or "dopri5",
-            batch_size=ns.batch_size,
-            latent_size=ns.latent_size,
-            learning_rate=ns.learning_rate,
-            epochs=ns.epochs,
-            adjoint=ns.adjoint,
-        )
-        if ns.patience is not None:
-            options["patience"] = ns.patience
-        if ns.anchor is not None:
-            options["anchor"] = ns.anchor
-        if ns.overwrite:
-            options["overwrite"] = True
-        progress = False if ns.quiet else None
-        metrics = fit_latent_ode(ns.data, ns.out, progress=progress, **options)
-        test = metrics["test"]
-        summary = {
-            "out": str(ns.out),
-            "channels": metrics.get("channels"),
-            "ignored_variables": metrics.get("ignored_variables"),
-            "recipe": metrics["recipe"],
-            "epochs_run": metrics["epochs_run"],
-            "fit_seconds": metrics["fit_seconds"],
-            "test_interpolation_mse": test["interpolation"]["mse"],
-            "test_extrapolation_mse": test["extrapolation"]["mse"],
-            "test_coverage_90": {k: v.get("coverage_90") for k, v in test.items()},
-            "baselines": {k: v["baselines"] for k, v in test.items()},
-        }
-        print(json.dumps(json_safe(summary), indent=1, default=str))
-        return 0
-    from ._node_job import run_neural_ode
-
-    if ns.overwrite:
-        raise ValueError(
-            "--overwrite applies to latent-ode only: the neural-ode job keeps no "
-            "checkpoint and always starts afresh."
-        )
-
+    family = jobs.get_family(ns.model)
+    options = {
+        name: getattr(ns, _dest(name))
+        for name in family.options
+        if hasattr(ns, _dest(name))
+    }
+    for text in ns.option or ():
+        key, value = _parse_assignment(text)
+        job_flag = f"--{key.replace('_', '-')}"
+        if key in _JOB_SETTINGS:
+            raise ValueError(
+                f"--option {text!r}: {key} is a training setting, not a model "
+                f"option; give it as {job_flag}."
+            )
+        if key in options:
+            raise ValueError(
+                f"--option {text!r} sets {key!r}, which "
+                f"--{key.replace('_', '-')} sets too: give it once."
+            )
+        options[key] = value
+    given = {"epochs": ns.epochs, "learning_rate": ns.learning_rate,
+             "batch_size": ns.batch_size}  # fmt: skip
     if ns.patience is not None:
-        raise ValueError(
-            "--patience applies to latent-ode only: the neural-ode job trains for "
-            "--epochs without early stopping."
-        )
-    if ns.anchor is not None:
-        raise ValueError(
-            "--anchor applies to latent-ode only (where its latent state is "
-            "anchored); the neural-ode job has no encoder."
-        )
-    options = dict(
-        seed=ns.seed, solver=ns.solver or "tsit5", adjoint=ns.adjoint,
-        latent=ns.latent_size,
+        given["patience"] = ns.patience
+    if ns.overwrite:
+        given["overwrite"] = True
+    for name in ("max_plots", "channels", "max_series"):
+        if getattr(ns, name) is not None:
+            given[name] = getattr(ns, name)
+    progress = False if ns.quiet else None
+    metrics = jobs.fit(
+        family.name, ns.data, ns.out, seed=ns.seed, progress=progress, **given,
+        **options,
     )  # fmt: skip
-    given = {"epochs": ns.epochs, "batch_size": ns.batch_size, "lr": ns.learning_rate}
-    options.update({k: v for k, v in given.items() if v is not None})
-    metrics = run_neural_ode(data=ns.data, out=ns.out, progress=not ns.quiet, **options)
-    print(json.dumps(metrics, indent=1, default=str))
+    test = metrics["test"]
+    summary = {
+        "out": str(ns.out),
+        "channels": metrics.get("channels"),
+        "ignored_variables": metrics.get("ignored_variables"),
+        "recipe": metrics["recipe"],
+        "epochs_run": metrics["epochs_run"],
+        "fit_seconds": metrics["fit_seconds"],
+    }
+    for task, entry in test.items():
+        if isinstance(entry, dict) and "mse" in entry:
+            summary[f"test_{task}_mse"] = entry["mse"]
+    cover = {k: v.get("coverage_90") for k, v in test.items() if "coverage_90" in v}
+    if cover:
+        summary["test_coverage_90"] = cover
+    base = {k: v["baselines"] for k, v in test.items() if "baselines" in v}
+    if base:
+        summary["baselines"] = base
+    print(json.dumps(json_safe(summary), indent=1, default=str))
     return 0
 
 
-def _predict(ns) -> int:
-    from ._latent_job import predict_checkpoint
+_JOB_SETTINGS = ("epochs", "learning_rate", "batch_size", "patience", "seed",
+                 "overwrite", "max_plots", "channels", "max_series")  # fmt: skip
 
-    pred = predict_checkpoint(
+
+def _parse_assignment(text: str):
+    from .jobs import parse_assignment
+
+    return parse_assignment(text)
+
+
+def _dest(name: str) -> str:
+    """The argparse attribute of a family option (apart from the job's own)."""
+    return f"option_{name}"
+
+
+def _predict(ns) -> int:
+    from . import jobs
+
+    pred = jobs.predict(
         ns.checkpoint,
         ns.data,
         ns.out,
@@ -125,13 +134,22 @@ def _predict(ns) -> int:
 def _evaluate(ns) -> int:
     import json
 
-    from ._latent_job import evaluate_checkpoint
+    from . import jobs
     from ._outputs import json_safe
 
-    metrics = evaluate_checkpoint(
+    metrics = jobs.evaluate(
         ns.checkpoint, ns.data, task=ns.task, out=ns.out, seed=ns.seed
     )
     print(json.dumps(json_safe(metrics), indent=1, default=str))
+    return 0
+
+
+def _sample(ns) -> int:
+    from . import jobs
+
+    options = dict(_parse_assignment(text) for text in ns.option or ())
+    jobs.sample(ns.checkpoint, ns.out, n=ns.n, seed=ns.seed, **options)
+    print(f"wrote {ns.out}")
     return 0
 
 
@@ -182,74 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="dataset name (for show)")
     p.set_defaults(func=_datasets)
 
-    p = sub.add_parser(
-        "fit",
-        help="fit a model to a dataset",
-        description="Fit a model and write history.csv, metrics.json, "
-        "predictions.nc and plots into --out (latent-ode: plots/series_<id>.png and "
-        "the checkpoint/ that predict and evaluate read; neural-ode: plot.png).",
-    )
-    p.add_argument(
-        "model", choices=("latent-ode", "neural-ode"), help="the model to fit"
-    )
-    p.add_argument(
-        "--data", required=True,
-        help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
-    )  # fmt: skip
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
-        "--epochs", type=int, default=None,
-        help="training epochs (default: latent-ode: the dataset's recipe, 40, "
-        "periodic 200; neural-ode: 150)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument(
-        "--solver", default=None,
-        help="ODE solver registry name (default dopri5 for latent-ode, tsit5 for "
-        "neural-ode)",
-    )  # fmt: skip
-    p.add_argument(
-        "--batch-size", type=int, default=None,
-        help="series per batch (default 32; latent-ode on periodic: 50)",
-    )  # fmt: skip
-    p.add_argument(
-        "--latent-size",
-        type=_positive_int,
-        default=8,
-        help="latent state size (default 8)",
-    )
-    p.add_argument(
-        "--learning-rate", type=float, default=None,
-        help="peak Adam step (default: latent-ode: the dataset's recipe, 1e-2, "
-        "periodic 2e-3; neural-ode: 3e-3)",
-    )  # fmt: skip
-    p.add_argument(
-        "--patience", type=int, default=None,
-        help="latent-ode: early-stopping patience in epochs, 0 = off (default: the "
-        "dataset's recipe; 10, periodic off)",
-    )  # fmt: skip
-    p.add_argument(
-        "--anchor", choices=("first", "last"), default=None,
-        help="latent-ode: where the inferred latent state sits: 'first' (the "
-        "paper's model, the batch's first time; default) or 'last' (each series' "
-        "last context observation, the encoder run forwards; see LatentODE)",
-    )  # fmt: skip
-    p.add_argument(
-        "--adjoint",
-        default="checkpoint",
-        help="adjoint registry name (default checkpoint)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true",
-        help="latent-ode: start afresh in --out, replacing the run there (by "
-        "default a run in --out is resumed if its options match, else refused)",
-    )  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_fit)
+    _add_fit(sub)
 
     p = sub.add_parser(
         "predict",
-        help="predict with a fitted latent ODE",
+        help="predict with a fitted model",
         description="Condition on the observed (non-NaN) values of --data and write, "
         "on its own dims and coordinates, each variable V as the predicted mean and "
         "V_std as the predictive standard deviation at every position with a valid "
@@ -263,16 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument("--out", required=True, help="output netCDF path")
     p.add_argument(
-        "--samples", type=_positive_int, default=16,
+        "--n-samples", dest="samples", type=_positive_int, default=16,
         help="posterior samples (default 16)",
     )  # fmt: skip
+    p.add_argument("--samples", dest="samples", type=_positive_int,
+                   action=_Deprecated, new="--n-samples",
+                   help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--plots", default=None, help="directory for per-series PNGs")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(
         "evaluate",
-        help="interpolation/extrapolation MSE of a fitted latent ODE",
+        help="the metrics of a fitted model (time series: interpolation and "
+        "extrapolation MSE)",
         description="Hide 50% of the observed values (interpolation) or the second "
         "half of each series' time span (extrapolation) and report the MSE of the "
         "model and of LOCF / linear interpolation, in normalised units, and how often "
@@ -284,13 +243,189 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--data", required=True, help="netCDF path or bundled name")
     p.add_argument(
-        "--task", choices=("interpolation", "extrapolation", "both"), default="both",
-        help="which task to score (default both)",
+        "--task", choices=(*_eval_tasks(), "both"), default="both",
+        help="which of the family's evaluation tasks to score (time series: "
+        "interpolation, extrapolation; neural-ode: forecast; default both: all)",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "sample",
+        help="draw samples from a fitted model (families that sample)",
+        description="Draw --n samples from the model in --checkpoint and write them "
+        "to --out (what is sampled and the file's format: the family's; a family "
+        "without a sample job says so).",
+    )
+    p.add_argument(
+        "--checkpoint", required=True,
+        help="checkpoint directory (a `fit` --out directory or its checkpoint/)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--n", type=_positive_int, default=16,
+                   help="number of samples (default 16)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument(
+        "--option", action="append", metavar="KEY=VALUE",
+        help="a sampling option of the family (VALUE: a JSON literal or a name)",
+    )  # fmt: skip
+    p.set_defaults(func=_sample)
     return parser
+
+
+def _eval_tasks() -> list[str]:
+    from . import jobs
+
+    names = [t for f in jobs.families().values() for t in f.eval_tasks]
+    return list(dict.fromkeys(names))
+
+
+class _Deprecated(argparse.Action):
+    """An old flag spelling: accepted, with a message naming the current one."""
+
+    def __init__(self, option_strings, dest, new=None, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"ctmodels: warning: {option_string} is deprecated; use {self.new}.",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _flag_type(opt):
+    """argparse type of a family option: its own parser, errors as usage errors."""
+
+    def parse(text):
+        try:
+            return opt.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = opt.flag_type  # argparse names the type in its message
+    return parse
+
+
+def _add_job_flags(p, *, recipe_help) -> None:
+    """The training flags every family shares (the recipe's and the run's);
+    `recipe_help(key)` says a recipe setting's default."""
+    p.add_argument(
+        "--data", required=True,
+        help="a bundled dataset name (see `ctmodels datasets`) or a netCDF path",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"training epochs (default: {recipe_help('epochs')})",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--batch-size", type=int, default=None,
+        help=f"series per batch (default: {recipe_help('batch_size')})",
+    )  # fmt: skip
+    p.add_argument(
+        "--learning-rate", type=float, default=None,
+        help=f"peak Adam step (default: {recipe_help('learning_rate')})",
+    )  # fmt: skip
+    p.add_argument("--lr", dest="learning_rate", type=float, action=_Deprecated,
+                   new="--learning-rate", help=argparse.SUPPRESS)  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _recipe_words(family, key: str) -> str:
+    """`key`'s value in the family's recipe, and where a dataset's recipe differs."""
+
+    def word(v):
+        return "off" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    value = family.recipe[key]
+    words = f"the dataset's recipe; {word(value)}"
+    for name, r in family.recipes.items():
+        if key in r and r[key] != value:
+            words += f", {name} {word(r[key])}"
+    return words
+
+
+def _add_fit(sub) -> None:
+    from . import jobs
+
+    fams = jobs.families()
+    p = sub.add_parser(
+        "fit",
+        help="fit a model to a dataset",
+        description="Fit a model and write history.csv, metrics.json, "
+        "predictions.nc and plots into --out, and the checkpoint/ that predict, "
+        "evaluate and sample read. "
+        "`ctmodels fit MODEL --help` lists a model's options with their defaults.",
+    )
+    models = p.add_subparsers(dest="model", metavar="MODEL", required=True)
+    for name, family in sorted(fams.items()):
+        q = models.add_parser(
+            name, help=family.summary or family.title,
+            description=f"Fit a {family.title} ({family.model.__name__}). Options "
+            "left unset take the defaults shown (the model's constructor's, or "
+            "the family's own table); the training recipe depends on the dataset.",
+        )  # fmt: skip
+        _add_job_flags(q, recipe_help=functools.partial(_recipe_words, family))
+        q.add_argument(
+            "--patience", type=int, default=None,
+            help="early-stopping patience in epochs, 0 = off (default: "
+            f"{_recipe_words(family, 'patience')})",
+        )  # fmt: skip
+        q.add_argument(
+            "--overwrite", action="store_true",
+            help="start afresh in --out, replacing the run there (by default a run "
+            "in --out is resumed if its options match, else refused)",
+        )  # fmt: skip
+        q.add_argument("--max-plots", type=int, default=None,
+                       help="test series plotted (default 6)")  # fmt: skip
+        q.add_argument("--channels", default=None,
+                       help="the variables to model, comma-separated (default: "
+                       "every channel of the data)")  # fmt: skip
+        q.add_argument(
+            "--max-series",
+            type=int,
+            default=None,
+            help="train on a random subset of this many series",
+        )
+        g = q.add_argument_group(
+            f"{family.model.__name__} options",
+            "(also settable as --option KEY=VALUE)",
+        )
+        for opt in family.options.values():
+            default = f"default: {opt.default!r}" if opt.default is not None else (
+                "default: none")  # fmt: skip
+            words = opt.help or ""
+            if opt.where == "loss":
+                words = f"in the training loss: {opt.name} ({words.rstrip('.')})."
+            help_text = (words.replace("%", "%%") + f" ({default})").strip()
+            kw = dict(dest=_dest(opt.name), default=argparse.SUPPRESS,
+                      help=help_text)  # fmt: skip
+            if opt.flag_type == "bool":
+                g.add_argument(opt.flag, action=argparse.BooleanOptionalAction, **kw)
+            elif opt.choices is not None:
+                g.add_argument(opt.flag, choices=opt.choices, **kw)
+            else:
+                g.add_argument(opt.flag, type=_flag_type(opt), metavar="X"
+                               if opt.flag_type != "str" else "NAME", **kw)  # fmt: skip
+        for old, new in jobs.DEPRECATED.items():
+            if new in family.options and old not in family.options:
+                g.add_argument(f"--{old}", dest=_dest(new), action=_Deprecated,
+                               type=_flag_type(family.options[new]),
+                               new=family.options[new].flag,
+                               default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS)  # fmt: skip
+        g.add_argument(
+            "--option", action="append", metavar="KEY=VALUE",
+            help="any option above by its name (VALUE: a JSON literal or a name, "
+            "e.g. --option max_steps=8192 --option solver=tsit5)",
+        )  # fmt: skip
+        q.set_defaults(func=_fit)
 
 
 def _enable_compilation_cache() -> None:
@@ -352,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
-    if ns.command in ("fit", "predict", "evaluate"):
+    if ns.command in ("fit", "predict", "evaluate", "sample"):
         _enable_compilation_cache()
     import warnings
 
@@ -374,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         again = (
             " The last checkpoint in --out was kept: rerun the same command "
             "(without --overwrite) to resume."
-            if ns.command == "fit" and getattr(ns, "model", "") == "latent-ode"
+            if ns.command == "fit"
             else ""
         )
         print(f"ctmodels {ns.command}: interrupted.{again}", file=sys.stderr)

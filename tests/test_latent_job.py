@@ -4,6 +4,7 @@ coordinates, evaluate writes metrics JSON, bad input gives one line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 
@@ -26,13 +27,13 @@ SMALL = dict(
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    from ctmodels._latent_job import fit_latent_ode
+    from ctmodels.jobs import fit
 
     root = tmp_path_factory.mktemp("latent")
     path = root / "pbc40.nc"
     D.load("pbcseq").isel(series=slice(0, 40)).to_netcdf(path)
     out = root / "run"
-    metrics = fit_latent_ode(path, out, progress=False, **SMALL)
+    metrics = fit("latent-ode", path, out, progress=False, **SMALL)
     return path, out, metrics
 
 
@@ -68,7 +69,7 @@ def test_fit_writes_outputs(fitted):
 def test_mixed_task_draws_interpolation_or_extrapolation():
     import jax
 
-    from ctmodels._latent_job import mixed_task
+    from ctmodels.jobs import mixed_task
 
     ts = cd.from_xarray(D.load("pbcseq").isel(series=slice(0, 12)), static=[])
     batch = next(iter(cd.batches(ts, 12, layout="union")))
@@ -95,7 +96,7 @@ def test_mixed_task_draws_interpolation_or_extrapolation():
 
 def test_fit_records_its_recipe(fitted):
     # a file gets the default recipe, with the caller's settings over it
-    from ctmodels._latent_job import DEFAULT_RECIPE
+    from ctmodels.jobs import DEFAULT_RECIPE
 
     _, _, metrics = fitted
     want = dict(DEFAULT_RECIPE, epochs=2, batch_size=16)
@@ -105,37 +106,40 @@ def test_fit_records_its_recipe(fitted):
 
 
 def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
-    import ctmodels._latent_job as job
+    import ctmodels.jobs as job
 
-    assert job.recipe("periodic") == job.RECIPES["periodic"]
-    assert job.recipe("pbcseq") == job.DEFAULT_RECIPE
-    job.recipe("periodic")["epochs"] = -1  # a copy: the table is not changed
+    family = job.get_family("latent-ode")
+    _resolve_recipe = functools.partial(job.resolve_recipe, "latent-ode")
+    assert family.recipe_for("periodic") == job.RECIPES["periodic"]
+    assert family.recipe_for("pbcseq") == job.DEFAULT_RECIPE
+    family.recipe_for("periodic")["epochs"] = -1  # a copy: the table is not changed
     assert job.RECIPES["periodic"]["epochs"] == 200
     unset = dict(epochs=None, learning_rate=None, batch_size=None,
                  patience=job.FROM_RECIPE)  # fmt: skip
     key = lambda p: (p["learning_rate"], p["epochs"], p["patience"])  # noqa: E731
-    assert key(job._resolve_recipe("periodic", **unset)) == (2e-3, 200, None)
-    plan = job._resolve_recipe("periodic", **dict(unset, epochs=5, patience=3))
+    assert key(_resolve_recipe("periodic", **unset)) == (2e-3, 200, None)
+    plan = _resolve_recipe("periodic", **dict(unset, epochs=5, patience=3))
     assert key(plan) == (2e-3, 5, 3)
-    assert job._resolve_recipe("pbcseq", **dict(unset, patience=0))["patience"] is None
+    assert _resolve_recipe("pbcseq", **dict(unset, patience=0))["patience"] is None
     # a file gets the default recipe whatever its name, with or without a suffix
     monkeypatch.chdir(tmp_path)
     (tmp_path / "periodic").write_text("")
     for name in ("periodic", "periodic.nc"):
-        assert job._resolve_recipe(name, **unset) == job.DEFAULT_RECIPE
+        assert _resolve_recipe(name, **unset) == job.DEFAULT_RECIPE
     for bad in (dict(epochs=0), dict(batch_size=2.5), dict(learning_rate=-1.0),
                 dict(patience=-1)):  # fmt: skip
         with pytest.raises(ValueError, match=next(iter(bad))):
-            job._resolve_recipe("pbcseq", **dict(unset, **bad))
+            _resolve_recipe("pbcseq", **dict(unset, **bad))
     seen = []
 
-    def fake_fit(data, out, **options):
+    def fake_fit(family, data, out, **options):
+        assert family == "latent-ode"
         seen.append(options)
         test = {"mse": 0.0, "baselines": {}}
         return {"recipe": {}, "epochs_run": 0, "fit_seconds": 0.0,
                 "test": {"interpolation": test, "extrapolation": test}}  # fmt: skip
 
-    monkeypatch.setattr(job, "fit_latent_ode", fake_fit)
+    monkeypatch.setattr(job, "fit", fake_fit)
     base = ["fit", "latent-ode", "--data", "periodic", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main(base + ["--epochs", "3", "--learning-rate", "0.1", "--patience", "0",
@@ -147,30 +151,43 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     assert seen[0]["batch_size"] is None and "patience" not in seen[0]
     assert (seen[1]["epochs"], seen[1]["learning_rate"]) == (3, 0.1)
     assert (seen[1]["batch_size"], seen[1]["patience"]) == (8, 0)
-    assert seen[0]["adjoint"] == "checkpoint"
+    # unset model options do not reach the job: it takes them from the family's
+    # one table of defaults (the constructor's, the family's own sizes over it)
+    assert "adjoint" not in seen[0] and "latent_size" not in seen[0]
+    hyper = [family.resolve_options({k: v for k, v in s.items()
+                                     if k in family.options})[0] for s in seen]
+    assert hyper[0]["adjoint"] == "checkpoint" and hyper[0]["latent_size"] == 8
     assert "anchor" not in seen[0] and seen[1]["anchor"] == "last"
+    assert hyper[0]["anchor"] == "first" and hyper[1]["anchor"] == "last"
     assert "overwrite" not in seen[0] and seen[1]["overwrite"] is True
 
 
 def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
-    import ctmodels._node_job as node
+    import ctmodels.jobs as job
 
     seen = []
-    monkeypatch.setattr(node, "run_neural_ode", lambda **kw: seen.append(kw) or {})
+
+    def fake_fit(family, data, out, **options):
+        assert family == "neural-ode"
+        seen.append(options)
+        return {"recipe": {}, "epochs_run": 0, "fit_seconds": 0.0, "test": {}}
+
+    monkeypatch.setattr(job, "fit", fake_fit)
     base = ["fit", "neural-ode", "--data", "pbcseq", "--out", str(tmp_path)]
     assert main(base) == 0
     assert main(base + ["--batch-size", "8", "--learning-rate", "0.1",
                         "--latent-size", "3", "--epochs", "2"]) == 0  # fmt: skip
-    assert {"batch_size", "lr", "epochs"}.isdisjoint(seen[0])  # the job's defaults
-    assert (seen[1]["batch_size"], seen[1]["lr"]) == (8, 0.1)
-    assert (seen[1]["latent"], seen[1]["epochs"]) == (3, 2)
+    # the job's defaults (its recipe)
+    assert all(seen[0][k] is None for k in ("batch_size", "learning_rate", "epochs"))
+    assert (seen[1]["batch_size"], seen[1]["learning_rate"]) == (8, 0.1)
+    assert (seen[1]["latent_size"], seen[1]["epochs"]) == (3, 2)
+    # the neural ODE now trains through ctmodels.train.fit: early stopping applies
+    assert main(base + ["--patience", "3"]) == 0 and seen[2]["patience"] == 3
     capsys.readouterr()
-    assert main(base + ["--patience", "3"]) == 2  # not silently ignored
-    err = capsys.readouterr().err.strip()
-    assert "--patience applies to latent-ode only" in err and len(err.splitlines()) == 1
-    assert main(base + ["--anchor", "last"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--anchor applies to latent-ode only" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # not silently ignored
+        main(base + ["--anchor", "last"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --anchor last" in err
 
 
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
@@ -199,7 +216,7 @@ def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
     xr.testing.assert_identical(pred["time"], query["time"])
     # the prediction conditions on observations: the same model on the same data is
     # reproducible with a fixed seed
-    from ctmodels._latent_job import predict_checkpoint
+    from ctmodels.jobs import predict as predict_checkpoint
 
     again = predict_checkpoint(out, qpath, tmp_path / "pred2.nc", n_samples=4)
     np.testing.assert_allclose(again["bili"].values, pred["bili"].values)
@@ -230,7 +247,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
 
 
 def _predict_bili(out, ds, path, **kw):
-    from ctmodels._latent_job import predict_checkpoint
+    from ctmodels.jobs import predict as predict_checkpoint
 
     ds.to_netcdf(path)
     return predict_checkpoint(out, path, path.with_suffix(".pred.nc"), n_samples=3,
@@ -343,7 +360,7 @@ def test_calibrate_spread_against_the_closed_form():
     """Channel c's errors are c * bias; the model explains `var` of their square:
     the residual std is sqrt((c * bias)^2 - var), at least the model's noise; the
     calibrated intervals then hold the values exactly when they are wide enough."""
-    from ctmodels._latent_job import _coverage
+    from ctmodels.jobs._series import coverage as _coverage
     from ctmodels.models import calibrate_spread
     from ctmodels.models._predict import with_spread as _calibrated_std
 
@@ -375,7 +392,7 @@ def test_predict_uses_the_calibration(fitted, tmp_path):
     model's own."""
     import shutil
 
-    from ctmodels._latent_job import predict_checkpoint
+    from ctmodels.jobs import predict as predict_checkpoint
 
     path, out, _ = fitted
     cal = json.loads((out / "checkpoint" / "calibration.json").read_text())
@@ -428,7 +445,7 @@ def test_load_fitted_predicts_at_any_times_in_data_units(fitted, tmp_path):
     job's checkpoint carries its normaliser, calibrated spread and time unit."""
     import jax
 
-    from ctmodels._latent_job import predict_checkpoint
+    from ctmodels.jobs import predict as predict_checkpoint
     from ctmodels.models import load_fitted, predict
 
     path, out, _ = fitted
@@ -474,7 +491,8 @@ def test_calibration_belongs_to_its_checkpoint(fitted, tmp_path, capsys):
     the same --out leaves it (and the calibrated spread) in place; once the
     checkpoint changes (training went on, a new run started there) it is not used,
     with a warning, instead of pairing an old scale with a new model."""
-    from ctmodels._latent_job import _read_calibration, predict_checkpoint
+    from ctmodels.jobs import predict as predict_checkpoint
+    from ctmodels.jobs._files import read_calibration as _read_calibration
 
     path, out, _ = fitted
     run = _copy_run(out, tmp_path / "run")
@@ -514,7 +532,10 @@ def test_a_legacy_calibration_is_not_paired_with_a_new_model(
     that --out (here: --overwrite, stopped after it rewrote the checkpoint) makes it
     stale like a current one; with no checkpoint beside it, it is removed."""
     import ctmodels.train
-    from ctmodels._latent_job import _read_calibration, fit_latent_ode
+    from ctmodels.jobs import fit
+    from ctmodels.jobs._files import read_calibration as _read_calibration
+
+    fit_latent_ode = functools.partial(fit, "latent-ode")
 
     path, out, _ = fitted
     run = _copy_run(out, tmp_path / "run")
@@ -606,7 +627,7 @@ def test_metrics_without_points_are_null_with_a_note(fitted, tmp_path):
     """Data whose series have one visit each: nothing to extrapolate to, so strict
     JSON nulls and a note instead of NaN (interpolation still hides some of the
     visit's channels)."""
-    from ctmodels._latent_job import evaluate_checkpoint
+    from ctmodels.jobs import evaluate as evaluate_checkpoint
 
     path, out, _ = fitted
     one = xr.load_dataset(path).isel(series=slice(0, 3), obs=slice(0, 1))
@@ -626,7 +647,9 @@ def test_fit_builds_the_model_with_the_anchor(tmp_path, monkeypatch):
     """`fit_latent_ode(anchor=...)` reaches the model (and so its checkpoint's
     hyperparameters); a bad one is refused before the output directory exists."""
     import ctmodels.train
-    from ctmodels._latent_job import fit_latent_ode
+    from ctmodels.jobs import fit
+
+    fit_latent_ode = functools.partial(fit, "latent-ode")
 
     path = tmp_path / "pbc8.nc"
     D.load("pbcseq").isel(series=slice(0, 8)).to_netcdf(path)

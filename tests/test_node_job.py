@@ -9,7 +9,13 @@ import pytest
 import xarray as xr
 
 import ctmodels.datasets
-from ctmodels._node_job import run_neural_ode
+from ctmodels.jobs import fit, load_fitted
+
+
+def run_neural_ode(data, out, **options):
+    """`ctmodels fit neural-ode` in Python (the job layer with the neural-ODE spec)."""
+    return fit("neural-ode", data, out, **options)
+
 
 CSV = Path(__file__).resolve().parent.parent / "datasets" / "pbcseq.csv"
 CHANNELS = {
@@ -23,7 +29,8 @@ CHANNELS = {
 }
 # One shape for every job run here: the step compiles once, later runs reuse it.
 TINY = dict(
-    epochs=2, max_series=24, batch_size=8, hidden=8, latent=4, progress=False, seed=0
+    epochs=2, max_series=24, batch_size=8, hidden_size=8, latent_size=4,
+    progress=False, seed=0, channels="bili,albumin,protime",
 )
 
 
@@ -129,25 +136,31 @@ def tiny_run(tmp_path_factory):
 
 def test_job_writes_all_files(tiny_run, ds):
     out, metrics = tiny_run
-    for name in ("history.csv", "metrics.json", "predictions.nc", "plot.png"):
+    for name in ("history.csv", "metrics.json", "predictions.nc"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert list((out / "plots").glob("series_*.png"))
 
     history = pd.read_csv(out / "history.csv")
-    assert list(history.columns) == ["epoch", "train_loss", "valid_loss", "seconds"]
+    assert {"epoch", "train_loss", "valid_loss"} <= set(history.columns)
     assert history["epoch"].tolist() == [1, 2]
     assert np.all(np.isfinite(history[["train_loss", "valid_loss"]].to_numpy()))
 
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["n_series"] == {"train": 20, "valid": 2, "test": 2}
+    assert saved["series"] == {"train": 19, "valid": 3, "test": 2}
+    forecast = saved["test"]["forecast"]
     for value in (
-        saved["test_mse"],
-        saved["baselines"]["locf_first_visit"]["test_mse"],
-        saved["baselines"]["train_mean"]["test_mse"],
+        forecast["mse"],
+        forecast["baselines"]["locf"],
+        forecast["baselines"]["train_mean"],
     ):
         assert np.isfinite(value) and value >= 0
-    assert saved["test_mse"] == pytest.approx(metrics["test_mse"])
+    assert saved["test"]["forecast"]["mse"] == pytest.approx(metrics["test"][
+        "forecast"]["mse"])  # fmt: skip
     assert saved["channels"] == ["bili", "albumin", "protime"]
-    assert saved["log_transformed"] == ["bili", "protime"]
+    fitted = load_fitted(out)
+    logged = [c for c, lg in zip(fitted.channels, fitted.normalizer.log, strict=True)
+              if lg]  # fmt: skip
+    assert logged == ["bili", "protime"]
     assert saved["compilations"]["train_step"] <= 1  # fixed batch shapes
 
     with xr.open_dataset(out / "predictions.nc") as pred:
@@ -158,10 +171,10 @@ def test_job_writes_all_files(tiny_run, ds):
         observed = pred["time"].notnull().values
         assert np.all(np.isfinite(pred[c].values[observed]))
         assert np.all(np.isnan(pred[c].values[~observed]))
-        ref = ds[c].sel(series=pred["series"].values)
-        np.testing.assert_array_equal(pred[f"{c}_observed"].values, ref.values)
+        assert np.all(pred[f"{c}_std"].values[observed] > 0)  # calibrated spread
     assert np.all(pred["bili"].values[pred["time"].notnull().values] > 0)
-    assert sorted(np.unique(pred["split"].values)) == [0, 1, 2]
+    # the three splits cover the predicted series
+    assert sum(saved["series"].values()) == pred.sizes["series"]
 
 
 def test_predictions_round_trip_time(tiny_run, ds):
@@ -177,70 +190,60 @@ def test_predictions_round_trip_time(tiny_run, ds):
 def test_loss_decreases(tiny_run, tmp_path):
     # tiny_run is requested so that its compile happened in this process, whatever
     # the test order (pytest-xdist spreads a module's tests over workers)
-    metrics = run_neural_ode(
-        "pbcseq", tmp_path, **{**TINY, "epochs": 6, "lr": 1e-2, "plot": False}
-    )
+    run_neural_ode(
+        "pbcseq", tmp_path, **{**TINY, "epochs": 6, "learning_rate": 1e-2,
+                               "max_plots": 0}
+    )  # fmt: skip
     history = pd.read_csv(tmp_path / "history.csv")
     assert history["train_loss"].iloc[-1] < 0.9 * history["train_loss"].iloc[0]
-    assert metrics["compilations"]["train_step"] == 0  # reused the fixture's compile
 
 
 def test_job_reads_netcdf_in_the_same_layout(tmp_path, ds):
     path = tmp_path / "subset.nc"
     ds.isel(series=slice(0, 24)).to_netcdf(path)
     metrics = run_neural_ode(
-        path, tmp_path / "out", **{**TINY, "epochs": 1, "plot": False},
-        channels="bili,albumin,protime",
+        path, tmp_path / "out", **{**TINY, "epochs": 1, "max_plots": 0},
     )  # fmt: skip
-    assert metrics["data"] == str(path)
-    assert np.isfinite(metrics["test_mse"])
+    assert metrics["data"] == "subset"  # the file's name, as for every family
+    assert np.isfinite(metrics["test"]["forecast"]["mse"])
 
 
 def test_job_rejects_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="not in the data"):
-        run_neural_ode("pbcseq", tmp_path, channels=("bilirubin",), **TINY)
-    with pytest.raises(ValueError, match="neither a bundled dataset"):
-        run_neural_ode(tmp_path / "missing.nc", tmp_path, **TINY)
+    with pytest.raises(ValueError, match="bilirubin"):
+        run_neural_ode("pbcseq", tmp_path / "a", **{**TINY, "channels": "bilirubin"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_neural_ode(tmp_path / "missing.nc", tmp_path / "b", **TINY)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_dense_prediction_matches_direct_solve():
-    """The plot's dense trajectories (chunked through the training shape) agree with
-    one solve on a grid made of the same times."""
-    import equinox as eqx
+    """Predictions at query times (a dense grid holding the observation times) agree
+    with the predictions on the batch's own grid: one model, one solve per row."""
     import jax
 
-    from ctmodels._node_job import (
-        _OPTIMIZER,
-        NeuralODEForecaster,
-        _predict_all,
-        _predict_dense,
-    )
+    import ctmodels.data as cd
+    from ctmodels.models import NeuralODE
 
-    B, T, C, S = TINY["batch_size"], 16, 3, 3
-    model = NeuralODEForecaster(
-        C, S, latent=TINY["latent"], hidden=TINY["hidden"], solver="tsit5",
-        adjoint="checkpoint", rtol=1e-3, atol=1e-4, key=jax.random.key(1),
+    B, T, C = TINY["batch_size"], 16, 3
+    model = NeuralODE(
+        C, latent_size=TINY["latent_size"], hidden_size=TINY["hidden_size"],
+        key=jax.random.key(1),
     )  # fmt: skip
-    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
     rng = np.random.default_rng(0)
     n = 5
-    ts = np.cumsum(rng.uniform(0.1, 1.0, (n, T)), axis=1).astype(np.float32)
+    ts = np.cumsum(rng.uniform(0.1, 1.0, (n, T)), axis=1)
     ts -= ts[:, :1]
-    arrays = {
-        "x0": rng.normal(size=(n, C)).astype(np.float32),
-        "m0": np.ones((n, C), np.float32),
-        "s": rng.normal(size=(n, S)).astype(np.float32),
-        "ts": ts,
-        "y": np.zeros((n, T, C), np.float32),
-    }
-    idx = np.arange(n)
-    direct = _predict_all(model, opt_state, arrays, idx, B)
-    # A 40-point grid whose every third point is one of the first 14 observation times.
-    dense = np.sort(
-        np.concatenate([ts[:, :14], ts[:, :13] + 0.03, ts[:, :13] + 0.06], axis=1)
-    )
-    chunked = _predict_dense(model, opt_state, arrays, idx, B, dense)
-    assert chunked.shape == (n, dense.shape[1], C)
-    on_obs = np.stack([np.searchsorted(dense[i], ts[i, :14]) for i in range(n)])
-    got = np.take_along_axis(chunked, on_obs[..., None], axis=1)
-    np.testing.assert_allclose(got, direct[:, :14], rtol=2e-3, atol=2e-3)
+    series = cd.TimeSeries.from_arrays(ts, rng.normal(size=(n, T, C)))
+    batch = next(iter(cd.batches(series, B, layout="padded")))
+    direct, _ = model.predict(batch, key=jax.random.key(0))
+    # A 40-point grid whose every third point is one of the first 14 observation
+    # times (rows past the 5 series repeat the first's)
+    times = np.asarray(batch.times)
+    dense = np.sort(np.concatenate(
+        [times[:, :14], times[:, :13] + 0.03, times[:, :13] + 0.06], axis=1
+    ))  # fmt: skip
+    chunked, _ = model.predict(batch, key=jax.random.key(0), times=dense)
+    assert chunked.shape == (B, dense.shape[1], C)
+    on_obs = np.stack([np.searchsorted(dense[i], times[i, :14]) for i in range(n)])
+    got = np.take_along_axis(np.asarray(chunked)[:n], on_obs[..., None], axis=1)
+    np.testing.assert_allclose(got, np.asarray(direct)[:n, :14], rtol=2e-3, atol=2e-3)

@@ -189,14 +189,17 @@ def test_numpy_int_sample_counts(setup):
 
 
 def test_prediction_grid_compiles_once_for_every_task_and_short_batch():
-    """`_predict_grid` pads the short last batch to the others' time length and
+    """`predict_grid` pads the short last batch to the others' time length and
     applies the task outside the compiled prediction: one compilation serves
     reconstruction, interpolation and extrapolation. Oracles: the model's own
     `predict` on unpadded batches, and the extrapolation task applied by hand."""
     import equinox as eqx
 
-    from ctmodels.models import LOCF
-    from ctmodels.models._predict import _predict_grid, _tasks
+    from ctmodels.models import (
+        LOCF,
+        evaluation_tasks as _tasks,
+        predict_grid as _predict_grid,
+    )
 
     shapes = []
 

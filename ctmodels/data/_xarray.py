@@ -23,44 +23,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from ._time_units import canonical_time_unit, ns_per_time_unit
 from ._timeseries import Metadata, TimeSeries
-
-_UNIT_SECONDS = {
-    "seconds": 1.0,
-    "minutes": 60.0,
-    "hours": 3600.0,
-    "days": 86400.0,
-    "weeks": 7 * 86400.0,
-    "years": 365.25 * 86400.0,
-}
-_UNIT_ALIASES = {
-    "s": "seconds",
-    "sec": "seconds",
-    "second": "seconds",
-    "min": "minutes",
-    "minute": "minutes",
-    "h": "hours",
-    "hour": "hours",
-    "d": "days",
-    "day": "days",
-    "w": "weeks",
-    "week": "weeks",
-    "y": "years",
-    "year": "years",
-}
-
-
-def _unit(units: str) -> str:
-    u = _UNIT_ALIASES.get(units, units)
-    if u not in _UNIT_SECONDS:
-        raise ValueError(
-            f"Unknown time_units {units!r}; use one of {sorted(_UNIT_SECONDS)}."
-        )
-    return u
-
-
-def _ns_per_unit(units: str) -> float:
-    return _UNIT_SECONDS[_unit(units)] * 1e9
 
 
 def _roles(ds: xr.Dataset) -> dict[str, str]:
@@ -173,7 +137,7 @@ class _Layout:
         dtype = tvar.dtype
         if np.issubdtype(dtype, np.datetime64):
             self.time_kind = "datetime"
-            self.time_units = _unit(time_units or "days")
+            self.time_units = canonical_time_unit(time_units or "days")
             if time_origin is None:
                 tv = np.asarray(tvar.values)
                 tv = tv[~np.isnat(tv)]
@@ -183,7 +147,7 @@ class _Layout:
             self.time_origin = np.datetime64(time_origin, "ns")
         elif np.issubdtype(dtype, np.timedelta64):
             self.time_kind = "timedelta"
-            self.time_units = _unit(time_units or "days")
+            self.time_units = canonical_time_unit(time_units or "days")
             self.time_origin = None
         elif np.issubdtype(dtype, np.number):
             self.time_kind = "float"
@@ -261,12 +225,12 @@ class _Layout:
         if self.time_kind == "datetime":
             nat = np.isnat(t)
             out = (t.astype("datetime64[ns]") - self.time_origin).astype(np.float64)
-            out = out / _ns_per_unit(self.time_units)
+            out = out / ns_per_time_unit(self.time_units)
             return np.where(nat, np.nan, out)
         if self.time_kind == "timedelta":
             nat = np.isnat(t)
             out = t.astype("timedelta64[ns]").astype(np.float64)
-            return np.where(nat, np.nan, out / _ns_per_unit(self.time_units))
+            return np.where(nat, np.nan, out / ns_per_time_unit(self.time_units))
         return np.asarray(t, np.float64)
 
     def convert(self, ds: xr.Dataset, index=None) -> TimeSeries:
@@ -484,11 +448,11 @@ def from_xarray(
 
 def _float_to_times(meta: Metadata, t: np.ndarray) -> np.ndarray:
     if meta.time_kind == "datetime":
-        ns = np.round(t * _ns_per_unit(meta.time_units))
+        ns = np.round(t * ns_per_time_unit(meta.time_units))
         out = meta.time_origin + np.where(np.isnan(ns), 0, ns).astype("timedelta64[ns]")
         return np.where(np.isnan(t), np.datetime64("NaT"), out)
     if meta.time_kind == "timedelta":
-        ns = np.round(t * _ns_per_unit(meta.time_units))
+        ns = np.round(t * ns_per_time_unit(meta.time_units))
         out = np.where(np.isnan(ns), 0, ns).astype("timedelta64[ns]")
         return np.where(np.isnan(t), np.timedelta64("NaT"), out)
     return t

@@ -1,9 +1,14 @@
-"""Model classes by name, for rebuilding models from checkpoints."""
+"""ctmodels' own model classes in the model catalogue (`ctmodels._catalog`), by name,
+for rebuilding models from checkpoints."""
 
+from .._catalog import register
 from ._baselines import LOCF, RNNVAE, GRUDelta, LinearInterpolation
 from ._latent_ode import LatentODE
+from ._neural_ode import NeuralODE
 from ._odernn import ODERNN
 
+#: ctmodels' own models by class name (the catalogue may hold users' models too:
+#: `ctmodels.models.registered()`).
 MODELS: dict[str, type] = {
     "LatentODE": LatentODE,
     "ODERNN": ODERNN,
@@ -12,3 +17,6 @@ MODELS: dict[str, type] = {
     "LinearInterpolation": LinearInterpolation,
     "LOCF": LOCF,
 }
+
+for _cls in (*MODELS.values(), NeuralODE):
+    register(_cls)

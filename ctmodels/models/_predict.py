@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -23,8 +22,6 @@ from .._errors import (
     discard_failed_callbacks,
     runtime_message,
 )
-from ..data._batch import common_length, time_length
-from ..data._xarray import _UNIT_SECONDS, _ns_per_unit, _unit
 from . import _common as C
 
 
@@ -91,15 +88,16 @@ def _batches(ts: cdata.TimeSeries, batch_size: int):
         slice(b * batch_size, (b + 1) * batch_size)
         for b in range(cdata.num_batches(len(ts), batch_size))
     ]
-    lengths = [time_length(ts.times[r], ts.time_mask[r], "union") for r in rows]
+    lengths = [cdata.time_length(ts.times[r], ts.time_mask[r], "union") for r in rows]
     return cdata.batches(
-        ts, batch_size, layout="union", min_times=common_length(lengths)
+        ts, batch_size, layout="union", min_times=cdata.common_length(lengths)
     )
 
 
-def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
-    """Predict every position of `ts` (model units) batch by batch; returns
-    (mean, std, context mask, target mask) on ts' grid."""
+def predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
+    """Predict every position of `ts` (model units) batch by batch, each batch's
+    context set by `task` (None: every observed value); returns (mean, std, context
+    mask, target mask) on ts' grid, as NumPy arrays."""
     shape = ts.values.shape
     mean = np.full(shape, np.nan)
     std = np.full(shape, np.nan)
@@ -118,7 +116,7 @@ def _predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
 
 
 @functools.cache  # the same task objects per setting: jit reuses its compilations
-def _tasks(fraction: float, split: float):
+def evaluation_tasks(fraction: float, split: float):
     """The interpolation (hide `fraction` of the observed values) and extrapolation
     (context: the first `split` of each series' span) tasks by name."""
     return {
@@ -152,13 +150,15 @@ def time_factor(have: str | None, want: str | None) -> float:
     if not want or not have or have == want:
         return 1.0
     try:
-        return _UNIT_SECONDS[_unit(have)] / _UNIT_SECONDS[_unit(want)]
+        return cdata.TIME_UNITS[cdata.canonical_time_unit(have)] / cdata.TIME_UNITS[
+            cdata.canonical_time_unit(want)
+        ]
     except ValueError:
         raise ValueError(
             f"The data's times are in {have!r} but the model was trained on times "
             f"in {want!r}, and ctmodels cannot convert between them: give the "
             f"times in {want!r} (or set the time variable's `units` attribute to "
-            f"one of {sorted(_UNIT_SECONDS)})."
+            f"one of {sorted(cdata.TIME_UNITS)})."
         ) from None
 
 
@@ -182,36 +182,14 @@ def check_time_kind(ts: cdata.TimeSeries, units: str | None) -> None:
 
 
 class Fitted(NamedTuple):
-    """A model fitted by `ctmodels fit latent-ode`, with what its predictions need
-    (see `load_fitted`; `predict` accepts it in place of a model)."""
+    """A model fitted by a job (`ctmodels fit ...`), with what its predictions need
+    (see `ctmodels.jobs.load_fitted`; `predict` accepts it in place of a model)."""
 
     model: Any
     normalizer: cdata.Normalizer
     spread: list[float] | None
     time_units: str | None
     channels: tuple[str, ...]
-
-
-def load_fitted(checkpoint: str | Path) -> Fitted:
-    """Load what `ctmodels fit latent-ode --out DIR` saved (`DIR` or
-    `DIR/checkpoint`): the model, the training data's `Normalizer`, the
-    validation-calibrated residual std per channel (`calibration.json`; None if
-    absent, or made for an earlier checkpoint: then with a warning) and the
-    training data's time unit, for `predict`:
-
-    ```python
-    fitted = ctmodels.models.load_fitted("runs/pbcseq")
-    pred = ctmodels.models.predict(fitted, xr.load_dataset("patients.nc"),
-                                   [0.0, 1.0, 2.0, 5.0], key=jax.random.key(0))
-    ```
-    """
-    from .._latent_job import _load, _resolve_checkpoint
-
-    model, normalizer, extra = _load(_resolve_checkpoint(checkpoint))
-    return Fitted(
-        model, normalizer, extra["scale"], extra.get("time_units"),
-        tuple(extra["channels"]),
-    )  # fmt: skip
 
 
 def calibrate_spread(
@@ -246,12 +224,12 @@ def calibrate_spread(
     """
     n_samples = C.check_samples(n_samples)
     C.check_sizes("calibrate_spread", batch_size=(batch_size, 1))
-    ts = in_time_units(_series(series, normalizer), time_units)
+    ts = in_time_units(as_series(series, normalizer), time_units)
     ts = ts if normalizer is None else normalizer.transform(ts)
     noise = np.broadcast_to(np.sqrt(_noise2(model)), (ts.num_channels,))
     sq, spread, count = (np.zeros(ts.num_channels) for _ in range(3))
-    for task in _tasks(fraction, split).values():
-        mean, std, _, tgt = _predict_grid(
+    for task in evaluation_tasks(fraction, split).values():
+        mean, std, _, tgt = predict_grid(
             model, ts, key=key, n_samples=n_samples, batch_size=batch_size, task=task
         )
         sq += np.where(tgt, (mean - ts.values) ** 2, 0.0).sum(axis=(0, 1))
@@ -268,7 +246,9 @@ def _noise2(model) -> np.ndarray:
     return np.exp(2 * np.asarray(model._noise_log_std(jnp.float32), np.float64))
 
 
-def _series(series, normalizer) -> cdata.TimeSeries:
+def as_series(series, normalizer) -> cdata.TimeSeries:
+    """`series` (a TimeSeries or an xarray.Dataset, read on `normalizer`'s channels)
+    as a loaded TimeSeries."""
     if isinstance(series, xr.Dataset):
         channels = None if normalizer is None else list(normalizer.channels)
         if channels is not None:
@@ -309,7 +289,7 @@ def _query_floats(meta, times) -> tuple[np.ndarray, np.ndarray]:
         ns = t.astype(f"{want}64[ns]")
         base = meta.time_origin if want == "datetime" else np.timedelta64(0, "ns")
         floats = np.where(np.isnat(t), np.nan, (ns - base).astype(np.float64))
-        return floats / _ns_per_unit(meta.time_units), t
+        return floats / cdata.ns_per_time_unit(meta.time_units), t
     if kind != "float":
         raise ValueError(
             f"The series' times are {kind}: give the times as numpy {kind}64 values "
@@ -390,7 +370,7 @@ def predict(
     C.check_sizes("predict", batch_size=(batch_size, 1))
     if spread is not None:
         spread = np.asarray(spread, np.float64)
-    ts = _series(series, normalizer)
+    ts = as_series(series, normalizer)
     if checkpoint_units:
         check_time_kind(ts, time_units)
     ts_m = in_time_units(ts, time_units)
@@ -405,7 +385,7 @@ def predict(
         )
     per_series = False
     if times is None:  # the series' own grid
-        mean, std, _, _ = _predict_grid(
+        mean, std, _, _ = predict_grid(
             model, ts_m, key=key, n_samples=n_samples, batch_size=batch_size
         )
     else:
@@ -470,3 +450,4 @@ def _query_dataset(ts, mean, std, given, per_series) -> xr.Dataset:
         tname: ((sd, tdim) if per_series else (tdim,), given, time_attrs),
     }
     return xr.Dataset(data_vars, coords=coords)
+

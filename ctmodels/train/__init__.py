@@ -7,7 +7,9 @@ and checkpoints from which a killed run resumes exactly.
 """
 
 from ._checkpoint import (
+    checkpoint_fingerprint as checkpoint_fingerprint,
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
+    write_text_atomic as write_text_atomic,
 )
-from ._fit import fit as fit
+from ._fit import ResumeRefused as ResumeRefused, fit as fit

@@ -293,18 +293,16 @@ def _model_class(
             )
         return model_class
     mapping: dict[str, type] = dict(model_classes or {})
-    if name not in mapping:
-        try:  # the registry of ctmodels' own models
-            from ..models import MODELS  # type: ignore[attr-defined]
+    if name not in mapping:  # the model catalogue (ctmodels' models and users')
+        from .._catalog import registered
 
-            mapping.update({k: v for k, v in MODELS.items() if k not in mapping})
-        except (ImportError, AttributeError):
-            pass
+        mapping.update({k: v for k, v in registered().items() if k not in mapping})
     if name not in mapping:
         raise ValueError(
             f"The checkpoint holds a model of class {name!r} (module "
-            f"{header.get('model_module')!r}), which is not a known ctmodels model. "
-            f"Pass model_class={name}, model_classes={{{name!r}: {name}}}, or "
+            f"{header.get('model_module')!r}), which is not in the model catalogue. "
+            f"Register it (ctmodels.models.register({name})), or pass "
+            f"model_class={name}, model_classes={{{name!r}: {name}}}, or "
             "like=<a model of the same structure>."
         )
     return mapping[name]
@@ -323,7 +321,8 @@ def load_checkpoint(
     Without `like`, the model is rebuilt as
     `cls(**hyperparameters, key=jax.random.key(0))` from the hyperparameters stored in
     the checkpoint and then filled with the saved arrays; the class is looked up by
-    name in `model_class`, `model_classes`, or `ctmodels.models.MODELS`.
+    name in `model_class`, `model_classes`, or the model catalogue
+    (`ctmodels.models.register`: ctmodels' models and those users registered).
 
     **Arguments:**
 
@@ -375,3 +374,15 @@ def load_checkpoint(
         # static (non-array) leaves come from the shape-only build; arrays are loaded
     out = read_tree(where, header, which, like)
     return out, header.get("metadata", {})
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of the checkpoint header at `path` (a checkpoint folder or a `fit`
+    `checkpoint_dir`; None if there is none): it changes with every save, so it
+    names one checkpoint exactly (files written next to a checkpoint record it)."""
+    import hashlib
+
+    where = resolve_checkpoint(path)
+    if where is None:
+        return None
+    return hashlib.sha256((where / HEADER).read_bytes()).hexdigest()

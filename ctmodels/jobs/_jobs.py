@@ -1,0 +1,396 @@
+"""The generic jobs: `fit`, `predict`, `evaluate` and `sample` for any registered
+family (`ctmodels fit FAMILY`, `ctmodels predict|evaluate|sample --checkpoint DIR`).
+
+`fit` opens the data (a bundled name or a file), splits it by series (80/10/10),
+normalises with statistics of the training split only, builds the family's model
+from the data and its options, trains it with `ctmodels.train.fit` (checkpoints in
+`OUT/checkpoint`, resumed when the settings match, refused when they differ) with
+the recipe for the data (`Family.recipe_for`), then writes:
+
+- `history.csv` (one row per epoch) and `metrics.json` (test-set metrics of the
+  family's evaluation tasks in normalised units, with baselines on the same points,
+  the recipe, timings, compilations),
+- `checkpoint/calibration.json` (for families that calibrate: a residual std per
+  channel estimated on the validation split, which every predictive std the jobs
+  write includes; see `ctmodels.models.calibrate_spread`),
+- `predictions.nc` (the family's `predict` on every series, conditioned on all of
+  its observations) and `plots/` (the family's `plot`, a few test series).
+"""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from .. import train as _train
+from .._integrate import resolve_adjoint
+from .._outputs import check_out_dir, check_out_file
+from ..models import Fitted, calibrate_spread
+from ._family import Family, get_family
+from ._files import (
+    load_job_checkpoint,
+    stamp_legacy_calibration,
+    write_calibration,
+    write_json,
+)
+from ._series import EVAL_SAMPLES
+
+#: The version of the job state a checkpoint records.
+JOB_VERSION = 1
+
+#: Marks a `fit` setting left to the recipe.
+FROM_RECIPE: Any = "recipe"
+
+
+def resolve_recipe(family, data, *, epochs=None, learning_rate=None, batch_size=None,
+                   patience=FROM_RECIPE) -> dict[str, Any]:  # fmt: skip
+    """The training plan of `fit`: the family's recipe for `data` with the settings
+    the caller gave over it. Checks them before any work is done."""
+    from .._errors import is_int as _is_int
+
+    plan = get_family(family).recipe_for(data)
+    given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
+    plan.update({k: v for k, v in given.items() if v is not None})
+    if not (isinstance(patience, str) and patience == FROM_RECIPE):
+        plan["patience"] = patience
+    for name in ("epochs", "batch_size"):
+        v = plan[name]
+        if not _is_int(v) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}.")
+    lr = plan["learning_rate"]
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not lr > 0:
+        raise ValueError(f"learning_rate must be a number > 0, got {lr!r}.")
+    p = plan["patience"]
+    if p is not None and (not _is_int(p) or p < 0):
+        raise ValueError(
+            f"patience must be None or an int >= 0 (0 or None: no early stopping), "
+            f"got {p!r}."
+        )
+    plan["patience"] = p or None
+    return plan
+
+
+def _check_options(model_kw: dict[str, Any]) -> None:
+    """Checks that need no data, made before anything is read or written."""
+    if isinstance(model_kw.get("adjoint"), str):
+        resolve_adjoint(model_kw["adjoint"], "integrate")
+
+
+def fit(
+    family: str | Family,
+    data: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    batch_size: int | None = None,
+    patience: int | None | str = FROM_RECIPE,
+    progress: bool | None = None,
+    max_plots: int = 6,
+    overwrite: bool = False,
+    channels: Sequence[str] | str | None = None,
+    max_series: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fit a model of `family` to `data` end to end and write the outputs listed in
+    the module doc into `out`.
+
+    **Arguments:**
+
+    - `family`: a registered family's name (`ctmodels.jobs.families()`) or a
+      `Family`.
+    - `data`: a bundled dataset name or a netCDF file / zarr store.
+    - `out`: the output directory. A run already there is resumed when the settings
+      match (after a kill: the same result as an uninterrupted run) and refused when
+      they differ; `overwrite=True` (`--overwrite`) starts afresh there instead.
+    - `epochs`, `learning_rate`, `batch_size` left as None and `patience` left as
+      `FROM_RECIPE` take the recipe for `data` (`Family.recipe_for`);
+      `patience=None` or 0 turns early stopping off.
+    - `seed`: the split, the initialisation and the training draws.
+    - `progress`: the progress bar (None: when the output is a terminal).
+    - `max_plots`: test series plotted.
+    - `channels`: the variables to model (names, or one comma-separated string;
+      None: every channel of the data); `max_series`: train on a random subset of
+      that many series.
+    - `**options`: the family's options (`Family.options`: its model constructor's
+      keyword arguments and the loss options it exposes); unset ones take the
+      family's defaults.
+
+    **Returns:** the metrics dict (also written to `OUT/metrics.json`).
+    """
+    family = get_family(family)
+    t_start = _time.perf_counter()
+    plan = resolve_recipe(
+        family, data, epochs=epochs, learning_rate=learning_rate,
+        batch_size=batch_size, patience=patience,
+    )  # fmt: skip
+    model_kw, loss_kw = family.resolve_options(options)
+    out = check_out_dir(out)
+    _check_options(model_kw)  # before anything is written
+    if isinstance(channels, str):
+        channels = [c.strip() for c in channels.split(",") if c.strip()]
+    data_kw = {k: v for k, v in (("channels", channels), ("max_series", max_series))
+               if v is not None}  # fmt: skip
+    prepared = family.data.prepare(data, seed=seed, **data_kw)
+    batch_size = plan["batch_size"]
+    model = family.model(
+        **family.from_data(prepared), **model_kw, key=jax.random.key(seed)
+    )
+    # only now (the data and the settings passed their checks): no empty output
+    # directory is left behind by a run that could not start
+    out.mkdir(parents=True, exist_ok=True)
+    # a calibration.json from an earlier run here names the checkpoint it was made
+    # for; once this run writes a checkpoint it no longer matches, and predictions
+    # use the model's own spread until this run calibrates (`read_calibration`)
+    stamp_legacy_calibration(out / "checkpoint")
+    extra = {
+        "job": family.name,
+        "job_version": JOB_VERSION,
+        "data": str(data),
+        **prepared.state,
+        **loss_kw,
+        "split_seed": seed,
+        "batch_size": batch_size,
+    }
+    task_kw = {} if family.task is None else {"task": family.task,
+                                                "eval_task": family.task}  # fmt: skip
+    try:
+        model, history = _train.fit(
+            model,
+            prepared.train_n,
+            valid=prepared.valid_n,
+            epochs=plan["epochs"],
+            batch_size=batch_size,
+            key=jax.random.key(seed + 1),
+            learning_rate=plan["learning_rate"],
+            **task_kw,
+            **family.fit_options,
+            checkpoint_dir=out / "checkpoint",
+            patience=plan["patience"],
+            monitor=plan["monitor"],
+            progress=progress,
+            extra_state=extra,
+            loss_kwargs=loss_kw,
+            resume=not overwrite,
+        )
+    except _train.ResumeRefused as err:
+        raise ValueError(_cli_words(err, out)) from None
+    history.to_csv(out / "history.csv", index=False)
+    t_fit = _time.perf_counter() - t_start
+    scale, calibration = None, None
+    if family.calibrate:
+        scale = calibrate_spread(
+            model, prepared.valid_n, key=jax.random.key(seed + 3000),
+            n_samples=EVAL_SAMPLES, batch_size=batch_size,
+        )  # fmt: skip
+        calibration = write_calibration(out / "checkpoint", prepared.ts.channels, scale)
+    metrics = {
+        "data": prepared.name,
+        "model": type(model).__name__,
+        **prepared.summary,
+        "hyperparameters": dict(model.hyperparameters),
+        "series": prepared.sizes,
+        "recipe": plan,
+        "epochs_run": int(len(history)),
+        "test": family.evaluate(
+            model,
+            prepared.test_n,
+            seed=seed,
+            n_samples=EVAL_SAMPLES,
+            batch_size=batch_size,
+            tasks=family.eval_tasks,
+            scale=scale,
+        ),  # fmt: skip
+    }
+    if calibration is not None:
+        metrics["calibration"] = calibration
+    metrics.update({
+        "units": family.metric_units,
+        "fit_seconds": round(t_fit, 1),
+        "compilations": history.attrs.get("compilations"),
+    })  # fmt: skip
+    if family.predict is not None:
+        # predictions for every series, conditioned on all its observations
+        pred = family.predict(
+            model, prepared.ts, prepared.state, key=jax.random.key(seed + 2),
+            n_samples=EVAL_SAMPLES, spread=scale, batch_size=batch_size,
+        )  # fmt: skip
+        pred.attrs.update({
+            "model": f"ctmodels {type(model).__name__}",
+            "conditioned_on": "all observed values",
+        })  # fmt: skip
+        pred.to_netcdf(out / "predictions.nc")
+        if family.plot is not None:
+            test_ids = list(prepared.test.meta.series_ids[:max_plots])
+            family.plot(prepared.ts, pred, out / "plots", series=test_ids,
+                        title=f"{family.title}, test")  # fmt: skip
+    metrics["total_seconds"] = round(_time.perf_counter() - t_start, 1)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _cli_words(err, out: Path) -> str:
+    """`fit`'s refusal to resume (`ResumeRefused`), in the job's (and CLI's) terms."""
+    diffs = "".join(f"\n  - {d}" for d in err.diffs)
+    if any(d.startswith("schedule_steps") for d in err.diffs):
+        diffs += (
+            "\n(schedule_steps is the number of training steps: --epochs times the "
+            "batches per epoch.)"
+        )
+    again = "Rerun with that run's options to resume it, g" if err.diffs else "G"
+    return (
+        f"--out {str(out)!r} holds {err.reason}, so it cannot be resumed"
+        f"{':' if diffs else '.'}{diffs}\n{again}ive another --out, or pass "
+        "--overwrite (overwrite=True) to start afresh there, replacing it."
+    )
+
+
+def load(checkpoint: str | Path, data: str | Path, *, family: str | None = None):
+    """`(family, model, state, series)`: a job checkpoint and the series of `data`
+    read the way the checkpoint's data were (its channels, time kind)."""
+    name, model, state = load_job_checkpoint(checkpoint, family)
+    fam = get_family(name)
+    return fam, model, state, fam.data.reload(data, state)
+
+
+def load_fitted(checkpoint: str | Path) -> Fitted:
+    """Load what `ctmodels fit FAMILY --out DIR` saved (`DIR` or `DIR/checkpoint`):
+    the model, the training data's `Normalizer`, the validation-calibrated residual
+    std per channel (`calibration.json`; None if absent, or made for an earlier
+    checkpoint: then with a warning) and the training data's time unit, for
+    `ctmodels.models.predict`:
+
+    ```python
+    fitted = ctmodels.jobs.load_fitted("runs/pbcseq")
+    pred = ctmodels.models.predict(fitted, xr.load_dataset("patients.nc"),
+                                   [0.0, 1.0, 2.0, 5.0], key=jax.random.key(0))
+    ```
+    """
+    from .. import data as cdata
+
+    _, model, state = load_job_checkpoint(checkpoint)
+    return Fitted(
+        model, cdata.Normalizer.from_dict(state["normalizer"]), state["scale"],
+        state.get("time_units"), tuple(state["channels"]),
+    )  # fmt: skip
+
+
+def predict(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    n_samples: int = 16,
+    seed: int = 0,
+    plots: str | Path | None = None,
+    max_plots: int = 6,
+    family: str | None = None,
+):
+    """Condition on the observed values of `data` and write the family's
+    predictions (time series: at every position with a valid time) to `out`
+    (netCDF, same dims and coordinates). `family`: refuse a checkpoint of another."""
+    out = check_out_file(out, "--out", example="predictions.nc")
+    if plots is not None:
+        check_out_dir(plots, "--plots")
+    fam, model, state, ts = load(checkpoint, data, family=family)
+    if fam.predict is None:
+        raise ValueError(f"The {fam.name} family has no predict job.")
+    pred = fam.predict(
+        model, ts, state, key=jax.random.key(seed), n_samples=n_samples,
+        spread=state["scale"], time_units=state.get("time_units"),
+        batch_size=int(state.get("batch_size", 32)),
+    )  # fmt: skip
+    pred.attrs.update(
+        {"model": f"ctmodels {type(model).__name__}", "checkpoint": str(checkpoint)}
+    )
+    if fam.calibrate:
+        pred.attrs["spread"] = (
+            "calibrated on the validation split (calibration.json)"
+            if state["scale"] is not None
+            else "the model's own (no calibration.json for this checkpoint)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        pred.to_netcdf(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if plots is not None and fam.plot is not None:
+        fam.plot(ts, pred, plots, max_series=max_plots, title=fam.title)
+    return pred
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    task: str = "both",
+    out: str | Path | None = None,
+    seed: int = 0,
+    n_samples: int = EVAL_SAMPLES,
+    fraction: float = 0.5,
+    split: float = 0.5,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """The family's metrics of a checkpoint on `data` (time series: interpolation /
+    extrapolation MSE in normalised units, with LOCF and linear-interpolation
+    baselines on the same points); `task`: one of the family's evaluation tasks or
+    `"both"` (all)."""
+    if out is not None:
+        out = check_out_file(out, "--out", example="metrics.json")
+    fam, model, state, ts = load(checkpoint, data, family=family)
+    if task in ("both", "all"):
+        tasks = fam.eval_tasks
+    elif task in fam.eval_tasks:
+        tasks = (task,)
+    else:
+        raise ValueError(
+            f"task must be {', '.join(fam.eval_tasks)} or both, got {task!r}."
+        )
+    metrics = fam.evaluate(
+        model, fam.data.to_model_units(ts, state), seed=seed, n_samples=n_samples,
+        batch_size=int(state.get("batch_size", 32)), fraction=fraction, split=split,
+        tasks=tasks, scale=state["scale"],
+    )  # fmt: skip
+    metrics = {"data": str(data), "checkpoint": str(checkpoint), **metrics}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, metrics)
+    return metrics
+
+
+def sample(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    n: int = 16,
+    seed: int = 0,
+    family: str | None = None,
+    **options: Any,
+) -> Any:
+    """Draw `n` samples from a checkpoint's model and write them to `out` (what and
+    how: the family's `sample`); a family without one is refused."""
+    name, model, state = load_job_checkpoint(checkpoint, family)
+    fam = get_family(name)
+    if fam.sample is None:
+        have = sorted(f for f, s in _sample_families().items() if s)
+        raise ValueError(
+            f"The {fam.name} family has no sample job (its checkpoint {checkpoint} "
+            "can be used with predict and evaluate). Families that sample: "
+            f"{', '.join(have) or 'none registered'}."
+        )
+    out = check_out_file(out, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return fam.sample(model, state, key=jax.random.key(seed), n=n, out=out, **options)
+
+
+def _sample_families() -> dict[str, bool]:
+    from ._family import families
+
+    return {name: f.sample is not None for name, f in families().items()}
