@@ -49,7 +49,10 @@ def imports(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
     for mod, path in mods.items():
         is_pkg = path.name == "__init__.py"
         tree = ast.parse(path.read_text(), str(path))
+        typing_only = _typing_only(tree)
         for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name == top or a.name.startswith(top + "."):
@@ -73,6 +76,20 @@ def imports(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, str]]]:
                         _check_private(mod, is_pkg, src, a.name, private)
         graph[mod].discard(mod)
     return graph, private
+
+
+def _typing_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (never run, so not edges of
+    the runtime import graph)."""
+    out: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            name = getattr(test, "id", None) or getattr(test, "attr", None)
+            if name == "TYPE_CHECKING":
+                for stmt in node.body:
+                    out.update(id(n) for n in ast.walk(stmt))
+    return out
 
 
 def _nearest(name: str, mods) -> str:
