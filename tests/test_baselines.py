@@ -405,3 +405,45 @@ def test_errors(data):
     np.testing.assert_allclose(m1, m2[:, ::-1], rtol=1e-6)
     with pytest.raises(ValueError, match="finite"):
         gru.predict(data["union"], times=[0.2, np.inf])
+
+
+def test_one_base_keeps_each_models_field_order_and_checks_subclasses():
+    """The shared base adds no fields: each model's fields (so its pytree leaves,
+    checkpoints and optimiser states) come in the order its own class body declares
+    them; a subclass that forgets a field the base relies on fails when defined."""
+    import dataclasses
+
+    from ctmodels.models import _common as common
+
+    for cls in (LatentODE, ODERNN, GRUDelta, RNNVAE):
+        own = [n for n in cls.__annotations__ if not n.startswith("_")]
+        assert [f.name for f in dataclasses.fields(cls)] == own
+        assert issubclass(cls, common.AbstractGaussianSequenceModel)
+    with pytest.raises(TypeError, match="obs_std"):
+
+        class Forgetful(common.AbstractRecurrentModel):
+            log_std: jax.Array | None
+            num_channels: int
+            hyperparameters: tuple
+
+            def _means(self, batch, queries=None):
+                return batch.values
+
+
+def test_citations_come_from_one_table():
+    """Docstrings end with the BibTeX of `ctmodels._references` (one copy of each
+    entry), at their own indentation; an unknown key fails at definition."""
+    import inspect
+
+    from ctmodels import _references
+    from ctmodels.datasets import periodic
+
+    entry = _references.BIBTEX["rubanova2019latent"]
+    for obj in (LatentODE, ODERNN, GRUDelta, RNNVAE, LOCF, ODERNNEncoder, periodic):
+        doc = inspect.cleandoc(obj.__doc__)
+        assert "\n```bibtex\n" + entry + "\n" in doc, obj
+    assert _references.BIBTEX["burda2016importance"] in inspect.cleandoc(
+        LatentODE.__doc__
+    )
+    with pytest.raises(KeyError, match="no entry 'nobody2000'"):
+        _references.cites("nobody2000")

@@ -15,6 +15,7 @@ import numbers
 import numpy as np
 import xarray as xr
 
+from .._references import cites
 from ._common import flag_attrs
 
 _TIME_UNITS = "arbitrary"
@@ -118,6 +119,7 @@ def _observe(rng, truth, n_observed, noise_std):
 # -------------------------------------------------------------------------- periodic
 
 
+@cites("rubanova2019latent")
 def periodic(
     n_series: int = 1000,
     n_times: int = 100,
@@ -148,18 +150,6 @@ def periodic(
     **Returns:** an `xarray.Dataset` with dims `(series, time)`: channel `y` (NaN where
     not observed), truth `y_true` (noise-free, at every grid point), and per-series
     truths `frequency` and `offset`.
-
-    **Reference:**
-
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-      title     = {Latent Ordinary Differential Equations for Irregularly-Sampled
-                   Time Series},
-      author    = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David},
-      booktitle = {Advances in Neural Information Processing Systems},
-      year      = {2019}
-    }
-    ```
     """
     n_series = _int("n_series", n_series, 1)
     n_times = _int("n_times", n_times, 2)
@@ -208,6 +198,7 @@ def periodic(
 # --------------------------------------------------------------------------- spirals
 
 
+@cites("chen2018neural")
 def spirals(
     n_series: int = 1000,
     n_times: int = 100,
@@ -235,18 +226,6 @@ def spirals(
     **Returns:** an `xarray.Dataset` with dims `(series, time)`: channels `x`, `y`;
     truths `x_true`, `y_true` and `start` (the spiral parameter at the window's
     start); label `direction` (0 counter-clockwise, 1 clockwise).
-
-    **Reference:**
-
-    ```bibtex
-    @inproceedings{chen2018neural,
-      title     = {Neural Ordinary Differential Equations},
-      author    = {Chen, Ricky T. Q. and Rubanova, Yulia and Bettencourt, Jesse and
-                   Duvenaud, David},
-      booktitle = {Advances in Neural Information Processing Systems},
-      year      = {2018}
-    }
-    ```
     """
     n_series = _int("n_series", n_series, 1)
     n_times = _int("n_times", n_times, 2)
@@ -355,6 +334,7 @@ def _rk4_to_times(f, y0: np.ndarray, times: np.ndarray) -> np.ndarray:
     return _rk4_step(f, base, rest).reshape(S, T, -1)
 
 
+@cites("lotka1925elements")
 def lotka_volterra(
     n_series: int = 1000,
     n_times: int = 100,
@@ -383,17 +363,6 @@ def lotka_volterra(
     (dims `(series, time)` and a 1-D `time` if `regular`): channels `prey`,
     `predator`; truths `prey_true`, `predator_true` and the initial states `prey0`,
     `predator0`. The parameters are in `attrs`.
-
-    **Reference:**
-
-    ```bibtex
-    @book{lotka1925elements,
-      title     = {Elements of Physical Biology},
-      author    = {Lotka, Alfred J.},
-      publisher = {Williams \\& Wilkins},
-      year      = {1925}
-    }
-    ```
     """
     n_series = _int("n_series", n_series, 1)
     n_times = _int("n_times", n_times, 2)

@@ -5,7 +5,6 @@ forward."""
 from __future__ import annotations
 
 import abc
-import math
 from typing import Any
 
 import equinox as eqx
@@ -13,27 +12,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
+from .._references import cites
 from ..data import Batch
 from ..nn import GRUUpdate, ODERNNEncoder, apply, mlp
 from . import _common as C
 
-_BIBTEX = """
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
-        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        volume = {32},
-        year = {2019}
-    }
-    ```
-"""
-
-
 # ------------------------------------------------------------------------ GRU-Δt
 
 
-class GRUDelta(eqx.Module):
+@cites("rubanova2019latent")
+class GRUDelta(C.AbstractRecurrentModel):
     """GRU with a time-gap input ("GRU-Δt" in Rubanova et al., 2019).
 
     Runs forward over each series' context (`batch.mask`): at each observed time the
@@ -43,8 +31,6 @@ class GRUDelta(eqx.Module):
     time since it (so the model never sees the value it predicts). Each series
     starts from a zero state at its first valid time. Gaussian likelihood as
     `ODERNN`.
-
-    Reference:
     """
 
     rnn: ODERNNEncoder
@@ -78,16 +64,13 @@ class GRUDelta(eqx.Module):
             "GRUDelta", num_channels=(num_channels, 1), hidden_size=(hidden_size, 1),
             units=(units, 0),
         )  # fmt: skip
-        if obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        log_std = C.initial_log_std(obs_std, learn_std, num_channels)
         k1, k2 = jax.random.split(key)
         self.rnn = ODERNNEncoder(
             2 * num_channels, hidden_size, units=units, ode=False, key=k1
         )
         self.decoder = mlp(hidden_size + 1, num_channels, units=units, depth=1, key=k2)
-        self.log_std = (
-            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
-        )
+        self.log_std = log_std
         self.num_channels = num_channels
         self.obs_std = obs_std
         self.hyperparameters = C.record(
@@ -108,42 +91,12 @@ class GRUDelta(eqx.Module):
             gaps = C.gather_positions(gaps, where)
         return apply(self.decoder, jnp.concatenate([h, gaps[..., None]], axis=-1))
 
-    def _noise_log_std(self, dtype):
-        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
-
-    def loss(
-        self,
-        batch: Batch,
-        *,
-        key: PRNGKeyArray | None = None,
-        n_samples: int | None = None,
-        kl_weight: float | None = None,
-    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """Gaussian negative log-likelihood per target value, and metrics `loss`,
-        `nll`, `mse` (as `ODERNN.loss`; `key`, `n_samples`, `kl_weight` ignored)."""
-        mean = self._means(batch)
-        return C.gaussian_objective(batch, mean, self._noise_log_std(mean.dtype))
-
-    def predict(
-        self,
-        batch: Batch,
-        *,
-        key: PRNGKeyArray | None = None,
-        n_samples: int | None = None,
-        times: Float[ArrayLike, " Q"] | Float[ArrayLike, "B Q"] | None = None,
-    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
-        """Mean predictions given the context, and the observation noise std
-        (broadcast); as `ODERNN.predict`."""
-        queries = None if times is None else C.query_times(batch, times)
-        mean = self._means(batch, queries)
-        std = jnp.broadcast_to(jnp.exp(self._noise_log_std(mean.dtype)), mean.shape)
-        return mean, std
-
 
 # ------------------------------------------------------------------------ RNN-VAE
 
 
-class RNNVAE(eqx.Module):
+@cites("rubanova2019latent")
+class RNNVAE(C.AbstractLatentModel):
     """The RNN-VAE baseline of Rubanova et al. (2019): a latent-variable model like
     `LatentODE` whose latent dynamics are a GRU instead of an ODE.
 
@@ -156,8 +109,6 @@ class RNNVAE(eqx.Module):
     the series' own times are predicted without moving its state, so both layouts
     give the same result. Loss: the negative IWAE bound / ELBO per target value, as
     `LatentODE.loss`.
-
-    Reference:
     """
 
     encoder: ODERNNEncoder
@@ -201,8 +152,7 @@ class RNNVAE(eqx.Module):
             "RNNVAE", num_channels=(num_channels, 1), latent_size=(latent_size, 1),
             encoder_size=(encoder_size, 1), units=(units, 0),
         )  # fmt: skip
-        if obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        log_std = C.initial_log_std(obs_std, learn_std, num_channels)
         ks = jax.random.split(key, 4)
         self.encoder = ODERNNEncoder(
             2 * num_channels, encoder_size, units=units, ode=False, key=ks[0]
@@ -210,9 +160,7 @@ class RNNVAE(eqx.Module):
         self.to_z0 = mlp(encoder_size, 2 * latent_size, units=units, depth=1, key=ks[1])
         self.decoder_gru = GRUUpdate(1, latent_size, units=units, key=ks[2])
         self.readout = mlp(latent_size, num_channels, units=0, depth=0, key=ks[3])
-        self.log_std = (
-            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
-        )
+        self.log_std = log_std
         self.num_channels = num_channels
         self.latent_size = latent_size
         self.obs_std = obs_std
@@ -243,8 +191,7 @@ class RNNVAE(eqx.Module):
         h, _, _ = self.encoder(
             times, inputs, observed, t_start=t_start, reverse=True, outputs=False
         )
-        mean, pre = jnp.split(apply(self.to_z0, h), 2, axis=-1)
-        return mean, jax.nn.softplus(pre + self.std_shift) + 1e-5
+        return self._posterior_head(h)
 
     def _decode(
         self,
@@ -267,9 +214,6 @@ class RNNVAE(eqx.Module):
         t0 = jnp.broadcast_to(t_ref, (B,)).astype(z0.dtype)
         _, hs = jax.lax.scan(step, (z0, t0), (times.T, valid.T))  # [T, K, B, L]
         return apply(self.readout, jnp.moveaxis(hs, 0, 2))
-
-    def _noise_log_std(self, dtype):
-        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
 
     def loss(
         self,
@@ -326,8 +270,7 @@ class RNNVAE(eqx.Module):
         mean, std = self.posterior(batch, t_ref)
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
         pred = self._decode(mean + std * eps, t_ref, times, valid)
-        noise = jnp.exp(2 * self._noise_log_std(pred.dtype))
-        return pred.mean(0), jnp.sqrt(pred.var(0) + noise)
+        return self._predictive(pred)
 
 
 # ------------------------------------------------------------- no-parameter baselines
@@ -409,13 +352,12 @@ class AbstractInterpolator(eqx.Module):
         return mse, {"loss": mse, "mse": mse}
 
 
+@cites("rubanova2019latent")
 class LinearInterpolation(AbstractInterpolator):
     """Per channel, linear interpolation between the context observations
     (`batch.mask`) of each series (`numpy.interp`): flat extrapolation before the
     first and after the last one; a channel with no context observation in a series
     is predicted as 0 (the mean of normalised data). No parameters.
-
-    Reference:
     """
 
     def _interpolate(self, batch, queries):
@@ -435,14 +377,13 @@ class LinearInterpolation(AbstractInterpolator):
         )
 
 
+@cites("rubanova2019latent")
 class LOCF(AbstractInterpolator):
     """Last observation carried forward, per channel, from the context
     observations (`batch.mask`) of each series; before the first observation the
     first one is carried backwards (flat extrapolation); a channel with no context
     observation in a series is predicted as 0 (the mean of normalised data). No
     parameters.
-
-    Reference:
     """
 
     def _interpolate(self, batch, queries):
@@ -451,7 +392,3 @@ class LOCF(AbstractInterpolator):
         T = batch.num_times
         xp, xn = _gather(x, prev), _gather(x, after)
         return jnp.where(prev >= 0, xp, jnp.where(after < T, xn, 0.0))
-
-
-for _cls in (GRUDelta, RNNVAE, LinearInterpolation, LOCF):
-    _cls.__doc__ = _cls.__doc__.rstrip() + "\n" + _BIBTEX

@@ -1,18 +1,23 @@
-"""Shared pieces of the sequence models: batch checks, masked likelihoods, the
-reference time of a batch, and the bookkeeping of constructor arguments."""
+"""Shared pieces of the sequence models: their abstract bases (the observation noise,
+the `hyperparameters` bookkeeping, the `loss` / `predict` of the recurrent
+predictors, the `q(z0)` head and predictive moments of the latent models), batch
+checks, masked likelihoods, and the reference time of a batch."""
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from .. import _errors
 from ..data import Batch
+from ..nn import apply
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -234,6 +239,17 @@ def noise_log_std(log_std: Array | None, obs_std: float, num_channels: int, dtyp
     return jnp.full((num_channels,), math.log(obs_std), dtype)
 
 
+def initial_log_std(
+    obs_std: float, learn_std: bool, num_channels: int
+) -> Float[Array, " C"] | None:
+    """The `log_std` field of a Gaussian sequence model's constructor: `log(obs_std)`
+    per channel when the noise is learned (`learn_std`), else None (fixed at
+    `obs_std`); a `ValueError` unless `obs_std > 0`."""
+    if not obs_std > 0:
+        raise ValueError(f"obs_std must be positive, got {obs_std}.")
+    return jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
+
+
 def check_query_times(times, *, ordered: bool) -> None:
     """Check `times` given to a model's `predict` where they are concrete (traced
     times pass unchecked): not empty, finite, and (`ordered`) non-decreasing along
@@ -334,3 +350,151 @@ def posterior_shift(posterior_std: float) -> float:
     if not posterior_std > 0:
         raise ValueError(f"posterior_std must be positive, got {posterior_std}.")
     return float(math.log(math.expm1(posterior_std)))
+
+
+# ------------------------------------------------------------------ abstract bases
+
+
+class AbstractGaussianSequenceModel(eqx.Module):
+    """A sequence model whose observations are Gaussian: each channel's value at a
+    time is `N(prediction, σ_c^2)`, with `σ` fixed at `obs_std` (`log_std` None) or
+    learned per channel (`log_std`, starting at `log(obs_std)`).
+
+    Concrete subclasses are final; they declare the fields in `_REQUIRED` (checked
+    when the class is defined), build `log_std` with `initial_log_std`, and record
+    their constructor's keyword arguments in `hyperparameters` (with `record`), so
+    that a checkpoint rebuilds the model as `MODELS[name](**dict(hyperparameters),
+    key=...)`.
+
+    **Attributes:** `log_std` (learned noise, or None), `num_channels`, `obs_std`,
+    `hyperparameters`.
+
+    (The fields are not declared here as `eqx.AbstractVar`s on purpose: a field
+    declared in a base class comes first in every subclass's field order, which is
+    the order of the pytree leaves, so of checkpoints and optimiser states; each
+    subclass keeps its own order.)
+    """
+
+    _REQUIRED = ("log_std", "num_channels", "obs_std", "hyperparameters")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__name__.startswith("Abstract"):
+            return
+        declared = set()
+        for c in cls.__mro__:
+            declared.update(getattr(c, "__annotations__", {}))
+        missing = [f for f in cls._REQUIRED if f not in declared]
+        if missing:
+            raise TypeError(
+                f"{cls.__name__} subclasses {AbstractGaussianSequenceModel.__name__} "
+                f"but does not declare the fields {missing}: declare them (with "
+                "their types) in the class body."
+            )
+
+    @abc.abstractmethod
+    def loss(
+        self, batch: Batch, *, key: PRNGKeyArray | None = None, **kwargs
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """The training loss of `batch` (a scalar) and a dict of scalar metrics."""
+
+    @abc.abstractmethod
+    def predict(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_samples: int | None = None,
+        times: Float[ArrayLike, " Q"] | Float[ArrayLike, "B Q"] | None = None,
+    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+        """The predictive mean and std given the context `batch.mask`."""
+
+    def _noise_log_std(self, dtype) -> Float[Array, " C"]:
+        """The observation noise's log std per channel."""
+        return noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
+
+
+class AbstractRecurrentModel(AbstractGaussianSequenceModel):
+    """A deterministic forward-running predictor (ODE-RNN, GRU-Δt): subclasses
+    define `_means`, the prediction at each position (or query time) from the
+    observations strictly before it; the loss is the Gaussian negative
+    log-likelihood of the target values and `predict` returns the means with the
+    observation noise's std."""
+
+    @abc.abstractmethod
+    def _means(self, batch: Batch, queries=None) -> Float[Array, "B T C"]:
+        """The predicted means at `batch.times` (`queries` None) or at the query
+        times `queries` `[B, Q]`."""
+
+    def loss(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_samples: int | None = None,
+        kl_weight: float | None = None,
+    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+        """Gaussian negative log-likelihood per target value (`batch.target_mask`;
+        rows of weight 0 excluded), and metrics `loss`, `nll`, `mse`.
+
+        `key`, `n_samples` and `kl_weight` are accepted for a uniform interface with
+        the latent models and ignored (the model is deterministic).
+        """
+        mean = self._means(batch)
+        return gaussian_objective(batch, mean, self._noise_log_std(mean.dtype))
+
+    def predict(
+        self,
+        batch: Batch,
+        *,
+        key: PRNGKeyArray | None = None,
+        n_samples: int | None = None,
+        times: Float[ArrayLike, " Q"] | Float[ArrayLike, "B Q"] | None = None,
+    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+        """Predictions given the context `batch.mask`: the mean at each time (from
+        the observations before it) and the std of the observation noise
+        (`obs_std`, or the learned one), broadcast.
+
+        **Arguments:** `batch`; `times`: None (`batch.times`), `[Q]` or `[B, Q]`
+        times to predict at; `key`, `n_samples`: ignored.
+
+        **Returns:** `(mean, std)`, each `[B, T, C]` (`Q` with `times`).
+        """
+        queries = None if times is None else query_times(batch, times)
+        mean = self._means(batch, queries)
+        std = jnp.broadcast_to(jnp.exp(self._noise_log_std(mean.dtype)), mean.shape)
+        return mean, std
+
+
+class AbstractLatentModel(AbstractGaussianSequenceModel):
+    """A VAE over sequences (latent ODE, RNN-VAE): a latent state `z0` with a
+    `N(0, I)` prior and a diagonal Gaussian posterior `q(z0 | context)` whose head
+    `to_z0` maps an encoder's state to `(μ, pre)`, `σ = softplus(pre + std_shift)`;
+    decoded samples of `z0` give the predictive mixture.
+
+    **Attributes** (besides the base's): `to_z0`, `latent_size`, `std_shift` (see
+    `posterior_shift`), `t0` (the fixed time of `z0`, or None).
+    """
+
+    _REQUIRED = AbstractGaussianSequenceModel._REQUIRED + (
+        "to_z0",
+        "latent_size",
+        "std_shift",
+        "t0",
+    )
+
+    def _posterior_head(
+        self, h: Float[Array, "B H"]
+    ) -> tuple[Float[Array, "B L"], Float[Array, "B L"]]:
+        """The mean and std of `q(z0)` from the encoder's final state (with any
+        static covariates appended)."""
+        mean, pre = jnp.split(apply(self.to_z0, h), 2, axis=-1)
+        return mean, jax.nn.softplus(pre + self.std_shift) + 1e-5
+
+    def _predictive(
+        self, pred: Float[Array, "K B T C"]
+    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+        """The mean and std of the predictive mixture of `K` decoded samples with the
+        observation noise: `(mean_k pred, sqrt(Var_k pred + σ^2))`."""
+        noise = jnp.exp(2 * self._noise_log_std(pred.dtype))
+        return pred.mean(0), jnp.sqrt(pred.var(0) + noise)

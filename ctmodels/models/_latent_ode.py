@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import equinox as eqx
@@ -12,6 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._errors import error_if
 from .._integrate import integrate
+from .._references import cites
 from ..data import Batch
 from ..nn import ODERNNEncoder, apply, mlp
 from ..nn._odernn import check_ode_solver
@@ -37,7 +37,8 @@ def _at_start(times, t_ref, y, y0):
     return jnp.where(hit, y0[None], y)
 
 
-class LatentODE(eqx.Module):
+@cites("rubanova2019latent", "burda2016importance")
+class LatentODE(C.AbstractLatentModel):
     """Latent ODE for irregularly sampled time series (Rubanova et al., 2019).
 
     Generative model: `z0 ~ N(0, I)` at the reference time `t_ref`; `dz/dt = f(z)`
@@ -78,24 +79,6 @@ class LatentODE(eqx.Module):
     **Attributes:** the submodules `encoder`, `to_z0`, `dynamics`, `decoder`,
     `intensity` (or None), `classifier` (or None), `log_std` (learned noise, or None),
     and `hyperparameters` (the constructor's keyword arguments, for checkpoints).
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
-        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        volume = {32},
-        year = {2019}
-    }
-    @inproceedings{burda2016importance,
-        title = {Importance Weighted Autoencoders},
-        author = {Burda, Yuri and Grosse, Roger and Salakhutdinov, Ruslan},
-        booktitle = {International Conference on Learning Representations},
-        year = {2016}
-    }
-    ```
     """
 
     encoder: ODERNNEncoder
@@ -200,8 +183,7 @@ class LatentODE(eqx.Module):
             encoder_size=(encoder_size, 1), units=(units, 0), depth=(depth, 0),
             num_static=(num_static, 0), num_classes=(num_classes, 0),
         )  # fmt: skip
-        if obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        log_std = C.initial_log_std(obs_std, learn_std, num_channels)
         ks = jax.random.split(key, 6)
         self.encoder = ODERNNEncoder(
             2 * num_channels,
@@ -234,9 +216,7 @@ class LatentODE(eqx.Module):
             if num_classes > 0
             else None
         )
-        self.log_std = (
-            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
-        )
+        self.log_std = log_std
         self.num_channels = num_channels
         self.latent_size = latent_size
         self.num_static = num_static
@@ -337,10 +317,7 @@ class LatentODE(eqx.Module):
             )
         if self.num_static > 0:
             h = jnp.concatenate([h, batch.static.astype(h.dtype)], axis=-1)
-        out = apply(self.to_z0, h)
-        mean, pre = jnp.split(out, 2, axis=-1)
-        std = jax.nn.softplus(pre + self.std_shift) + 1e-5
-        return mean, std
+        return self._posterior_head(h)
 
     def _posterior_at(self, batch: Batch, start: Array):
         """`posterior` for the latent state at `start` (`anchor_times`, or for
@@ -413,9 +390,6 @@ class LatentODE(eqx.Module):
         if self.anchor == "last":
             return self._decode_anchored(z0, start, times, poisson)
         return self._decode(z0, start[0], times, shared, poisson)
-
-    def _noise_log_std(self, dtype):
-        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
 
     # ------------------------------------------------------------------ public API
 
@@ -575,9 +549,7 @@ class LatentODE(eqx.Module):
         mean, std = self._posterior_at(batch, start)
         eps = jax.random.normal(key, (n_samples,) + mean.shape, mean.dtype)
         zs, _ = self._paths(mean + std * eps, start, times, shared)
-        pred = apply(self.decoder, zs)
-        noise = jnp.exp(2 * self._noise_log_std(pred.dtype))
-        return pred.mean(0), jnp.sqrt(pred.var(0) + noise)
+        return self._predictive(apply(self.decoder, zs))
 
     def sample_prior(
         self, times: Float[ArrayLike, " T"], *, key: PRNGKeyArray, n_samples: int = 1

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._references import cites
 from ..data import Batch
 from ..nn import ODERNNEncoder, apply, mlp
 from . import _common as C
 
 
-class ODERNN(eqx.Module):
+@cites("rubanova2019latent")
+class ODERNN(C.AbstractRecurrentModel):
     """ODE-RNN (Rubanova et al., 2019): a GRU whose hidden state follows an ODE
     between observations, run forward in time over each series' context
     (`batch.mask`, input `[x * mask, mask]`).
@@ -32,18 +32,6 @@ class ODERNN(eqx.Module):
 
     Likelihood: `x(t) ~ N(prediction, obs_std^2)` per channel (`obs_std` fixed, or
     learned per channel with `learn_std=True`).
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
-        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        volume = {32},
-        year = {2019}
-    }
-    ```
     """
 
     rnn: ODERNNEncoder
@@ -88,8 +76,7 @@ class ODERNN(eqx.Module):
             "ODERNN", num_channels=(num_channels, 1), hidden_size=(hidden_size, 1),
             units=(units, 0),
         )  # fmt: skip
-        if obs_std <= 0:
-            raise ValueError(f"obs_std must be positive, got {obs_std}.")
+        log_std = C.initial_log_std(obs_std, learn_std, num_channels)
         k1, k2 = jax.random.split(key)
         self.rnn = ODERNNEncoder(
             2 * num_channels,
@@ -105,9 +92,7 @@ class ODERNN(eqx.Module):
             key=k1,
         )
         self.decoder = mlp(hidden_size, num_channels, units=0, depth=0, key=k2)
-        self.log_std = (
-            jnp.full((num_channels,), math.log(obs_std)) if learn_std else None
-        )
+        self.log_std = log_std
         self.num_channels = num_channels
         self.obs_std = obs_std
         self.hyperparameters = C.record(
@@ -133,45 +118,3 @@ class ODERNN(eqx.Module):
         if where is not None:
             h_before = C.gather_positions(h_before, where)
         return apply(self.decoder, h_before)
-
-    def _noise_log_std(self, dtype):
-        return C.noise_log_std(self.log_std, self.obs_std, self.num_channels, dtype)
-
-    def loss(
-        self,
-        batch: Batch,
-        *,
-        key: PRNGKeyArray | None = None,
-        n_samples: int | None = None,
-        kl_weight: float | None = None,
-    ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-        """Gaussian negative log-likelihood per target value (`batch.target_mask`;
-        rows of weight 0 excluded), and metrics `loss`, `nll`, `mse`.
-
-        `key`, `n_samples` and `kl_weight` are accepted for a uniform interface with
-        the latent models and ignored (the model is deterministic).
-        """
-        mean = self._means(batch)
-        return C.gaussian_objective(batch, mean, self._noise_log_std(mean.dtype))
-
-    def predict(
-        self,
-        batch: Batch,
-        *,
-        key: PRNGKeyArray | None = None,
-        n_samples: int | None = None,
-        times: Float[ArrayLike, " Q"] | Float[ArrayLike, "B Q"] | None = None,
-    ) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
-        """Predictions given the context `batch.mask`: the mean at each time (from
-        the state before the update there) and the std of the observation noise
-        (`obs_std`, or the learned one), broadcast.
-
-        **Arguments:** `batch`; `times`: None (`batch.times`), `[Q]` or `[B, Q]`
-        times to predict at; `key`, `n_samples`: ignored.
-
-        **Returns:** `(mean, std)`, each `[B, T, C]` (`Q` with `times`).
-        """
-        queries = None if times is None else C.query_times(batch, times)
-        mean = self._means(batch, queries)
-        std = jnp.broadcast_to(jnp.exp(self._noise_log_std(mean.dtype)), mean.shape)
-        return mean, std

@@ -9,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
+from .._references import cites
 from ._mlp import mlp
 
 
+@cites("rubanova2019latent")
 class GRUUpdate(eqx.Module):
     """A GRU cell that updates its state only where there is an observation.
 
@@ -30,18 +32,6 @@ class GRUUpdate(eqx.Module):
 
     For irregular data the input is usually `[x * mask, mask]` (values and their
     observation mask, zero where missing), optionally with a time gap appended.
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
-        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        volume = {32},
-        year = {2019}
-    }
-    ```
     """
 
     gate_hidden: eqx.nn.Linear | None

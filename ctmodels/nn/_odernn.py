@@ -13,6 +13,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 from .. import _errors
 from .._errors import RESULTS, SolverError
 from .._integrate import integrate
+from .._references import cites
 from ..solvers import _registry
 from ..solvers._unrolled import UnrolledERK
 from ._gru import GRUUpdate
@@ -85,6 +86,7 @@ def _one_step(solver, field, span, h):
     return h1
 
 
+@cites("rubanova2019latent")
 class ODERNNEncoder(eqx.Module):
     """An ODE-RNN over a series (or a batch of series at once): between observations
     the state `h` follows `dh/dt = f(h)` (a tanh MLP solved through
@@ -110,18 +112,6 @@ class ODERNNEncoder(eqx.Module):
     again are not available through it. With `adjoint="forward"` the encoder scans
     every position instead, which any JAX transformation can differentiate (slower:
     unobserved positions are stepped through as idle steps).
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{rubanova2019latent,
-        title = {Latent {ODE}s for Irregularly-Sampled Time Series},
-        author = {Rubanova, Yulia and Chen, Ricky T. Q. and Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        volume = {32},
-        year = {2019}
-    }
-    ```
     """
 
     gru: GRUUpdate
