@@ -22,3 +22,6 @@ from ._registry import (
     unregister as unregister,
 )
 from ._unrolled import UnrolledERK as UnrolledERK
+
+# The built-in entries register themselves on import.
+from . import _builtin as _builtin  # noqa: E402  # isort: skip
