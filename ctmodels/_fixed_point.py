@@ -36,8 +36,9 @@ _BLOWUP = 1e6
 # on `fn(y) = exp(y)` a root finder walks towards -inf until `exp(y) <= atol`. Checked
 # at the end with one Jacobian-vector product: the Newton distance to the solution,
 # `|r|^2 / |J r|` along the residual `r`, must be within `_FLAT` tolerances
-# `atol + rtol |y|`. (At a true solution it is about `|r| / (1 - contraction)`: within
-# the tolerance divided by the gap between the Jacobian's spectrum and 0, or 1.)
+# `atol + rtol |y|` (with `rtol` at least 16 ulps). (At a true solution it is about
+# `|r| / (1 - contraction)`: the tolerance divided by the gap between the Jacobian's
+# spectrum and 0, or 1.)
 _FLAT = 1e3
 
 
@@ -268,7 +269,9 @@ def _flat(fn, z, args, kind, rtol, atol):
     jr_flat, _ = jax.flatten_util.ravel_pytree(jr)
     r2 = jnp.sqrt(jnp.sum(jnp.abs(r_flat) ** 2))
     jr2 = jnp.sqrt(jnp.sum(jnp.abs(jr_flat) ** 2))
-    tol = atol + rtol * _max_abs(z)
+    # a tolerance below roundoff (rtol=1e-12 in float32) is judged at roundoff
+    eps = jnp.finfo(r_flat.dtype).eps
+    tol = atol + jnp.maximum(rtol, 16 * eps) * _max_abs(z)
     flat = _max_abs(resid) * r2 > _FLAT * tol * jr2
     return resid, flat
 

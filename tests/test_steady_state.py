@@ -321,3 +321,24 @@ def test_jit_vmap_grad(method):
     _, (v0, _, _), g0 = _flatten(_cubic_vg(A, method, solver, "implicit"))
     np.testing.assert_allclose(value[0], v0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(grad[0], g0, rtol=1e-10)
+
+
+# -- no false success ---------------------------------------------------------------
+
+
+def _drift(t, y, args):
+    return jnp.ones_like(y)
+
+
+@pytest.mark.parametrize("method", ["integrate", "root"])
+def test_no_equilibrium_is_never_a_success(method):
+    """dy/dt = 1 has no equilibrium. Integrating it used to stop with success where
+    |f| = 1 <= atol + rtol |y| (|y| ~ 1e6); now that is RESULTS.no_solution."""
+    sol = ctmodels.steady_state(_drift, jnp.zeros(2), None, method=method, throw=False)
+    assert not _ok(sol), (sol.value, sol.result)
+    assert {"num_steps", "num_fn_evals", "max_steps"} <= set(sol.stats)
+    if method == "integrate":
+        assert bool(sol.result == RESULTS.no_solution), sol.result
+        with pytest.raises(SolverError, match="flat"):
+            ctmodels.steady_state(_drift, jnp.zeros(2), None, method=method)
+
