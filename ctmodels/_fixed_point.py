@@ -197,13 +197,13 @@ def _resolve_solver(solver, kind, rtol, atol):
     return _GuardedFixedPoint(value), name
 
 
-# The least iteration budget and the loosest relative tolerance of the default
-# (matrix-free) implicit backward solve of a fixed point.
+# The least iteration budget of the default (matrix-free) implicit backward solve of a
+# fixed point. Its loosest relative tolerance is the forward's default for the dtype
+# ("nonlinear" in `_defaults`: 1e-6 in float64, 1e-5 in float32).
 _BACKWARD_MIN_STEPS = 500
-_BACKWARD_RTOL = 1e-6
 
 
-def _default_backward(solver, max_steps: int) -> dict[str, Any]:
+def _default_backward(solver, max_steps: int, dtype=None) -> dict[str, Any]:
     """The linear solver of `adjoint="implicit"` for a fixed point: matrix-free (the
     DEQ setting, where forming the Jacobian costs one JVP per state dimension), and
     mirroring the forward solver. Plain / damped iteration gets the plain (damped)
@@ -212,15 +212,17 @@ def _default_backward(solver, max_steps: int) -> dict[str, Any]:
     solvers get Anderson-accelerated adjoint iteration ("anderson_linear"). The
     adjoint iteration contracts as fast as the forward one, so it gets the forward's
     iteration budget (at least `_BACKWARD_MIN_STEPS`), and the forward's relative
-    tolerance where that is tighter than `_BACKWARD_RTOL` (a gradient as accurate as
-    the fixed point it differentiates)."""
+    tolerance where that is tighter than the default one of `dtype` (a gradient as
+    accurate as the fixed point it differentiates; in float32 not below what float32
+    resolves, where the backward iteration would only stagnate)."""
     inner = solver.solver if isinstance(solver, _Guarded) else solver
-    opts = {"max_steps": max(_BACKWARD_MIN_STEPS, max_steps), "rtol": _BACKWARD_RTOL}
+    loosest, _ = _defaults.default_tolerances("nonlinear", dtype)
+    opts = {"max_steps": max(_BACKWARD_MIN_STEPS, max_steps), "rtol": loosest}
     try:
         rtol = float(inner.rtol)
     except (AttributeError, TypeError):  # no (concrete) relative tolerance
         rtol = 0.0
-    if 0 < rtol < _BACKWARD_RTOL:
+    if 0 < rtol < loosest:
         opts["rtol"] = rtol
     if isinstance(inner, optx.FixedPointIteration):
         return {"linear_solver": "neumann", "damp": inner.damp, **opts}
@@ -228,7 +230,7 @@ def _default_backward(solver, max_steps: int) -> dict[str, Any]:
 
 
 def resolve_nonlinear_adjoint(
-    adjoint, kind: str = "root", solver=None, max_steps: int = 0
+    adjoint, kind: str = "root", solver=None, max_steps: int = 0, dtype=None
 ):
     """Registry name / value -> an Optimistix adjoint. For fixed points the name
     "implicit" means a matrix-free backward solve chosen to match `solver` and its
@@ -236,7 +238,7 @@ def resolve_nonlinear_adjoint(
     if isinstance(adjoint, str):
         options = {}
         if kind == "fixed_point" and adjoint.strip().lower() == "implicit":
-            options = _default_backward(solver, max_steps)
+            options = _default_backward(solver, max_steps, dtype)
         adjoint, _ = _registry.resolve(adjoint, "adjoint", **options)
     if isinstance(adjoint, ImplicitAdjoint):
         return adjoint.to_optimistix()
@@ -293,7 +295,9 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
             f"its input z; got input {in_struct} and output {out_struct}."
         )
     solver_v, name = _resolve_solver(solver, kind, rtol, atol)
-    adjoint_v = resolve_nonlinear_adjoint(adjoint, kind, solver_v, max_steps)
+    adjoint_v = resolve_nonlinear_adjoint(
+        adjoint, kind, solver_v, max_steps, _defaults.state_dtype(y0)
+    )
     call = optx.fixed_point if kind == "fixed_point" else optx.root_find
     sol = call(
         fn, solver_v, y0, args, max_steps=max_steps, adjoint=adjoint_v, throw=False
@@ -378,8 +382,9 @@ def fixed_point(
         iterations), or an adjoint value. By name, `"implicit"` solves the backward
         linear system matrix-free, mirroring `solver`: plain (damped) adjoint
         iteration for `"iteration"` / `"damped"`, Anderson-accelerated adjoint
-        iteration otherwise; to relative tolerance 1e-6 (or `rtol`, if tighter and
-        positive) within `max(max_steps, 500)` iterations. Pass
+        iteration otherwise; to the default relative tolerance of the dtype (1e-6
+        in float64, 1e-5 in float32; or `rtol`, if tighter and positive) within
+        `max(max_steps, 500)` iterations. Pass
         `ctmodels.solvers.get("implicit", linear_solver=...)` to choose another.
     - `rtol`, `atol`: tolerances of a solver given by name. The solve stops when
         `|fn(z) - z| <= atol + rtol * |z|` elementwise. `None` (default) means the
