@@ -43,9 +43,28 @@ LINEAR = solvers.names("linear")
 ADJOINT = [n for n in solvers.names("adjoint") if n != "implicit"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_caches():
+    """JAX's caches keep functions traced under the other x64 setting (Diffrax's
+    KenCarp interpolation, traced in float64 by an earlier module, then fails to
+    lower in float32): start this module, and leave it, with empty caches."""
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+@contextlib.contextmanager
 def _precision(dtype):
-    """float64 inside `enable_x64`, float32 as JAX runs by default."""
-    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    """float64 inside `jax.enable_x64(True)` (clearing JAX's caches on the way out,
+    see `_fresh_caches`), float32 as JAX runs by default."""
+    if dtype == "float32":
+        yield
+        return
+    try:
+        with jax.enable_x64(True):
+            yield
+    finally:
+        jax.clear_caches()
 
 
 def _ok(sol) -> bool:

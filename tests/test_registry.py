@@ -200,7 +200,8 @@ def test_default_tolerances_table():
         f32, f64 = row["float32"], row["float64"]
         line = f"| `{kind}` |"
         (text,) = [ln for ln in doc.splitlines() if ln.startswith(line)]
-        assert f"`{f32[0]:g}`, `{f32[1]:g}` | `{f64[0]:g}`, `{f64[1]:g}` |" in text
+        e = [f"`{x:.0e}`".replace("e-0", "e-") for x in (*f32, *f64)]  # `1e-3`
+        assert f"{e[0]}, {e[1]} | {e[2]}, {e[3]} |" in text
     assert _defaults.SOLVERS["integrate"] == "tsit5"
     assert _defaults.SOLVERS["fixed_point"] == "anderson"
     assert _defaults.SOLVERS["root_find"] == "newton"

@@ -10,6 +10,7 @@ import optimistix as optx
 from .._defaults import default_tolerances
 from ._implicit import AndersonLinearSolver, ImplicitAdjoint, NeumannLinearSolver
 from ._registry import get, register
+from ._stage_newton import StageNewton
 from ._unrolled import unrolled
 
 # The float64 defaults, kept for code that imported them; solvers built by name
@@ -32,22 +33,13 @@ def _newton_root_finder(cls):
     even dy/dt = -2y hits max_steps) and makes Kvaerno5 reject about half its steps
     on stiff problems (779 steps against 51 with Newton on our stiff steady state).
 
-    Newton stops by the rate test of Hairer & Wanner (the iteration's contraction
-    predicts the remaining error below `kappa` times the tolerance), as VeryChord does,
-    not by Optimistix's default "Cauchy" test, which also asks `|G(z)| <= atol` of the
-    stage residual `G`: in float32 the stage residual of a stiff step is roundoff
-    times the stiffness (y' = -1000 (y - cos t): ~1e-4 h), above any usable `atol`,
-    so every Newton solve failed and every step was rejected until max_steps
-    (`integrate(..., solver="kvaerno5")` failed where `diffrax.Kvaerno5()` took 14
-    steps)."""
+    Newton stops at whichever of Optimistix's Cauchy test and Hairer & Wanner's rate
+    test passes first ([`ctmodels.solvers.StageNewton`][]): the Cauchy test alone
+    rejected every stiff step in float32, the rate test alone fails the KenCarp
+    steppers."""
 
     def factory(**options):
-        options.setdefault(
-            "root_finder",
-            diffrax.with_stepsize_controller_tols(optx.Newton)(
-                cauchy_termination=False
-            ),
-        )
+        options.setdefault("root_finder", StageNewton())
         return cls(**options)
 
     factory.__name__ = cls.__name__
