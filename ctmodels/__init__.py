@@ -4,7 +4,7 @@ Latent ODEs, FFJORD, SVAEs and DEQs over one solver registry (`ctmodels.solvers`
 one gradient engine (`integrate`, `fixed_point`, `root_find`, `steady_state`).
 """
 
-import importlib.metadata
+from importlib import metadata as _metadata
 
 from . import (
     data as data,
@@ -14,6 +14,7 @@ from . import (
     solvers as solvers,
     train as train,
 )
+from ._defaults import default_tolerances as default_tolerances
 from ._errors import RESULTS as RESULTS, SolverError as SolverError
 from ._fixed_point import (
     FixedPointSolution as FixedPointSolution,
@@ -24,6 +25,6 @@ from ._integrate import Solution as Solution, integrate as integrate
 from ._steady_state import steady_state as steady_state
 
 try:
-    __version__ = importlib.metadata.version("ctmodels")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = _metadata.version("ctmodels")
+except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"

@@ -28,12 +28,16 @@ import optimistix as optx
 class RESULTS(eqxi.Enumeration):
     """Why a solve ended. `ctmodels.RESULTS[code]` gives the message."""
 
-    successful = ""
+    successful = "successful"
     max_steps_reached = "the maximum number of steps was reached"
     dt_min_reached = "the step size fell below its minimum (step size underflow)"
     max_steps_rejected = "too many consecutive steps were rejected"
     implicit_failure = "the implicit stepper's nonlinear solve failed to converge"
     divergence = "the iteration diverged"
+    no_solution = (
+        "the tolerance was met only because the function is (nearly) flat there, not "
+        "at a solution: there may be no fixed point, root or equilibrium nearby"
+    )
     nonfinite = "the solution became NaN or infinite"
     stagnation = (
         "the iteration stopped making progress at floating-point precision before "
@@ -42,6 +46,11 @@ class RESULTS(eqxi.Enumeration):
     singular = "a linear solve met a singular (or numerically singular) matrix"
     linear_solve_failed = "a linear solve failed to converge"
     internal_error = "an internal error occurred in the solver"
+
+
+# Printed as `ctmodels.RESULTS<successful>`, `ctmodels.RESULTS<the maximum number of
+# steps was reached>`: where users meet it, not `ctmodels._errors.RESULTS<>`.
+RESULTS.__module__ = "ctmodels"
 
 
 class SolverError(RuntimeError):

@@ -13,10 +13,9 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, PyTree
 
-from . import _errors
+from . import _defaults, _errors
 from ._errors import RESULTS, SolverError
 from .solvers import _registry
-from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
 from .solvers._implicit import ImplicitAdjoint
 
 
@@ -32,12 +31,19 @@ class Solution(eqx.Module):
         stepper's stages; `-1` where the count is not known in advance, e.g. implicit
         steppers whose Newton iterations vary) and `max_steps`.
     - `result`: a [`ctmodels.RESULTS`][] code; `RESULTS.successful` on success.
+    - `value`: the same as `ys` (every solution of the engine, this one and
+        [`ctmodels.FixedPointSolution`][], has `value`, `stats` and `result`).
     """
 
     ts: Array
     ys: PyTree[Array]
     stats: dict[str, Any]
     result: RESULTS
+
+    @property
+    def value(self) -> PyTree[Array]:
+        """The solution at `ts`: the same as `ys`."""
+        return self.ys
 
 
 def _evals_per_step(solver) -> tuple[int, int] | None:
@@ -268,8 +274,8 @@ def integrate(
     solver: str | diffrax.AbstractSolver = "tsit5",
     adjoint: str | diffrax.AbstractAdjoint = "checkpoint",
     controller: str | diffrax.AbstractStepSizeController | None = None,
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     dt0: float | None = None,
     max_steps: int = 4096,
     throw: bool = True,
@@ -294,7 +300,10 @@ def integrate(
         `"constant"` (default when `dt0` is given or the stepper has no error
         estimate), or a `diffrax.AbstractStepSizeController`.
     - `rtol`, `atol`: tolerances of a controller given by name (and of an implicit
-        stepper's Newton iteration). Defaults `1e-6`, `1e-8`.
+        stepper's Newton iteration). `None` (default) means the default for the
+        dtype of `y0` (`ctmodels._defaults`, docs/precision.md): `1e-6`, `1e-8` in
+        float64 and `1e-3`, `1e-6` in float32, the tightest at which every
+        registry stepper (the stiff ones included) works in float32.
     - `dt0`: the initial (or, with a constant controller, the fixed) step size. If
         `None` with an adaptive controller, the starting step is chosen by Hairer's
         algorithm (two extra vector-field evaluations, counted in
@@ -310,6 +319,7 @@ def integrate(
     Equations", NeurIPS 2018.
     """
     ts = check_times(ts)
+    rtol, atol = _defaults.tolerances("ode", y0, rtol, atol)
     terms, solver_v, controller_v, name = resolve_ode(
         solver, vector_field, controller, rtol, atol, dt0
     )

@@ -12,12 +12,11 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, PyTree
 
-from . import _errors
+from . import _defaults, _errors
 from ._errors import RESULTS, SolverError
-from ._fixed_point import FixedPointSolution, _max_abs, _solve, _stop_gradient
-from ._integrate import resolve_adjoint, resolve_ode
+from ._fixed_point import FixedPointSolution, _flat, _max_abs, _solve, _stop_gradient
+from ._integrate import _evals_per_step, resolve_adjoint, resolve_ode
 from .solvers import _registry
-from .solvers._builtin import DEFAULT_ATOL, DEFAULT_RTOL
 from .solvers._implicit import ImplicitAdjoint
 
 
@@ -29,8 +28,8 @@ def steady_state(
     method: Literal["root", "integrate"] = "root",
     solver: Any = None,
     adjoint: Any = "implicit",
-    rtol: float = DEFAULT_RTOL,
-    atol: float = DEFAULT_ATOL,
+    rtol: float | None = None,
+    atol: float | None = None,
     max_steps: int | None = None,
     throw: bool = True,
 ) -> FixedPointSolution:
@@ -42,7 +41,9 @@ def steady_state(
     **Arguments:**
 
     - `vector_field`: `f(t, y, args)`, autonomous (it is evaluated at `t = 0` by the
-        root method).
+        root method): the same `vector_field` as [`ctmodels.integrate`][] takes (a
+        time derivative, Diffrax's convention), where `fixed_point` and `root_find`
+        take a map `fn(y, args)`.
     - `y0`: the initial state (for `"integrate"`) or initial guess (for `"root"`).
     - `args`: parameters; differentiate with respect to them.
     - `method`: `"root"` solves `f(y) = 0` (default solver `"newton"`, any registry
@@ -54,13 +55,24 @@ def steady_state(
         attracting equilibrium of `y0`'s basin.
     - `adjoint`: `"implicit"` (default) or `"checkpoint"` (backprop through the
         iterations / integration steps).
-    - `rtol`, `atol`: tolerances of the solve and of the stopping rule.
+    - `rtol`, `atol`: tolerances of the solve and of the stopping rule. `None`
+        (default) means the default for the dtype of `y0` (docs/precision.md):
+        `1e-6`, `1e-8` in float64 and `1e-5`, `1e-6` in float32.
+
+    Success is never reported away from an equilibrium: the rule
+    `|f(y)| <= atol + rtol |y|` is also met by a state that grows without bound
+    (dy/dt = 1 at |y| = 1e6) or moves slowly; so the state where it stops is checked
+    with one Jacobian-vector product, and a Newton distance to the equilibrium
+    (`|f|^2 / |J f|` along `f`) of more than 1000 tolerances is reported as
+    `RESULTS.no_solution`.
     - `max_steps`: iterations (root, default 256) or integration steps (default 16384).
     - `throw`: raise a [`ctmodels.SolverError`][] on failure, or return the code.
 
     **Returns:** a [`ctmodels.FixedPointSolution`][] with `value`, `stats` (for
     `"integrate"` also `t_final`, the time at which the state was steady) and `result`.
     """
+    y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
+    rtol, atol = _defaults.tolerances("nonlinear", y0, rtol, atol)
     if method == "root":
         fn = _Autonomous(vector_field)
         return _solve(
@@ -119,9 +131,16 @@ def steady_state(
             throw=False,
         ).value
     result = _errors.from_diffrax(sol.result)
-    resid = vector_field(0.0, jax.lax.stop_gradient(value), _stop_gradient(args))
+    resid, flat = _flat(_Autonomous(vector_field), value, args, "root", rtol, atol)
+    ok = result == RESULTS.successful
+    result = RESULTS.where(ok & flat, RESULTS.no_solution, result)
+    per_step = _evals_per_step(solver_v)
+    num_steps = sol.stats["num_steps"]
+    # the stepper's evaluations, the event's one per step, and the final check's two
+    evals = -1 if per_step is None else num_steps * (per_step[0] + 1) + per_step[1] + 2
     stats = {
-        "num_steps": sol.stats["num_steps"],
+        "num_steps": num_steps,
+        "num_fn_evals": evals,
         "residual": _max_abs(resid),
         "t_final": sol.ts[0],
         "max_steps": max_steps,

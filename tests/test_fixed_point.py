@@ -756,3 +756,20 @@ def test_damped_iteration_gradient_uses_damped_backward():
     z = np.linalg.solve(np.eye(N) - w, b)
     np.testing.assert_allclose(g[1], lam, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(g[0], np.outer(lam, z), rtol=1e-8, atol=1e-10)
+
+
+# -- one vocabulary ------------------------------------------------------------------
+
+
+def test_y0_is_the_argument_and_z0_is_deprecated():
+    kw = dict(solver="anderson", rtol=RTOL, atol=ATOL)
+    sol = ctmodels.fixed_point(tanh_map, y0=Z0, args=ARGS9, **kw)
+    with pytest.warns(DeprecationWarning, match="y0"):
+        old = ctmodels.fixed_point(tanh_map, z0=Z0, args=ARGS9, **kw)
+    np.testing.assert_array_equal(old.value, sol.value)
+    np.testing.assert_allclose(sol.value, ORACLE9, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="both y0 and z0"):
+        ctmodels.fixed_point(tanh_map, Z0, ARGS9, z0=Z0, **kw)
+    # the stats every solution has: steps, function evaluations, the budget
+    assert {"num_steps", "num_fn_evals", "max_steps"} <= set(sol.stats)
+    assert int(sol.stats["num_fn_evals"]) == int(sol.stats["num_steps"]) + 2

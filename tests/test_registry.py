@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import diffrax
 import lineax as lx
@@ -162,3 +163,54 @@ def test_cli_datasets_list_and_card(capsys):
     assert cli_main(["datasets", "show", "pbcseq"]) == 0
     out = capsys.readouterr().out
     assert "License" in out or "license" in out
+
+
+# -- one vocabulary, one table of defaults --------------------------------------------
+
+
+def test_results_print_as_ctmodels_names():
+    assert repr(ctmodels.RESULTS.successful) == "ctmodels.RESULTS<successful>"
+    assert repr(ctmodels.RESULTS.max_steps_reached) == (
+        "ctmodels.RESULTS<the maximum number of steps was reached>"
+    )
+    assert "_errors" not in repr(ctmodels.RESULTS.no_solution)
+
+
+def test_no_stray_modules_in_the_namespace():
+    assert not hasattr(ctmodels, "importlib")
+    assert ctmodels.__version__
+
+
+def test_default_tolerances_table():
+    from ctmodels import _defaults
+
+    assert ctmodels.default_tolerances("ode", "float64") == (1e-6, 1e-8)
+    assert ctmodels.default_tolerances("ode", "float32") == (1e-3, 1e-6)
+    assert ctmodels.default_tolerances("nonlinear", "float64") == (1e-6, 1e-8)
+    assert ctmodels.default_tolerances("nonlinear", "float32") == (1e-5, 1e-6)
+    # half precision gets the float32 row, integers JAX's default float
+    assert ctmodels.default_tolerances("ode", "float16") == (1e-3, 1e-6)
+    default = ctmodels.default_tolerances("ode", None)
+    assert ctmodels.default_tolerances("ode", "int32") == default
+    with pytest.raises(ValueError, match="Unknown kind"):
+        ctmodels.default_tolerances("sde", "float32")
+    # the documented table is this table
+    doc = (Path(__file__).parents[1] / "docs" / "precision.md").read_text()
+    for kind, row in _defaults.TOLERANCES.items():
+        f32, f64 = row["float32"], row["float64"]
+        line = f"| `{kind}` |"
+        (text,) = [ln for ln in doc.splitlines() if ln.startswith(line)]
+        e = [f"`{x:.0e}`".replace("e-0", "e-") for x in (*f32, *f64)]  # `1e-3`
+        assert f"{e[0]}, {e[1]} | {e[2]}, {e[3]} |" in text
+    assert _defaults.SOLVERS["integrate"] == "tsit5"
+    assert _defaults.SOLVERS["fixed_point"] == "anderson"
+    assert _defaults.SOLVERS["root_find"] == "newton"
+
+
+def test_solvers_by_name_get_the_default_float_tolerances():
+    rtol, atol = ctmodels.default_tolerances("ode", None)
+    pid = solvers.get("pid")
+    assert (pid.rtol, pid.atol) == (rtol, atol)
+    rtol, atol = ctmodels.default_tolerances("nonlinear", None)
+    anderson = solvers.get("anderson")
+    assert (anderson.rtol, anderson.atol) == (rtol, atol)

@@ -321,3 +321,22 @@ def test_jit_vmap_grad(method):
     _, (v0, _, _), g0 = _flatten(_cubic_vg(A, method, solver, "implicit"))
     np.testing.assert_allclose(value[0], v0, rtol=0, atol=1e-12)
     np.testing.assert_allclose(grad[0], g0, rtol=1e-10)
+
+
+# -- no false success ---------------------------------------------------------------
+
+
+def _drift(t, y, args):
+    return jnp.ones_like(y)
+
+
+def test_no_equilibrium_is_never_a_success():
+    """dy/dt = 1 has no equilibrium. Integrating it used to stop with success where
+    |f| = 1 <= atol + rtol |y| (|y| ~ 1e6); now that is RESULTS.no_solution. (Every
+    root and ode solver on it, in float32: tests/test_float32.py.)"""
+    kw = dict(method="integrate")
+    sol = ctmodels.steady_state(_drift, jnp.zeros(2), None, throw=False, **kw)
+    assert bool(sol.result == RESULTS.no_solution), (sol.value, sol.result)
+    assert {"num_steps", "num_fn_evals", "max_steps"} <= set(sol.stats)
+    with pytest.raises(SolverError, match="flat"):
+        ctmodels.steady_state(_drift, jnp.zeros(2), None, **kw)

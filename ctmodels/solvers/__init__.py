@@ -21,4 +21,8 @@ from ._registry import (
     register as register,
     unregister as unregister,
 )
+from ._stage_newton import StageNewton as StageNewton
 from ._unrolled import UnrolledERK as UnrolledERK
+
+# The built-in entries register themselves on import.
+from . import _builtin as _builtin  # noqa: E402  # isort: skip

@@ -7,34 +7,12 @@ from typing import Any, final
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-
-def _flat_size(tree) -> int:
-    return sum(int(x.size) for x in jtu.tree_leaves(tree))
-
-
-def _ravel_as(tree, dtype) -> Array:
-    """Flatten a pytree of arrays into one vector of `dtype`."""
-    leaves = [jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(tree)]
-    if not leaves:
-        return jnp.zeros((0,), dtype)
-    return jnp.concatenate(leaves)
-
-
-def _scaled_residual(norm, rtol, atol, residual, y) -> Scalar:
-    """`norm(|residual| / (atol + rtol * |y|))`, with `0/0 = 0`; no gradient."""
-    residual = lax.stop_gradient(residual)
-    y = lax.stop_gradient(y)
-    scale = atol + rtol * jnp.abs(y)
-    zero = residual == 0
-    ratio = jnp.where(zero, 0, jnp.abs(residual) / jnp.where(zero, 1, scale))
-    return norm(ratio)
+from ._misc import check_memory, evaluate, flat_problem, resolved, terminate
 
 
 class _AndersonState(eqx.Module):
@@ -94,7 +72,9 @@ class Anderson(optx.AbstractRootFinder):
     - Cost per step: one evaluation of `g`, two masked writes and three products
         with the `[m, n]` buffers: `dR^T dR` is updated one row and column at a
         time, and the buffers hold `dR` and `dY + beta dR` (the update's columns).
-    - Safeguards: differences with `dR = 0` (e.g. a repeated iterate) are not stored;
+    - Safeguards: differences `dR` at roundoff level (zero, e.g. a repeated iterate, or
+        within a few ulps of the residuals and iterates they come from: a residual
+        that does not change, as for a map without a fixed point) are not stored;
         unused slots of the buffer are masked out (their coefficient is exactly zero);
         with no usable history, or if the small solve is not finite, the step falls
         back to the plain mixed step `y_k + beta r_k`. The safe branches are selected
@@ -134,8 +114,7 @@ class Anderson(optx.AbstractRootFinder):
     regularization: float = 1e-8
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"`memory` must be a positive int, got {self.memory!r}.")
+        check_memory(self.memory)
 
     def init(
         self,
@@ -148,15 +127,9 @@ class Anderson(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> _AndersonState:
         del fn, args, options, aux_struct, tags
-        y_flat, _ = jfu.ravel_pytree(y)
-        n = y_flat.size
-        if _flat_size(f_struct) != n:
-            raise ValueError(
-                "Anderson needs `fn(y, args)` to have as many elements as `y` (it "
-                f"iterates `y + beta * fn(y, args)`); got {_flat_size(f_struct)} and "
-                f"{n}."
-            )
-        dtype = y_flat.dtype
+        n, dtype = flat_problem(
+            "Anderson", y, f_struct, " (it iterates `y + beta * fn(y, args)`)"
+        )
         m = self.memory
         zeros_hist = jnp.zeros((m, n), dtype)
         return _AndersonState(
@@ -184,17 +157,12 @@ class Anderson(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> tuple[PyTree[Array], _AndersonState, Any]:
         del options, tags
-        r_tree, aux = fn(y, args)
-        y_flat, unravel = jfu.ravel_pytree(y)
+        # The residual at the current iterate, and the termination test there.
+        ev = evaluate(self, fn, y, args)
+        y_flat, unravel, r_flat, aux = ev.y, ev.unravel, ev.r, ev.aux
+        error, converged, diverged = ev.error, ev.converged, ev.diverged
         dtype = y_flat.dtype
-        r_flat = _ravel_as(r_tree, dtype)
         m = self.memory
-
-        # Termination test at the current iterate.
-        error = _scaled_residual(self.norm, self.rtol, self.atol, r_flat, y_flat)
-        error = jnp.asarray(error, dtype)
-        converged = error < 1
-        diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(r_flat))))
 
         # Push the newest difference pair into the ring buffer (normalised, |dR| = 1).
         # The buffers are written with a masked select rather than an indexed update:
@@ -204,7 +172,10 @@ class Anderson(optx.AbstractRootFinder):
         dy = y_flat - state.y_prev
         dr = r_flat - state.r_prev
         sq = jnp.sum(dr * dr)
+        # A difference at roundoff level is noise: normalised to |dR| = 1 it would
+        # send the extrapolation anywhere (see `resolved`).
         usable = state.has_prev & (sq > 0) & jnp.isfinite(sq)
+        usable = usable & resolved(dr, r_flat, state.r_prev, y_flat, state.y_prev)
         inv = jnp.where(usable, lax.rsqrt(jnp.where(usable, sq, 1)), 0)
         slot = state.index
         at_slot = jnp.arange(m) == slot
@@ -280,12 +251,7 @@ class Anderson(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> tuple[Bool[Array, ""], optx.RESULTS]:
         del fn, y, args, options, tags
-        result = optx.RESULTS.where(
-            state.diverged,
-            optx.RESULTS.nonlinear_divergence,
-            optx.RESULTS.successful,
-        )
-        return state.converged | state.diverged, result
+        return terminate(state)
 
     def postprocess(
         self,

@@ -7,41 +7,19 @@ from typing import Any, final
 
 import equinox as eqx
 import jax
-import jax.flatten_util as jfu
 import jax.lax as lax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
-
-def _flat_size(tree) -> int:
-    return sum(int(x.size) for x in jtu.tree_leaves(tree))
-
-
-def _ravel_as(tree, dtype) -> Array:
-    """Flatten a pytree of arrays into one vector of `dtype`."""
-    leaves = [jnp.ravel(x).astype(dtype) for x in jtu.tree_leaves(tree)]
-    if not leaves:
-        return jnp.zeros((0,), dtype)
-    return jnp.concatenate(leaves)
-
-
-def _scaled_residual(norm, rtol, atol, residual, y) -> Scalar:
-    """`norm(|residual| / (atol + rtol * |y|))`, with `0/0 = 0`; no gradient."""
-    residual = lax.stop_gradient(residual)
-    y = lax.stop_gradient(y)
-    scale = atol + rtol * jnp.abs(y)
-    zero = residual == 0
-    ratio = jnp.where(zero, 0, jnp.abs(residual) / jnp.where(zero, 1, scale))
-    return norm(ratio)
-
-
-def _safe_norm(x: Array) -> Scalar:
-    """Euclidean norm with a finite gradient at zero."""
-    sq = jnp.sum(x * x)
-    nonzero = sq > 0
-    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1)), 0)
+from ._misc import (
+    check_memory,
+    evaluate,
+    flat_problem,
+    resolved,
+    safe_norm,
+    terminate,
+)
 
 
 class _BroydenState(eqx.Module):
@@ -95,9 +73,12 @@ class Broyden(optx.AbstractRootFinder):
         classical limited-memory Broyden.)
     - Safeguards: an update whose denominator is negligible,
         `|s^T B d| <= sqrt(eps) * |s| * |B d|` (including `s = 0`, e.g. a repeated
-        iterate), or not finite, is skipped (counted in `sol.stats["num_skipped"]`).
-        If the quasi-Newton step is not finite, the history is cleared and the plain
-        step `y + g(y)` is taken instead (counted in `sol.stats["num_fallback"]`).
+        iterate), or not finite, or whose `d` is at roundoff level (within a few ulps
+        of the residuals and iterates it comes from: a residual that does not change,
+        as for a map without a fixed point), is skipped (counted in
+        `sol.stats["num_skipped"]`). If the quasi-Newton step is not finite, the
+        history is cleared and the plain step `y + g(y)` is taken instead (counted
+        in `sol.stats["num_fallback"]`).
         Safe branches are selected with the "double `where`" trick, so gradients
         through the unrolled iteration (`optimistix.RecursiveCheckpointAdjoint`)
         contain no spurious NaNs.
@@ -148,8 +129,7 @@ class Broyden(optx.AbstractRootFinder):
     max_step: float | None = None
 
     def __check_init__(self):
-        if not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"`memory` must be a positive int, got {self.memory!r}.")
+        check_memory(self.memory)
 
     def init(
         self,
@@ -162,14 +142,7 @@ class Broyden(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> _BroydenState:
         del fn, args, options, aux_struct, tags
-        y_flat, _ = jfu.ravel_pytree(y)
-        n = y_flat.size
-        if _flat_size(f_struct) != n:
-            raise ValueError(
-                "Broyden needs `fn(y, args)` to have as many elements as `y`; got "
-                f"{_flat_size(f_struct)} and {n}."
-            )
-        dtype = y_flat.dtype
+        n, dtype = flat_problem("Broyden", y, f_struct, "")
         zeros_hist = jnp.zeros((self.memory, n), dtype)
         return _BroydenState(
             us=zeros_hist,
@@ -196,18 +169,13 @@ class Broyden(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> tuple[PyTree[Array], _BroydenState, Any]:
         del options, tags
-        g_tree, aux = fn(y, args)
-        y_flat, unravel = jfu.ravel_pytree(y)
+        # The residual at the current iterate, and the termination test there.
+        ev = evaluate(self, fn, y, args)
+        y_flat, unravel, g_flat, aux = ev.y, ev.unravel, ev.r, ev.aux
+        error, converged, diverged = ev.error, ev.converged, ev.diverged
         dtype = y_flat.dtype
-        g_flat = _ravel_as(g_tree, dtype)
         m = self.memory
         eps = jnp.finfo(dtype).eps
-
-        # Termination test at the current iterate.
-        error = _scaled_residual(self.norm, self.rtol, self.atol, g_flat, y_flat)
-        error = jnp.asarray(error, dtype)
-        converged = error < 1
-        diverged = jnp.invert(jnp.all(jnp.isfinite(lax.stop_gradient(g_flat))))
 
         # Limited memory: once all slots are used, restart from B = -I. Slots at or
         # beyond the live count are masked out of every product rather than zeroed,
@@ -237,9 +205,13 @@ class Broyden(optx.AbstractRootFinder):
 
         # Rank-one "good" Broyden update of the inverse Jacobian B = -I + U^T V.
         denom = jnp.dot(s, bd)
-        threshold = jnp.sqrt(eps) * _safe_norm(s) * _safe_norm(bd)
+        threshold = jnp.sqrt(eps) * safe_norm(s) * safe_norm(bd)
+        # A change of the residual at roundoff level says nothing about the Jacobian
+        # (see `resolved`): no update from it.
+        d = g_flat - state.g_prev
         update = (
             state.has_prev
+            & resolved(d, g_flat, state.g_prev, y_flat, state.y_prev)
             & jnp.isfinite(denom)
             & jnp.isfinite(threshold)
             & (jnp.abs(denom) > threshold)
@@ -264,8 +236,8 @@ class Broyden(optx.AbstractRootFinder):
         index = jnp.where(ok, index, 0)
         num_fallback = state.num_fallback + jnp.where(ok, 0, 1)
         if self.max_step is not None:
-            limit = self.max_step * (1 + _safe_norm(lax.stop_gradient(y_flat)))
-            length = _safe_norm(p)
+            limit = self.max_step * (1 + safe_norm(lax.stop_gradient(y_flat)))
+            length = safe_norm(p)
             too_long = length > limit
             p = p * jnp.where(too_long, limit / jnp.where(too_long, length, 1), 1)
 
@@ -296,12 +268,7 @@ class Broyden(optx.AbstractRootFinder):
         tags: frozenset[object],
     ) -> tuple[Bool[Array, ""], optx.RESULTS]:
         del fn, y, args, options, tags
-        result = optx.RESULTS.where(
-            state.diverged,
-            optx.RESULTS.nonlinear_divergence,
-            optx.RESULTS.successful,
-        )
-        return state.converged | state.diverged, result
+        return terminate(state)
 
     def postprocess(
         self,

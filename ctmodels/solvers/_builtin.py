@@ -7,13 +7,16 @@ import diffrax
 import lineax as lx
 import optimistix as optx
 
+from .._defaults import default_tolerances
 from ._implicit import AndersonLinearSolver, ImplicitAdjoint, NeumannLinearSolver
 from ._registry import get, register
+from ._stage_newton import StageNewton
 from ._unrolled import unrolled
 
-# Default tolerances of solvers built by name without explicit tolerances.
-DEFAULT_RTOL = 1e-6
-DEFAULT_ATOL = 1e-8
+# The float64 defaults, kept for code that imported them; solvers built by name
+# without tolerances get `ctmodels._defaults.default_tolerances(kind)` for JAX's
+# default float (float32 unless x64 is enabled).
+DEFAULT_RTOL, DEFAULT_ATOL = default_tolerances("ode", "float64")
 
 
 def _implicit_adjoint(
@@ -28,12 +31,15 @@ def _newton_root_finder(cls):
     """Implicit steppers default to Newton with the controller's tolerances: Diffrax's
     default VeryChord root finder fails inside the KenCarp steppers (diffrax 0.7.2:
     even dy/dt = -2y hits max_steps) and makes Kvaerno5 reject about half its steps
-    on stiff problems (779 steps against 51 with Newton on our stiff steady state)."""
+    on stiff problems (779 steps against 51 with Newton on our stiff steady state).
+
+    Newton stops at whichever of Optimistix's Cauchy test and Hairer & Wanner's rate
+    test passes first ([`ctmodels.solvers.StageNewton`][]): the Cauchy test alone
+    rejected every stiff step in float32, the rate test alone fails the KenCarp
+    steppers."""
 
     def factory(**options):
-        options.setdefault(
-            "root_finder", diffrax.with_stepsize_controller_tols(optx.Newton)()
-        )
+        options.setdefault("root_finder", StageNewton())
         return cls(**options)
 
     factory.__name__ = cls.__name__
@@ -161,7 +167,10 @@ def _constant():
     return diffrax.ConstantStepSize()
 
 
-def _pid(rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, **options):
+def _pid(rtol=None, atol=None, **options):
+    d_rtol, d_atol = default_tolerances("ode")
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
     return diffrax.PIDController(rtol=rtol, atol=atol, **options)
 
 
@@ -218,7 +227,10 @@ register(
 
 
 def _fp(cls, **fixed):
-    def factory(rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL, **options):
+    def factory(rtol=None, atol=None, **options):
+        d_rtol, d_atol = default_tolerances("nonlinear")
+        rtol = d_rtol if rtol is None else rtol
+        atol = d_atol if atol is None else atol
         return cls(rtol=rtol, atol=atol, **{**fixed, **options})
 
     return factory

@@ -58,12 +58,20 @@ class CheckedLinearSolver(lx.AbstractLinearSolver):
         b = _norm(vector)
         rel = res / jnp.where(b > 0, b, 1.0)
         if self.on_solve is not None:
+            # the iterations of an iterative backward solve, where it reports them
+            # (-1 for a direct solve)
+            steps = stats.get("num_steps", -1)
             jax.debug.callback(
-                lambda res_, rel_: self.on_solve(
-                    {"residual": float(res_), "relative_residual": float(rel_)}
+                lambda res_, rel_, steps_: self.on_solve(
+                    {
+                        "residual": float(res_),
+                        "relative_residual": float(rel_),
+                        "num_steps": int(steps_),
+                    }
                 ),
                 res,
                 rel,
+                steps,
             )
         bad = ~jnp.isfinite(rel) | (rel > self.tol)
         # Our residual check is the arbiter: an inner solver that flags a tolerance
@@ -275,7 +283,9 @@ class NeumannLinearSolver(lx.AbstractLinearSolver):
 
 class BackwardMonitor:
     """Collects the statistics of implicit backward passes (one dict per linear
-    solve: `residual`, `relative_residual`) for inspection:
+    solve: `residual`, `relative_residual`, and `num_steps`, the iterations of an
+    iterative solver, each one Jacobian-vector product; -1 for a direct solve) for
+    inspection:
 
     ```python
     monitor = ctmodels.solvers.BackwardMonitor()
