@@ -183,10 +183,11 @@ def resolve_adjoint(adjoint, entry: str):
     """Registry name / value -> a Diffrax adjoint."""
     adj, name = _registry.resolve(adjoint, "adjoint")
     if isinstance(adj, ImplicitAdjoint):
-        if entry == "integrate":
+        if entry in ("integrate", "integrate_sde"):
             raise ValueError(
-                "adjoint='implicit' differentiates a fixed point or steady state, not "
-                "a trajectory. For ctmodels.integrate use 'checkpoint' (default), "
+                f"ctmodels.{entry}: adjoint='implicit' differentiates a fixed point or "
+                "steady state, not "
+                "a trajectory. For a trajectory use 'checkpoint' (default), "
                 "'backsolve', 'direct' or 'forward'; for equilibria use "
                 "ctmodels.steady_state."
             )
@@ -415,16 +416,18 @@ def finish(sol, ts, layout, extra_t1, per_step, start_evals, max_steps, name, th
     done = result == RESULTS.successful
     sol_ts, ys = sol.ts, sol.ys
     stop = None
-    if extra_t1:  # we asked for t1 to learn where the solve stopped: split it off
-        stop = sol_ts[-1]
-        sol_ts = sol_ts[:-1]
-        ys = jax.tree.map(lambda y: y[:-1], ys)
+    if extra_t1:  # a second SubSaveAt(t1=True) says where an event stopped it
+        (sol_ts, stop_ts), (ys, _) = sol_ts, ys
+        stop = stop_ts[0]
     if layout == "endpoints":
         stop = sol_ts[1]
         # t1=True saves the state where a failed solve stopped; report it as unreached
         # (inf), as the ts-save does, so both layouts mean the same.
         sol_ts = jnp.where(done, sol_ts, jnp.stack([sol_ts[0], jnp.inf]))
         ys = jax.tree.map(lambda y: y.at[1].set(jnp.where(done, y[1], jnp.inf)), ys)
+    elif layout == "steps":  # the saved steps are a prefix, padded with inf
+        last = jnp.sum(jnp.isfinite(sol_ts)) - 1
+        stop = sol_ts[jnp.maximum(last, 0)]
     elif layout == "t1":
         stop = sol_ts[-1]
         sol_ts = jnp.where(done, sol_ts, jnp.inf)
@@ -522,9 +525,21 @@ def _struct_str(tree) -> str:
 
 
 def check_field(fields, t0, y0, args, entry: str, what: str, out_like=None):
-    """Each of `fields`, called as `f(t0, y0, args)` (traced once, abstractly), must
+    """Each of `fields`, called as `f(t0, y0, args)` (traced abstractly), must
     return a pytree with the structure, shapes and dtypes of `out_like` (default
-    `y0`): a `ValueError` saying which differs, not Diffrax's broadcasting error."""
+    `y0`): a `ValueError` saying which differs, not Diffrax's broadcasting error.
+
+    Checked inside a cached `filter_jit` trace, so repeated eager calls with the same
+    fields and shapes do not trace the fields again."""
+    _check_field_cached(tuple(fields), t0, y0, args, entry, what, out_like)
+
+
+@eqx.filter_jit
+def _check_field_cached(fields, t0, y0, args, entry, what, out_like):
+    _check_field_now(fields, t0, y0, args, entry, what, out_like)
+
+
+def _check_field_now(fields, t0, y0, args, entry, what, out_like):
     want = jax.eval_shape(lambda: y0) if out_like is None else out_like
     for i, f in enumerate(fields):
         got = jax.eval_shape(lambda f=f: f(t0, y0, args))
@@ -563,8 +578,9 @@ def make_event(event, ts):
         return event
     if not callable(event):
         raise ValueError(
-            "event must be a callable event(t, y, args) -> scalar (the solve stops "
-            f"where it crosses zero) or a diffrax.Event, got {type(event).__name__}."
+            "ctmodels: event must be a callable event(t, y, args) -> scalar (the "
+            "solve stops where it crosses zero) or a diffrax.Event, got "
+            f"{type(event).__name__}."
         )
     eps = float(jnp.finfo(jnp.result_type(ts.dtype, float)).eps)
     tol = max(100 * eps, 1e-12)
@@ -574,44 +590,51 @@ def make_event(event, ts):
 
 
 SAVEAT_NAMES = ("ts", "t1", "steps")
+_SAVE_Y = diffrax.SubSaveAt(t1=True).fn  # the default: save the state
 
 
-def make_saveat(saveat, dense, ts, has_event):
+def make_saveat(saveat, dense, ts, has_event, entry="integrate"):
     """Our `saveat` spelling or a `diffrax.SaveAt` -> (a `diffrax.SaveAt`, its layout,
-    whether a `t1` save was added to learn where the solve stopped)."""
+    whether a separate `t1` save was added to learn where an event stopped it)."""
     if not isinstance(dense, bool):
-        raise ValueError(f"dense must be True or False, got {dense!r}.")
+        raise ValueError(f"ctmodels.{entry}: dense must be True or False, got {dense!r}.")
+    names = ", ".join(map(repr, SAVEAT_NAMES))
     if saveat is None or saveat == "ts":
         # Two output times (start and end, the common training case) save with t0/t1
         # rather than Diffrax's per-step interpolating save loop: a few percent faster.
         if ts.shape[0] == 2 and not has_event:
             return diffrax.SaveAt(t0=True, t1=True, dense=dense), "endpoints", False
-        return diffrax.SaveAt(ts=ts, t1=has_event, dense=dense), "ts", has_event
-    if saveat == "t1":
+        sub, layout = diffrax.SubSaveAt(ts=ts), "ts"
+    elif saveat == "t1":
         return diffrax.SaveAt(t1=True, dense=dense), "t1", False
-    if saveat == "steps":
-        return diffrax.SaveAt(steps=True, t1=True, dense=dense), "steps", True
-    if isinstance(saveat, str):
+    elif saveat == "steps":  # the last step ends where the solve stopped
+        return diffrax.SaveAt(steps=True, dense=dense), "steps", False
+    elif isinstance(saveat, str):
         raise ValueError(
-            f"saveat must be one of {', '.join(map(repr, SAVEAT_NAMES))} or a "
-            f"diffrax.SaveAt, got {saveat!r}.{_errors.suggest(saveat, SAVEAT_NAMES)}"
+            f"ctmodels.{entry}: saveat must be one of {names} or a diffrax.SaveAt, "
+            f"got {saveat!r}.{_errors.suggest(saveat, SAVEAT_NAMES)}"
         )
-    if not isinstance(saveat, diffrax.SaveAt):
+    elif not isinstance(saveat, diffrax.SaveAt):
         raise ValueError(
-            f"saveat must be one of {', '.join(map(repr, SAVEAT_NAMES))} or a "
-            f"diffrax.SaveAt, got {type(saveat).__name__}."
+            f"ctmodels.{entry}: saveat must be one of {names} or a diffrax.SaveAt, "
+            f"got {type(saveat).__name__}."
         )
-    if not isinstance(saveat.subs, diffrax.SubSaveAt):
+    elif not isinstance(saveat.subs, diffrax.SubSaveAt):
         raise ValueError(
-            "A diffrax.SaveAt with several SubSaveAts (subs=...) is not supported by "
-            "ctmodels.integrate; pass one, or call diffrax.diffeqsolve directly."
+            f"ctmodels.{entry}: a diffrax.SaveAt with several SubSaveAts (subs=...) "
+            "is not supported; pass one, or call diffrax.diffeqsolve directly."
         )
-    if dense and not saveat.dense:
-        saveat = eqx.tree_at(lambda s: s.dense, saveat, True)
-    extra = not saveat.subs.t1
-    if extra:
-        saveat = eqx.tree_at(lambda s: s.subs.t1, saveat, True)
-    return saveat, "custom", extra
+    else:
+        dense = dense or saveat.dense
+        sub = saveat.subs
+        layout = "steps" if sub.steps else "custom"
+        if sub.steps or not has_event:  # (the last step ends where it stopped)
+            return diffrax.SaveAt(subs=sub, dense=dense), layout, False
+    if not has_event:
+        return diffrax.SaveAt(subs=sub, dense=dense), layout, False
+    # Diffrax saves t1 among the ts; a second SubSaveAt keeps it apart.
+    both = (sub, diffrax.SubSaveAt(t1=True))
+    return diffrax.SaveAt(subs=both, dense=dense), layout, True
 
 
 def _tags(value, name: str, kind: str) -> dict:
@@ -679,13 +702,15 @@ def check_compatible(
         )
     saves = a.get("saves")
     if saves is not None:
-        sub = saveat.subs
+        subs = jax.tree_util.tree_leaves(
+            saveat.subs, is_leaf=lambda x: isinstance(x, diffrax.SubSaveAt)
+        )
         bad = [
             what
             for what, on in (
                 ("dense=True", saveat.dense),
-                ("saveat='steps'", sub.steps),
-                ("a SaveAt(fn=...)", sub.fn is not diffrax._saveat.save_y),
+                ("saveat='steps'", any(sub.steps for sub in subs)),
+                ("a SaveAt(fn=...)", any(sub.fn is not _SAVE_Y for sub in subs)),
             )
             if on
         ]

@@ -154,7 +154,9 @@ def integrate_sde(
         )
     adjoint_v, adjoint_name = resolve_adjoint(adjoint, entry)
     event_v = make_event(event, ts)
-    saveat_v, layout, extra_t1 = make_saveat(saveat, dense, ts, event_v is not None)
+    saveat_v, layout, extra_t1 = make_saveat(
+        saveat, dense, ts, event_v is not None, entry
+    )
     check_compatible(
         solver_v, name, adjoint_v, adjoint_name, saveat_v, event_v, entry, sde=True
     )
