@@ -48,7 +48,7 @@ def test_dense_output_matches_the_closed_form_and_its_gradient():
 
 
 def test_no_dense_output_says_how_to_get_it():
-    sol = ctmodels.integrate(decay, Y0, TS, 0.7)
+    sol = ctmodels.integrate(decay, Y0, TS, K)
     assert sol.interpolation is None
     with pytest.raises(ValueError, match=r"dense=True"):
         sol.evaluate(1.0)
