@@ -418,6 +418,24 @@ def check_step(dt0, entry: str) -> None:
         )
 
 
+def check_fixed_steps(ts, dt0, max_steps: int, entry: str) -> None:
+    """A fixed-step solve needs |t1 - t0| / dt0 steps: refuse, up front, a
+    `max_steps` that cannot reach the end (when the times and the step are known)."""
+    if is_traced(ts, dt0):
+        return
+    span = abs(float(np.asarray(ts)[-1]) - float(np.asarray(ts)[0]))
+    step = abs(float(np.asarray(dt0)))
+    if step == 0 or not math.isfinite(span / step):
+        return
+    needed = math.ceil(span / step * (1 - 1e-6))
+    if needed > max_steps:
+        raise ValueError(
+            f"ctmodels.{entry}: fixed steps of dt0={step:g} need {needed} steps to "
+            f"cover the {span:g} time units of ts, more than max_steps={max_steps}; "
+            f"raise max_steps to at least {needed} or take a larger dt0."
+        )
+
+
 def is_int(x) -> bool:
     """An int for a count or a size: Python or NumPy ints, not bools."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

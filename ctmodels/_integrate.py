@@ -379,6 +379,8 @@ def integrate(
     check_compatible(
         solver_v, name, adjoint_v, adjoint_name, saveat_v, event_v, "integrate"
     )
+    if not isinstance(controller_v, diffrax.AbstractAdaptiveStepSizeController):
+        _errors.check_fixed_steps(ts, dt0, max_steps, "integrate")
     if dt0 is not None:  # the sign of the step follows the direction of ts
         dt0 = jnp.abs(dt0) * jnp.sign(ts[-1] - ts[0])
         start_evals = 0

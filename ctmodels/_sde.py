@@ -111,6 +111,7 @@ def integrate_sde(
     _errors.check_step(dt0, entry)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    _errors.check_fixed_steps(ts, dt0, max_steps, entry)
     for what, f in (("drift", drift), ("diffusion", diffusion)):
         if not callable(f):
             raise ValueError(

@@ -166,6 +166,10 @@ BAD_INTEGRATE = {
     ),
     "dt0=0": (dict(solver="euler", dt0=0.0), r"dt0 must be a finite, non-zero"),
     "dt0 nan": (dict(dt0=float("nan")), r"dt0 must be a finite, non-zero"),
+    "too few steps": (
+        dict(solver="euler", dt0=0.01, max_steps=100),
+        r"need 200 steps .* raise max_steps to at least 200",
+    ),
     "backsolve+dense": (
         dict(adjoint="backsolve", dense=True),
         r"only saves at given times .* not dense=True",

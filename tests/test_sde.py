@@ -148,6 +148,7 @@ BAD = {
     "srk+backsolve": (dict(solver="sea", adjoint="backsolve"), r"takes several"),
     "no dt0": (dict(dt0=None), r"SDE steppers take fixed steps; pass dt0"),
     "dt0=0": (dict(dt0=0.0), r"dt0 must be a finite, non-zero"),
+    "too few steps": (dict(dt0=1e-4), r"need 10000 steps"),
     "bad noise": (dict(noise="full"), r"noise must be 'diagonal' or the shape"),
     "ode solver": (dict(solver="tsit5"), r"'tsit5' is a ode entry, not a sde solver"),
     "implicit adjoint": (dict(adjoint="implicit"), r"differentiates a fixed point"),
