@@ -421,7 +421,7 @@ def check_step(dt0, entry: str) -> None:
 def check_fixed_steps(ts, dt0, max_steps: int, entry: str) -> None:
     """A fixed-step solve needs |t1 - t0| / dt0 steps: refuse, up front, a
     `max_steps` that cannot reach the end (when the times and the step are known)."""
-    if is_traced(ts, dt0):
+    if dt0 is None or is_traced(ts, dt0):
         return
     span = abs(float(np.asarray(ts)[-1]) - float(np.asarray(ts)[0]))
     step = abs(float(np.asarray(dt0)))

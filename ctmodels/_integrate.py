@@ -495,6 +495,8 @@ def as_state(y0, entry: str):
     default float); anything else raises a `ValueError` saying what was given."""
     def convert(x):
         try:
+            if isinstance(x, str | bytes):
+                raise TypeError
             arr = jnp.asarray(x)
         except TypeError as err:
             raise ValueError(
