@@ -216,8 +216,13 @@ def _eqx_on_error() -> str:
 
 def on_error_mode() -> str:
     """How a value-dependent check traced now reports a failure: the mode of the
-    innermost `traced_failures`, else Equinox's `EQX_ON_ERROR` (default `"raise"`)."""
-    return _ON_ERROR.get() or _eqx_on_error()
+    innermost `traced_failures`, else `"raise"` (`throw=True` asks for an error, so a
+    process-wide `EQX_ON_ERROR=nan` or `off` does not silence ctmodels' checks; the
+    debugging mode `EQX_ON_ERROR=breakpoint` is honoured)."""
+    mode = _ON_ERROR.get()
+    if mode is not None:
+        return mode
+    return "breakpoint" if _eqx_on_error() == "breakpoint" else "raise"
 
 
 @contextlib.contextmanager
@@ -225,8 +230,7 @@ def traced_failures(mode: str):
     """How ctmodels' value-dependent checks report a failure in code traced inside
     this context: `"raise"` (a runtime error through a host callback), `"nan"` (the
     checked value becomes NaN; no callback), `"breakpoint"` or `"off"`. Outside any
-    such context they follow Equinox's `EQX_ON_ERROR` (default `"raise"`), like the
-    checks inside Diffrax and Optimistix.
+    such context they raise (or, with `EQX_ON_ERROR=breakpoint`, open the debugger).
 
     It covers ctmodels' own checks (a solve that failed with `throw=True`, unsorted
     times, ...), which pass the mode to `eqx.error_if` explicitly, so compiled code
