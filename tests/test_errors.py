@@ -122,8 +122,8 @@ def test_unsorted_times_under_eager_vmap_raise_at_once():
 
 
 def test_nan_mode_returns_nan_instead_of_raising():
-    """`traced_failures("nan")` (as `fit` uses, and as EQX_ON_ERROR=nan does for the
-    whole process) turns a failed solve into NaN, eagerly under vmap and under jit."""
+    """`traced_failures("nan")` (as `fit` uses) turns a failed solve into NaN, under
+    an eager vmap and under jit."""
     for wrap in (jax.vmap, lambda f: jax.jit(jax.vmap(f))):
         with traced_failures("nan"):
             out = wrap(_integrate)(jnp.ones((2,)))
