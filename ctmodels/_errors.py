@@ -242,7 +242,9 @@ def traced_failures(mode: str):
     compilation cache can store them.
     """
     if mode not in _MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}.")
+        raise ValueError(
+            f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}."
+        )
     token = _ON_ERROR.set(mode)
     try:
         yield
@@ -387,9 +389,7 @@ def _concrete_float(x, name: str, entry: str) -> float | None:
         return None
     arr = np.asarray(x)
     if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise ValueError(
-            f"ctmodels.{entry}: {name} must be a real number, got {x!r}."
-        )
+        raise ValueError(f"ctmodels.{entry}: {name} must be a real number, got {x!r}.")
     return float(arr)
 
 

@@ -370,8 +370,10 @@ def integrate(
     adjoint_v, adjoint_name = resolve_adjoint(adjoint, "integrate")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
-    fields = tuple(vector_field) if isinstance(vector_field, tuple | list) else (
-        vector_field,
+    fields = (
+        tuple(vector_field)
+        if isinstance(vector_field, tuple | list)
+        else (vector_field,)
     )
     check_field(fields, ts[0], y0, args, "integrate", "vector_field")
     event_v = make_event(event, ts)
@@ -493,12 +495,13 @@ def finish(sol, ts, layout, extra_t1, per_step, start_evals, max_steps, name, th
 def as_state(y0, entry: str):
     """The initial state as a pytree of inexact arrays (ints and bools become the
     default float); anything else raises a `ValueError` saying what was given."""
+
     def convert(x):
         try:
             if isinstance(x, str | bytes):
                 raise TypeError
             arr = jnp.asarray(x)
-        except TypeError as err:
+        except TypeError:
             raise ValueError(
                 f"ctmodels.{entry}: y0 must be a pytree of numeric arrays, got a leaf "
                 f"{x!r} of type {type(x).__name__}."
@@ -588,9 +591,7 @@ def make_event(event, ts):
         )
     eps = float(jnp.finfo(jnp.result_type(ts.dtype, float)).eps)
     tol = max(100 * eps, 1e-12)
-    return diffrax.Event(
-        _EventFn(event), root_finder=optx.Newton(rtol=tol, atol=tol)
-    )
+    return diffrax.Event(_EventFn(event), root_finder=optx.Newton(rtol=tol, atol=tol))
 
 
 SAVEAT_NAMES = ("ts", "t1", "steps")
@@ -601,7 +602,9 @@ def make_saveat(saveat, dense, ts, has_event, entry="integrate"):
     """Our `saveat` spelling or a `diffrax.SaveAt` -> (a `diffrax.SaveAt`, its layout,
     whether a separate `t1` save was added to learn where an event stopped it)."""
     if not isinstance(dense, bool):
-        raise ValueError(f"ctmodels.{entry}: dense must be True or False, got {dense!r}.")
+        raise ValueError(
+            f"ctmodels.{entry}: dense must be True or False, got {dense!r}."
+        )
     names = ", ".join(map(repr, SAVEAT_NAMES))
     if saveat is None or saveat == "ts":
         # Two output times (start and end, the common training case) save with t0/t1
@@ -691,11 +694,16 @@ def check_compatible(
     a = _tags(adjoint, adjoint_name, "adjoint")
     alt = "use adjoint='checkpoint' (the default) or 'direct'"
     if a.get("single_term_only") and not s.get("single_term", True):
+        parts = (
+            "drift and diffusion separately"
+            if sde
+            else "an explicit and an implicit part"
+        )
         raise ValueError(
             f"ctmodels.{entry}: adjoint={adjoint_name!r} re-solves the problem "
             f"backwards with the same stepper, which works only for steppers that "
             f"take one vector field; {solver_name!r} takes several "
-            f"({'drift and diffusion separately' if sde else 'an explicit and an implicit part'}). "
+            f"({parts}). "
             f"{alt.capitalize()}, or a one-term solver such as "
             f"{'reversible_heun' if sde else 'kvaerno5'!r} with backsolve."
         )

@@ -37,7 +37,11 @@ class _Diagonal(eqx.Module):
         return lx.DiagonalLinearOperator(self.fn(t, y, args))
 
 
-_LEVY = (diffrax.BrownianIncrement, diffrax.SpaceTimeLevyArea, diffrax.SpaceTimeTimeLevyArea)
+_LEVY = (
+    diffrax.BrownianIncrement,
+    diffrax.SpaceTimeLevyArea,
+    diffrax.SpaceTimeTimeLevyArea,
+)
 
 
 def _levy_area(solver):
@@ -172,9 +176,7 @@ def integrate_sde(
         key=key,
         levy_area=_levy_area(solver_v),
     )
-    terms = diffrax.MultiTerm(
-        diffrax.ODETerm(drift), diffrax.ControlTerm(vf, brownian)
-    )
+    terms = diffrax.MultiTerm(diffrax.ODETerm(drift), diffrax.ControlTerm(vf, brownian))
     sol = diffrax.diffeqsolve(
         terms,
         solver_v,
@@ -190,6 +192,4 @@ def integrate_sde(
         max_steps=max_steps,
         throw=False,
     )
-    return finish(
-        sol, ts, layout, extra_t1, None, 0, max_steps, name, throw, entry
-    )
+    return finish(sol, ts, layout, extra_t1, None, 0, max_steps, name, throw, entry)

@@ -205,7 +205,10 @@ def test_integrate_refuses_bad_combinations(case):
 
 
 BAD_FIELDS = {
-    "shape": (lambda t, y, a: jnp.ones(3), r"like y0 \(float32\[2\]\), got float32\[3\]"),
+    "shape": (
+        lambda t, y, a: jnp.ones(3),
+        r"like y0 \(float32\[2\]\), got float32\[3\]",
+    ),
     "dtype": (
         lambda t, y, a: (-y).astype(jnp.bfloat16),
         r"like y0 \(float32\[2\]\), got bfloat16\[2\]",

@@ -134,9 +134,7 @@ def test_event_that_does_not_fire_and_a_bool_event():
     assert not bool(sol.event_occurred) and float(sol.event_time) == 2.0
     np.testing.assert_allclose(sol.ys[-1], exact(2.0), rtol=1e-4)
     # a bool condition stops at the first step where it holds (not located exactly)
-    sol = ctmodels.integrate(
-        decay, Y0, TS, K, event=lambda t, y, k: y[0] < 0.5, **TOL
-    )
+    sol = ctmodels.integrate(decay, Y0, TS, K, event=lambda t, y, k: y[0] < 0.5, **TOL)
     assert bool(sol.event_occurred)
     crossing = np.log(2.0) / 0.7
     assert crossing <= float(sol.event_time) < 2.0

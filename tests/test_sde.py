@@ -76,9 +76,11 @@ def test_every_sde_entry_on_ornstein_uhlenbeck(name):
 def test_same_key_same_path_and_a_different_key_another():
     ts = jnp.linspace(0.0, 1.0, 6)
     run = jax.jit(
-        lambda key: ctmodels.integrate_sde(
-            drift, diffusion, jnp.array([X0, 2.0]), ts, PARAMS, key=key, dt0=0.01
-        ).ys
+        lambda key: (
+            ctmodels.integrate_sde(
+                drift, diffusion, jnp.array([X0, 2.0]), ts, PARAMS, key=key, dt0=0.01
+            ).ys
+        )
     )
     a, b = run(jax.random.key(3)), run(jax.random.key(3))
     c = run(jax.random.key(4))
@@ -105,9 +107,7 @@ def test_backsolve_gradient_matches_checkpoint_and_the_pathwise_derivatives():
     against backprop through the steps (checkpoint), and both against the pathwise
     derivatives of the linear OU solution."""
     x0 = jnp.array([X0])
-    grad = jax.jit(
-        jax.value_and_grad(_mean_final, argnums=(0, 1)), static_argnums=2
-    )
+    grad = jax.jit(jax.value_and_grad(_mean_final, argnums=(0, 1)), static_argnums=2)
     _, (gp_bs, gx_bs) = grad(PARAMS, x0, "backsolve")
     m, (gp_ck, gx_ck) = grad(PARAMS, x0, "checkpoint")
     np.testing.assert_allclose(gx_bs, gx_ck, rtol=5e-3)
