@@ -15,13 +15,18 @@ from . import (
     train as train,
 )
 from ._defaults import default_tolerances as default_tolerances
-from ._errors import RESULTS as RESULTS, SolverError as SolverError
+from ._errors import (
+    RESULTS as RESULTS,
+    SolverError as SolverError,
+    readable_errors as readable_errors,
+)
 from ._fixed_point import (
     FixedPointSolution as FixedPointSolution,
     fixed_point as fixed_point,
     root_find as root_find,
 )
 from ._integrate import Solution as Solution, integrate as integrate
+from ._sde import integrate_sde as integrate_sde
 from ._steady_state import steady_state as steady_state
 
 try:

@@ -14,6 +14,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import difflib
+import math
+import os
+import re
 from collections.abc import Iterable
 
 import diffrax
@@ -205,14 +208,38 @@ def is_traced(*trees) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-_ON_ERROR = contextvars.ContextVar("ctmodels_on_error", default="raise")
+_ON_ERROR: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "ctmodels_on_error", default=None
+)
+_MODES = ("raise", "nan", "breakpoint", "off")
+
+
+def _eqx_on_error() -> str:
+    """Equinox's process-wide `EQX_ON_ERROR` (read once, when Equinox is imported)."""
+    try:
+        from equinox._config import EQX_ON_ERROR
+    except ImportError:  # pragma: no cover - a future Equinox moved it
+        EQX_ON_ERROR = os.environ.get("EQX_ON_ERROR", "raise")
+    return EQX_ON_ERROR
+
+
+def on_error_mode() -> str:
+    """How a value-dependent check traced now reports a failure: the mode of the
+    innermost `traced_failures`, else `"raise"` (`throw=True` asks for an error, so a
+    process-wide `EQX_ON_ERROR=nan` or `off` does not silence ctmodels' checks; the
+    debugging mode `EQX_ON_ERROR=breakpoint` is honoured)."""
+    mode = _ON_ERROR.get()
+    if mode is not None:
+        return mode
+    return "breakpoint" if _eqx_on_error() == "breakpoint" else "raise"
 
 
 @contextlib.contextmanager
 def traced_failures(mode: str):
     """How ctmodels' value-dependent checks report a failure in code traced inside
-    this context: `"raise"` (the default: a runtime error through a host callback)
-    or `"nan"` (the checked value becomes NaN; no callback).
+    this context: `"raise"` (a runtime error through a host callback), `"nan"` (the
+    checked value becomes NaN; no callback), `"breakpoint"` or `"off"`. Outside any
+    such context they raise (or, with `EQX_ON_ERROR=breakpoint`, open the debugger).
 
     It covers ctmodels' own checks (a solve that failed with `throw=True`, unsorted
     times, ...), which pass the mode to `eqx.error_if` explicitly, so compiled code
@@ -223,8 +250,10 @@ def traced_failures(mode: str):
     `ctmodels._cli`), the compiled steps have no host callbacks, so JAX's persistent
     compilation cache can store them.
     """
-    if mode not in ("raise", "nan"):
-        raise ValueError(f"mode must be 'raise' or 'nan', got {mode!r}.")
+    if mode not in _MODES:
+        raise ValueError(
+            f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}."
+        )
     token = _ON_ERROR.set(mode)
     try:
         yield
@@ -232,20 +261,59 @@ def traced_failures(mode: str):
         _ON_ERROR.reset(token)
 
 
-def error_if(x, pred, msg: str):
-    """`eqx.error_if` in the mode of `traced_failures` (default: raise)."""
-    return eqx.error_if(x, pred, msg, on_error=_ON_ERROR.get())
+# The messages of ctmodels' own runtime checks, so that `readable_errors` can tell
+# them from other runtime errors in a compiled program's error text.
+_RUNTIME_MESSAGES: set[str] = set()
+
+
+def _concrete_any(pred):
+    """`pred` reduced over any vmapped axes, if known now (eagerly, also under an eager
+    `vmap` or `grad`); None under `jit`."""
+    with jax.ensure_compile_time_eval():
+        out = eqxi.unvmap_any(jnp.any(pred))
+    return None if isinstance(out, jax.core.Tracer) else bool(out)
+
+
+def _concrete_max(index):
+    with jax.ensure_compile_time_eval():
+        out = eqxi.unvmap_max(jnp.max(index))
+    return None if isinstance(out, jax.core.Tracer) else int(out)
+
+
+def error_if(x, pred, msg: str, error: type[Exception] = ValueError):
+    """`eqx.error_if` in the mode of `traced_failures` (default: `EQX_ON_ERROR`).
+
+    Where the predicate is already known (eagerly, and under an eager `vmap` or
+    `grad`, whose values are concrete) a failed check raises `error(msg)` at once, so
+    the message is the first line; under `jit` it becomes a runtime check (see
+    [`ctmodels.readable_errors`][])."""
+    mode = on_error_mode()
+    _RUNTIME_MESSAGES.add(msg)
+    if mode == "raise" and _concrete_any(pred) is True:
+        raise error(msg)
+    return eqx.error_if(x, pred, msg, on_error=mode)
 
 
 def raise_if_failed_traced(
     result: RESULTS, x, entry: str, solver: str, hints: str = "", **context
 ):
     """Under jit: attach a runtime error (static message per result code) to `x`
-    (NaN instead inside `traced_failures("nan")`)."""
+    (NaN instead inside `traced_failures("nan")`). Under an eager `vmap`, where the
+    result is concrete, raise the [`ctmodels.SolverError`][] at once."""
     msgs = [explain(entry, solver, code, hints=hints, **context) for code in CODES]
+    _RUNTIME_MESSAGES.update(msgs)
     index = result._value
     pred = result != RESULTS.successful
-    return eqx.branched_error_if(x, pred, index, msgs, on_error=_ON_ERROR.get())
+    mode = on_error_mode()
+    if mode == "raise" and _concrete_any(pred) is True:
+        worst = _concrete_max(index)
+        raise SolverError(
+            msgs[worst],
+            result=getattr(RESULTS, CODES[worst]),
+            solver=solver,
+            entry=entry,
+        )
+    return eqx.branched_error_if(x, pred, index, msgs, on_error=mode)
 
 
 def runtime_message(err: BaseException) -> str:
@@ -258,6 +326,127 @@ def runtime_message(err: BaseException) -> str:
     for end in ("\n\n\n", "\n-----", "\n\n"):
         text = text.split(end)[0]
     return text.strip() or type(err).__name__
+
+
+_SOLVER_FAILED = re.compile(r"^ctmodels\.(\w+) with solver '([^']*)' failed")
+
+
+def readable(err: BaseException) -> BaseException | None:
+    """The ctmodels error that `err` (the error a compiled program raised when one of
+    ctmodels' runtime checks fired) stands for, or None if it is not one of ours:
+    a [`ctmodels.SolverError`][] for a failed solve, a `ValueError` for a bad input."""
+    if isinstance(err, (SolverError, ValueError)) and not _is_runtime_error(err):
+        return None
+    msg = runtime_message(err)
+    if msg not in _RUNTIME_MESSAGES:
+        return None
+    found = _SOLVER_FAILED.match(msg)
+    if found is None:
+        return ValueError(msg)
+    code = next(
+        (c for c in CODES if c != "successful" and RESULTS[getattr(RESULTS, c)] in msg),
+        "internal_error",
+    )
+    return SolverError(
+        msg, result=getattr(RESULTS, code), solver=found.group(2), entry=found.group(1)
+    )
+
+
+def _is_runtime_error(err: BaseException) -> bool:
+    text = str(err)
+    return "EquinoxRuntimeError: " in text or "CpuCallback error" in text
+
+
+class readable_errors(contextlib.ContextDecorator):
+    """Turn the error of a ctmodels check that fired inside compiled code back into
+    ctmodels' own error, with ctmodels' message as its first line.
+
+    Inside `jax.jit` or `eqx.filter_jit` a failed check can only stop the program
+    through a host callback, and JAX (not ctmodels) writes the error that reaches
+    you: a `JaxRuntimeError` (or, on later calls of the same compiled function, a
+    `ValueError`) beginning `INTERNAL: CpuCallback error calling callback`, or
+    Equinox's `EquinoxRuntimeError` beginning `Above is the stack outside of JIT`,
+    with ctmodels' message further down. Around the call of a compiled function, as
+    a context manager or a decorator, this re-raises it as a
+    [`ctmodels.SolverError`][] (a failed solve; `result`, `solver` and `entry` set) or
+    a `ValueError` (a bad input such as unsorted times) whose message is ctmodels'
+    alone; other errors pass through unchanged.
+
+    ```python
+    step = jax.jit(loss_and_grad)
+    with ctmodels.readable_errors():
+        loss, grads = step(params)
+    ```
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        ours = readable(exc)
+        if ours is None:
+            return False
+        discard_failed_callbacks()
+        raise ours from None
+
+
+def _concrete_float(x, name: str, entry: str) -> float | None:
+    """`x` as a Python float if it is a concrete real scalar; None if traced."""
+    if x is None or is_traced(x):
+        return None
+    arr = np.asarray(x)
+    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"ctmodels.{entry}: {name} must be a real number, got {x!r}.")
+    return float(arr)
+
+
+def check_tolerances(rtol, atol, entry: str) -> None:
+    """Tolerances must be finite, non-negative and not both zero (a solve that can
+    never stop). `None` (the precision-aware default) and traced values pass."""
+    r = _concrete_float(rtol, "rtol", entry)
+    a = _concrete_float(atol, "atol", entry)
+    for name, v in (("rtol", r), ("atol", a)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise ValueError(
+                f"ctmodels.{entry}: {name} must be a finite, non-negative number, got "
+                f"{name}={v!r}. Typical values: rtol=1e-3 to 1e-8, atol about 1e-3 "
+                "of the state's scale (or leave both out for the defaults)."
+            )
+    if r == 0 and a == 0:
+        raise ValueError(
+            f"ctmodels.{entry}: rtol and atol are both 0, so no error is small "
+            "enough and the solve can never stop; give a positive rtol or atol."
+        )
+
+
+def check_step(dt0, entry: str) -> None:
+    """A given step size must be a finite, non-zero number (its sign is ignored)."""
+    v = _concrete_float(dt0, "dt0", entry)
+    if v is not None and not (math.isfinite(v) and v != 0):
+        raise ValueError(
+            f"ctmodels.{entry}: dt0 must be a finite, non-zero step size, got "
+            f"dt0={v!r} (its sign follows the direction of ts)."
+        )
+
+
+def check_fixed_steps(ts, dt0, max_steps: int, entry: str) -> None:
+    """A fixed-step solve needs |t1 - t0| / dt0 steps: refuse, up front, a
+    `max_steps` that cannot reach the end (when the times and the step are known)."""
+    if dt0 is None or is_traced(ts, dt0):
+        return
+    span = abs(float(np.asarray(ts)[-1]) - float(np.asarray(ts)[0]))
+    step = abs(float(np.asarray(dt0)))
+    if step == 0 or not math.isfinite(span / step):
+        return
+    needed = math.ceil(span / step * (1 - 1e-6))
+    if needed > max_steps:
+        raise ValueError(
+            f"ctmodels.{entry}: fixed steps of dt0={step:g} need {needed} steps to "
+            f"cover the {span:g} time units of ts, more than max_steps={max_steps}; "
+            f"raise max_steps to at least {needed} or take a larger dt0."
+        )
 
 
 def is_int(x) -> bool:

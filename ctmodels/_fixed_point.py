@@ -283,6 +283,7 @@ def _solve(entry, fn, y0, args, solver, kind, adjoint, rtol, atol, max_steps, th
         raise ValueError(f"fn must be a callable fn(z, args), got {type(fn).__name__}.")
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}.")
+    _errors.check_tolerances(rtol, atol, entry)
     y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
     rtol, atol = _defaults.tolerances("nonlinear", y0, rtol, atol)
     if not jax.tree_util.tree_leaves(y0):

@@ -15,7 +15,7 @@ from jaxtyping import Array, PyTree
 from . import _defaults, _errors
 from ._errors import RESULTS, SolverError
 from ._fixed_point import FixedPointSolution, _flat, _max_abs, _solve, _stop_gradient
-from ._integrate import _evals_per_step, resolve_adjoint, resolve_ode
+from ._integrate import _evals_per_step, check_field, resolve_adjoint, resolve_ode
 from .solvers import _registry
 from .solvers._implicit import ImplicitAdjoint
 
@@ -71,6 +71,7 @@ def steady_state(
     **Returns:** a [`ctmodels.FixedPointSolution`][] with `value`, `stats` (for
     `"integrate"` also `t_final`, the time at which the state was steady) and `result`.
     """
+    _errors.check_tolerances(rtol, atol, "steady_state")
     y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
     rtol, atol = _defaults.tolerances("nonlinear", y0, rtol, atol)
     if method == "root":
@@ -103,6 +104,7 @@ def steady_state(
         adjoint_v, _ = resolve_adjoint(adjoint, "steady_state")
         solve_args = args
     y0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.result_type(x, float)), y0)
+    check_field((vector_field,), 0.0, y0, args, "steady_state", "vector_field")
     event = diffrax.Event(diffrax.steady_state_event(rtol=rtol, atol=atol))
     sol = diffrax.diffeqsolve(
         terms,

@@ -20,6 +20,7 @@ REQUIRED = {
         "implicit_euler", "kvaerno3", "kvaerno4", "kvaerno5", "kencarp3", "kencarp4",
         "kencarp5",
     ],
+    "sde": ["euler", "euler_heun", "reversible_heun", "ito_milstein", "shark"],
     "controller": ["constant", "pid"],
     "adjoint": ["checkpoint", "backsolve", "direct", "forward", "implicit"],
     "fixed_point": ["iteration", "damped", "newton", "chord", "anderson", "broyden"],
@@ -29,6 +30,7 @@ REQUIRED = {
 
 VALUE_TYPES = {
     "ode": diffrax.AbstractSolver,
+    "sde": diffrax.AbstractSolver,
     "controller": diffrax.AbstractStepSizeController,
     "adjoint": (diffrax.AbstractAdjoint, solvers.ImplicitAdjoint),
     "fixed_point": (optx.AbstractFixedPointSolver, optx.AbstractRootFinder),

@@ -351,3 +351,176 @@ register(
     tags={"implicit_gradient": True},
     doc="Restarted GMRES (matrix-free), for large nonsymmetric systems.",
 )
+
+
+# ---------------------------------------------------------------------------------
+# Capability tags read by the entry points' compatibility checks
+# (`ctmodels._integrate.check_compatible`), and the SDE steppers (kind "sde").
+#
+# - ode/sde `single_term`: the stepper takes one term. `adjoint="backsolve"` wraps the
+#   problem in one adjoint term, so it needs such a stepper (not the IMEX ones, which
+#   take an explicit and an implicit term, nor the SDE Runge-Kutta ones, which take
+#   the drift and the diffusion separately).
+# - sde `sde_type` ("ito" / "stratonovich"): which SDE the stepper converges to;
+#   `noise`: the noise it supports ("general", "commutative", "additive");
+#   `strong_order`: its strong order of convergence on that noise.
+# - adjoint `single_term_only`, `events`, `saves`, `sde_types`: what the adjoint can
+#   differentiate (absent: anything).
+
+
+def _add_tags(name: str, **tags) -> None:
+    from ._registry import entry
+
+    entry(name).tags.update(tags)
+
+
+def _also_kind(name: str, kind: str, doc: str, **tags) -> None:
+    """Give an existing entry a second kind (the same value solves both)."""
+    from ._registry import entry
+
+    e = entry(name)
+    register(
+        name,
+        e.factory,
+        kind=(*e.kinds, kind),
+        tags={**e.tags, **tags},
+        doc=f"{e.doc} As an SDE stepper: {doc}",
+        overwrite=True,
+    )
+
+
+for _name in ("kencarp3", "kencarp4", "kencarp5", "sil3"):
+    _add_tags(_name, single_term=False)
+for _name in (
+    "euler", "heun", "midpoint", "ralston", "bosh3", "tsit5", "dopri5", "dopri8",
+    "implicit_euler", "kvaerno3", "kvaerno4", "kvaerno5", "reversible_heun",
+    "leapfrog_midpoint",
+):  # fmt: skip
+    _add_tags(_name, single_term=True)
+
+_add_tags(
+    "backsolve",
+    single_term_only=True,
+    events=False,
+    saves=("ts", "t0", "t1"),
+    sde_types=("stratonovich",),
+)
+
+
+def _sde(name, cls, *, sde_type, noise, strong_order, single_term, doc):
+    register(
+        name,
+        cls,
+        kind="sde",
+        tags={
+            "adaptive": False,
+            "stiff": False,
+            "order": strong_order,
+            "implicit_gradient": False,
+            "memory": None,
+            "sde_type": sde_type,
+            "noise": noise,
+            "strong_order": strong_order,
+            "single_term": single_term,
+        },
+        doc=doc,
+    )
+
+
+_also_kind(
+    "euler",
+    "sde",
+    "Euler-Maruyama (Ito), strong order 0.5.",
+    sde_type="ito",
+    noise="general",
+    strong_order=0.5,
+)
+_also_kind(
+    "reversible_heun",
+    "sde",
+    "Stratonovich, strong order 0.5; exact backsolve reconstruction.",
+    sde_type="stratonovich",
+    noise="general",
+    strong_order=0.5,
+)
+_sde(
+    "euler_heun",
+    diffrax.EulerHeun,
+    sde_type="stratonovich",
+    noise="general",
+    strong_order=0.5,
+    single_term=False,
+    doc="Euler-Heun (Stratonovich), strong order 0.5.",
+)
+_sde(
+    "ito_milstein",
+    diffrax.ItoMilstein,
+    sde_type="ito",
+    noise="commutative",
+    strong_order=1.0,
+    single_term=False,
+    doc="Milstein (Ito), strong order 1 on commutative (e.g. diagonal) noise.",
+)
+_sde(
+    "stratonovich_milstein",
+    diffrax.StratonovichMilstein,
+    sde_type="stratonovich",
+    noise="commutative",
+    strong_order=1.0,
+    single_term=False,
+    doc="Milstein (Stratonovich), strong order 1 on commutative noise.",
+)
+_sde(
+    "sea",
+    diffrax.SEA,
+    sde_type="stratonovich",
+    noise="additive",
+    strong_order=1.0,
+    single_term=False,
+    doc="Shifted Euler, additive noise only (diffusion independent of y).",
+)
+_sde(
+    "sra1",
+    diffrax.SRA1,
+    sde_type="stratonovich",
+    noise="additive",
+    strong_order=1.5,
+    single_term=False,
+    doc="SRA1 stochastic Runge-Kutta, additive noise only; strong order 1.5.",
+)
+_sde(
+    "shark",
+    diffrax.ShARK,
+    sde_type="stratonovich",
+    noise="additive",
+    strong_order=1.5,
+    single_term=False,
+    doc="ShARK, additive noise only; strong order 1.5, cheap.",
+)
+_sde(
+    "general_shark",
+    diffrax.GeneralShARK,
+    sde_type="stratonovich",
+    noise="general",
+    strong_order=0.5,
+    single_term=False,
+    doc="ShARK for general-noise Stratonovich SDEs.",
+)
+_sde(
+    "spark",
+    diffrax.SPaRK,
+    sde_type="stratonovich",
+    noise="general",
+    strong_order=0.5,
+    single_term=False,
+    doc="SPaRK splitting-path Runge-Kutta (Stratonovich), general noise.",
+)
+_sde(
+    "slow_rk",
+    diffrax.SlowRK,
+    sde_type="stratonovich",
+    noise="commutative",
+    strong_order=1.5,
+    single_term=False,
+    doc="SLOW-RK, commutative-noise Stratonovich SDEs; strong order 1.5.",
+)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .._errors import suggest
 
-KINDS = ("ode", "controller", "adjoint", "fixed_point", "root", "linear")
+KINDS = ("ode", "sde", "controller", "adjoint", "fixed_point", "root", "linear")
 
 # Columns always present in `available()`, in this order; other tags are appended.
 _TAG_COLUMNS = ("adaptive", "stiff", "order", "implicit_gradient", "memory")
@@ -44,7 +44,7 @@ def register(
     - `name`: the registry name (lower case, as used on the command line).
     - `factory`: called as `factory(**options)` by [`ctmodels.solvers.get`][]; returns
         the solver value (a Diffrax/Optimistix/Lineax object or your own).
-    - `kind`: one of `"ode"`, `"controller"`, `"adjoint"`, `"fixed_point"`, `"root"`,
+    - `kind`: one of `"ode"`, `"sde"`, `"controller"`, `"adjoint"`, `"fixed_point"`, `"root"`,
         `"linear"`, or several of them (a root finder also solves fixed-point problems).
     - `tags`: capability tags, e.g. `{"adaptive": True, "stiff": False, "order": 5}`.
         For `fixed_point`/`root`/`ode` entries the test-suite reads `order` and
