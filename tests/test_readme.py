@@ -17,8 +17,18 @@ def test_readme_python_example_runs():
     np.testing.assert_allclose(np.asarray(ns["y"]), [2.0, 3.0], rtol=1e-5)
     # d/dk exp(-k) at k = 2
     np.testing.assert_allclose(float(ns["dk"]), -np.exp(-2.0), rtol=1e-4)
-    z = np.asarray(ns["z"])
-    np.testing.assert_allclose(z, np.tanh(0.5 * z + 1.0), atol=1e-5)
+    # the DEQ: z* solves z = tanh(W z + x), and its gradient is the IFT's
+    W, z = np.asarray(ns["W"], np.float64), np.asarray(ns["z"], np.float64)
+    np.testing.assert_allclose(z, np.tanh(W @ z + 1.0), atol=1e-5)
+    D = np.diag(1.0 - z**2)
+    dx = np.ones(4) @ np.linalg.solve(np.eye(4) - D @ W, D)
+    np.testing.assert_allclose(np.asarray(ns["dx"]), dx, rtol=1e-4, atol=1e-5)
+    # the stiff solve by name in float32: y tracks cos t (lag ~ sin(t) / 1000) to the
+    # ~3e-2 that float32's default rtol 1e-3 for implicit steppers gives here
+    sol = ns["sol"]
+    assert sol.ys.dtype == np.float32 and int(sol.stats["num_steps"]) < 100
+    t = np.linspace(0.0, 5.0, 6)[1:]
+    np.testing.assert_allclose(np.asarray(sol.ys[1:, 0]), np.cos(t) + np.sin(t) / 1000, atol=5e-2)
 
 
 def test_readme_data_example_runs():
