@@ -95,7 +95,9 @@ class FFJORD(eqx.Module):
     and the NLL is the usual dequantised bound, in nats per sample and bits per
     dimension.
 
-    **Attributes:** `fields` (one [`ctmodels.nn.CNFField`][] per block),
+    **Attributes:** `field` (the blocks' [`ctmodels.nn.CNFField`][]s stacked: every
+    array has a leading block axis, and the blocks are solved in a `lax.scan`, so one
+    compiled solve serves any number of blocks),
     `sqrt_end_times` (`T_k = sqrt_end_times[k]²`), `inference` (set by
     `equinox.nn.inference_mode`: the loss then uses the exact trace and no
     regularisers, as for validation), and `hyperparameters` (the constructor's
@@ -130,7 +132,7 @@ class FFJORD(eqx.Module):
     ```
     """
 
-    fields: tuple[CNFField, ...]
+    field: CNFField
     sqrt_end_times: Float[Array, " blocks"]
     inference: bool
     dim: int = eqx.field(static=True)
@@ -233,10 +235,11 @@ class FFJORD(eqx.Module):
         check_ode_solver(solver, None, "FFJORD's solver", steps_arg=None)
 
         keys = jax.random.split(key, blocks)
-        self.fields = tuple(
-            CNFField(dim, width=width, depth=depth, activation=activation, key=k)
-            for k in keys
-        )
+        self.field = eqx.filter_vmap(
+            lambda k: CNFField(
+                dim, width=width, depth=depth, activation=activation, key=k
+            )
+        )(keys)
         self.sqrt_end_times = jnp.full((blocks,), math.sqrt(end_time))
         self.inference = False
         self.dim = dim
@@ -278,6 +281,11 @@ class FFJORD(eqx.Module):
         )
 
     # ------------------------------------------------------------------ pieces
+
+    @property
+    def blocks(self) -> int:
+        """The number of stacked CNF blocks."""
+        return self.sqrt_end_times.shape[0]
 
     @property
     def end_times(self) -> Float[Array, " blocks"]:
@@ -323,7 +331,9 @@ class FFJORD(eqx.Module):
         if self.levels is None:
             return s
         a = self.logit_alpha
-        return (jax.nn.sigmoid(s) - a) / (1 - 2 * a) * self.levels
+        v = (jax.nn.sigmoid(s) - a) / (1 - 2 * a) * self.levels
+        # logits beyond logit(α) or logit(1 - α) map outside the data range
+        return jnp.clip(v, 0.0, self.levels)
 
     def to_base(
         self,
@@ -364,22 +374,25 @@ class FFJORD(eqx.Module):
         if jacobian:
             state["jacobian"] = zeros
         ends = self.end_times.astype(x.dtype)
-        keys = [None] * len(self.fields) if key is None else jax.random.split(
-            key, len(self.fields)
-        )
-        nfe = jnp.asarray(0)
-        for k, field in enumerate(self.fields):
-            dyn = _Dynamics(field, trace, kinetic, jacobian)
-            eps = None if trace == "exact" else probe(keys[k], x.shape, self.noise, x.dtype)
+        keys = jax.random.split(jax.random.key(0) if key is None else key, self.blocks)
+        params, static = eqx.partition(self.field, eqx.is_array)
+        opts = self._solve_opts()
+
+        def block(carry, inputs):
+            state, nfe = carry
+            p, end, k = inputs
+            dyn = _Dynamics(eqx.combine(p, static), trace, kinetic, jacobian)
+            eps = None if trace == "exact" else probe(k, x.shape, self.noise, x.dtype)
             sol = integrate(
-                _augmented_field,
-                state,
-                jnp.asarray(_UNIT, x.dtype),
-                (dyn, ends[k], eps),
-                **self._solve_opts(),
-            )
+                _augmented_field, state, jnp.asarray(_UNIT, x.dtype), (dyn, end, eps),
+                **opts,
+            )  # fmt: skip
             state = jax.tree.map(lambda y: y[-1], sol.ys)
-            nfe = nfe + sol.stats["num_fn_evals"]
+            evals = jnp.asarray(sol.stats["num_fn_evals"]).astype(jnp.int32)
+            return (state, nfe + evals), None
+
+        nfe0 = jnp.zeros((), jnp.int32)
+        (state, nfe), _ = jax.lax.scan(block, (state, nfe0), (params, ends, keys))
         extra = {k: v for k, v in state.items() if k in ("kinetic", "jacobian")}
         extra["num_fn_evals"] = nfe
         return state["x"], state["logdet"], extra
@@ -389,15 +402,16 @@ class FFJORD(eqx.Module):
         (for images: logits; see `sample` for the data space)."""
         x = self._check(z, "z")
         ends = self.end_times.astype(x.dtype)
-        for k in reversed(range(len(self.fields))):
-            sol = integrate(
-                _plain_field,
-                x,
-                jnp.asarray(_UNIT_BACK, x.dtype),
-                (self.fields[k], ends[k]),
-                **self._solve_opts(),
-            )
-            x = sol.ys[-1]
+        params, static = eqx.partition(self.field, eqx.is_array)
+        opts = self._solve_opts()
+
+        def block(x, inputs):
+            p, end = inputs
+            args = (eqx.combine(p, static), end)
+            back = jnp.asarray(_UNIT_BACK, x.dtype)
+            return integrate(_plain_field, x, back, args, **opts).ys[-1], None
+
+        x, _ = jax.lax.scan(block, x, (params, ends), reverse=True)
         return x
 
     @staticmethod
@@ -433,7 +447,8 @@ class FFJORD(eqx.Module):
 
     def sample(self, n: int, *, key: PRNGKeyArray) -> Float[Array, "n D"]:
         """`n` samples by the reverse solve from `z = jax.random.normal(key, (n, D))`
-        (images: continuous grey levels in `[0, levels)`)."""
+        (images: continuous grey levels, clipped to `[0, levels]`; floor them for
+        integer levels)."""
         if not _errors.is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}.")
         dtype = self.sqrt_end_times.dtype
