@@ -58,7 +58,9 @@ def test_log_prob_of_linear_field_is_the_change_of_variables():
     # z = e^{A2 T2} e^{A1 T1} x; log p(x) = log N(z) + Σ T_k tr(A_k)
     flow = scipy.linalg.expm(mats[1] * ends[1]) @ scipy.linalg.expm(mats[0] * ends[0])
     z = x.astype(np.float64) @ flow.T
-    expected = _gauss_logpdf(z) + sum(t * np.trace(a) for a, t in zip(mats, ends))
+    expected = _gauss_logpdf(z) + sum(
+        t * np.trace(a) for a, t in zip(mats, ends, strict=True)
+    )
     lp = eqx.filter_jit(lambda m, x: m.log_prob(x))(m, x)
     np.testing.assert_allclose(lp, expected, rtol=2e-4, atol=2e-4)
 
@@ -87,9 +89,9 @@ def test_exact_divergence_and_hutchinson_are_unbiased():
     n = 20000
     for draw in (jax.random.normal, jax.random.rademacher):
         eps = draw(jax.random.key(2), (n,) + x.shape, jnp.float32)
-        _, tr_h, fro_h = jax.jit(
-            jax.vmap(lambda e: hutchinson_divergence(fn, x, e))
-        )(eps)
+        _, tr_h, fro_h = jax.jit(jax.vmap(lambda e: hutchinson_divergence(fn, x, e)))(
+            eps
+        )
         for est, true in ((tr_h, tr_true), (fro_h, fro_true)):
             est = np.asarray(est, np.float64)
             se = est.std(0) / math.sqrt(n)

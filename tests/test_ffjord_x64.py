@@ -56,7 +56,7 @@ def test_loss_gradient_matches_finite_differences(kw):
 
         value, grad = jax.value_and_grad(loss)(params)
         shifted = [
-            loss(jax.tree.map(lambda p, d: p + s * h * d, params, direction))
+            loss(jax.tree.map(lambda p, d, s=s: p + s * h * d, params, direction))
             for s in (1.0, -1.0)
         ]
         return value, grad, shifted

@@ -96,9 +96,9 @@ def main(name: str, out: Path):
     # Hutchinson's estimate (what high-dimensional training uses) is unbiased:
     # its mean over probes matches the exact log-density
     x = jnp.tile(standardise(test[:4]), (256, 1))  # each row draws its own probe
-    hutch = eqx.filter_jit(
-        lambda m, x, k: m.log_prob(x, trace="hutchinson", key=k)
-    )(model, x, jax.random.key(2)).reshape(256, 4)
+    hutch = eqx.filter_jit(lambda m, x, k: m.log_prob(x, trace="hutchinson", key=k))(
+        model, x, jax.random.key(2)
+    ).reshape(256, 4)
     exact = log_prob(model, standardise(test[:4]))
     print("exact log p:", np.round(exact, 3))
     se = hutch.std(0) / np.sqrt(256)

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _errors
 from .._integrate import integrate
@@ -363,7 +363,9 @@ class FFJORD(eqx.Module):
         if trace not in ("exact", "hutchinson"):
             raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}.")
         if trace == "hutchinson" and key is None:
-            raise ValueError("trace='hutchinson' draws its probes from key=...; pass one.")
+            raise ValueError(
+                "trace='hutchinson' draws its probes from key=...; pass one."
+            )
         kinetic = regularise and self.kinetic_weight > 0
         jacobian = regularise and self.jacobian_weight > 0
         lead = x.shape[:-1]

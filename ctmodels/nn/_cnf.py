@@ -63,13 +63,17 @@ class ConcatSquashLinear(eqx.Module):
         """
         kw, kb, kg, kc, kh = jax.random.split(key, 5)
         lim = 1.0 / math.sqrt(in_size)
-        self.weight = jax.random.uniform(kw, (out_size, in_size), minval=-lim, maxval=lim)
+        self.weight = jax.random.uniform(
+            kw, (out_size, in_size), minval=-lim, maxval=lim
+        )
         self.bias = jax.random.uniform(kb, (out_size,), minval=-lim, maxval=lim)
         self.gate_weight = jax.random.uniform(kg, (out_size,), minval=-1.0, maxval=1.0)
         self.gate_bias = jax.random.uniform(kc, (out_size,), minval=-1.0, maxval=1.0)
         self.time_bias = jax.random.uniform(kh, (out_size,), minval=-1.0, maxval=1.0)
 
-    def __call__(self, t: ArrayLike, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
+    def __call__(
+        self, t: ArrayLike, x: Float[Array, "... in"]
+    ) -> Float[Array, "... out"]:
         gate = jax.nn.sigmoid(self.gate_weight * t + self.gate_bias)
         return (x @ self.weight.T + self.bias) * gate + self.time_bias * t
 
@@ -119,7 +123,9 @@ class CNFField(eqx.Module):
         )
         self.activation = activation
 
-    def __call__(self, t: ArrayLike, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+    def __call__(
+        self, t: ArrayLike, x: Float[Array, "... dim"]
+    ) -> Float[Array, "... dim"]:
         act = ACTIVATIONS[self.activation]
         for layer in self.layers[:-1]:
             x = act(layer(t, x))
@@ -178,9 +184,7 @@ def hutchinson_divergence(
     return fx, jnp.sum(e_jac * eps, axis=-1), jnp.sum(jnp.square(e_jac), axis=-1)
 
 
-def probe(
-    key: PRNGKeyArray, shape: tuple[int, ...], noise: str, dtype=None
-) -> Array:
+def probe(key: PRNGKeyArray, shape: tuple[int, ...], noise: str, dtype=None) -> Array:
     """A Hutchinson probe of `shape`: standard normal (`noise="gaussian"`) or
     Rademacher ±1 (`noise="rademacher"`)."""
     dtype = jnp.result_type(float) if dtype is None else dtype
