@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from . import _files, _nafld, _synthetic
+from . import _files, _nafld, _synthetic, _toy2d
 
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     name: str
-    kind: str  # "bundled" | "cached" | "synthetic"
+    kind: str  # "bundled" | "cached" | "synthetic" | "toy" (samples, no time axis)
     make: Callable[..., xr.Dataset]  # bundled: make(path); others: make(**options)
     source: str
     license: str
@@ -190,6 +190,20 @@ _REGISTRY: dict[str, _Entry] = {
             "3 observed channels); 200 series x 50 irregular times.",
         ),
     ]
+    + [
+        _Entry(
+            name=name,
+            kind="toy",
+            make=make,
+            card="synthetic",
+            source="synthetic",
+            license="none (generated locally)",
+            task="2-D density estimation (FFJORD); Grathwohl et al. (2019)",
+            doc="2-D toy density of FFJORD, 2000 samples by default; dims (sample,). "
+            "Options: n_samples, seed, shape parameters (see the card).",
+        )
+        for name, make in _toy2d.TOY2D.items()
+    ]
 }
 
 
@@ -223,7 +237,7 @@ def _load_bundled(name: str) -> xr.Dataset:
 def _check_options(entry: _Entry, options: dict) -> None:
     if not options:
         return
-    if entry.kind != "synthetic":
+    if entry.kind not in ("synthetic", "toy"):
         raise ValueError(
             f"Dataset {entry.name!r} takes no options, got "
             f"{', '.join(sorted(options))}. Select from the returned Dataset instead "
