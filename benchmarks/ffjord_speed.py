@@ -65,10 +65,7 @@ import numpy as np  # noqa: E402
 
 import ctmodels  # noqa: E402
 
-try:
-    from ctmodels.models import FFJORD  # noqa: E402
-except ImportError:  # until ctmodels.models exports it
-    from ctmodels.models._ffjord import FFJORD  # noqa: E402
+from ctmodels.models import FFJORD  # noqa: E402
 
 TOL = 1e-5
 END_TIME = 0.5

@@ -32,10 +32,7 @@ import numpy as np  # noqa: E402
 
 import ctmodels  # noqa: E402
 
-try:
-    from ctmodels.models import FFJORD
-except ImportError:  # until ctmodels.models exports it
-    from ctmodels.models._ffjord import FFJORD
+from ctmodels.models import FFJORD  # noqa: E402
 
 SMALL = os.environ.get("CTMODELS_TUTORIAL_SMALL") == "1"
 

@@ -15,6 +15,7 @@ from ._baselines import (
     LinearInterpolation as LinearInterpolation,
 )
 from ._catalog import MODELS as MODELS
+from ._ffjord import FFJORD as FFJORD
 from ._latent_ode import LatentODE as LatentODE
 from ._neural_ode import NeuralODE as NeuralODE
 from ._odernn import ODERNN as ODERNN

@@ -3,6 +3,7 @@ for rebuilding models from checkpoints."""
 
 from .._catalog import register
 from ._baselines import LOCF, RNNVAE, GRUDelta, LinearInterpolation
+from ._ffjord import FFJORD
 from ._latent_ode import LatentODE
 from ._neural_ode import NeuralODE
 from ._odernn import ODERNN
@@ -18,5 +19,5 @@ MODELS: dict[str, type] = {
     "LOCF": LOCF,
 }
 
-for _cls in (*MODELS.values(), NeuralODE):
+for _cls in (*MODELS.values(), NeuralODE, FFJORD):
     register(_cls)
