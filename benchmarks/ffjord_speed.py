@@ -64,7 +64,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ctmodels  # noqa: E402
-
 from ctmodels.models import FFJORD  # noqa: E402
 
 TOL = 1e-5

@@ -213,7 +213,9 @@ def _tolerance_kind(solver) -> str:
         value, _ = _registry.resolve(solver, "ode")
     except ValueError:
         return "ode"  # resolve_ode reports the bad solver
-    return "implicit_ode" if isinstance(value, diffrax.AbstractImplicitSolver) else "ode"
+    return (
+        "implicit_ode" if isinstance(value, diffrax.AbstractImplicitSolver) else "ode"
+    )
 
 
 def resolve_ode(solver, vector_field, controller, rtol, atol, dt0):

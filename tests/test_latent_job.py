@@ -154,8 +154,10 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     # unset model options do not reach the job: it takes them from the family's
     # one table of defaults (the constructor's, the family's own sizes over it)
     assert "adjoint" not in seen[0] and "latent_size" not in seen[0]
-    hyper = [family.resolve_options({k: v for k, v in s.items()
-                                     if k in family.options})[0] for s in seen]
+    hyper = [
+        family.resolve_options({k: v for k, v in s.items() if k in family.options})[0]
+        for s in seen
+    ]
     assert hyper[0]["adjoint"] == "checkpoint" and hyper[0]["latent_size"] == 8
     assert "anchor" not in seen[0] and seen[1]["anchor"] == "last"
     assert hyper[0]["anchor"] == "first" and hyper[1]["anchor"] == "last"

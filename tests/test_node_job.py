@@ -29,8 +29,14 @@ CHANNELS = {
 }
 # One shape for every job run here: the step compiles once, later runs reuse it.
 TINY = dict(
-    epochs=2, max_series=24, batch_size=8, hidden_size=8, latent_size=4,
-    progress=False, seed=0, channels="bili,albumin,protime",
+    epochs=2,
+    max_series=24,
+    batch_size=8,
+    hidden_size=8,
+    latent_size=4,
+    progress=False,
+    seed=0,
+    channels="bili,albumin,protime",
 )
 
 

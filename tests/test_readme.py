@@ -28,7 +28,9 @@ def test_readme_python_example_runs():
     sol = ns["sol"]
     assert sol.ys.dtype == np.float32 and int(sol.stats["num_steps"]) < 100
     t = np.linspace(0.0, 5.0, 6)[1:]
-    np.testing.assert_allclose(np.asarray(sol.ys[1:, 0]), np.cos(t) + np.sin(t) / 1000, atol=5e-2)
+    np.testing.assert_allclose(
+        np.asarray(sol.ys[1:, 0]), np.cos(t) + np.sin(t) / 1000, atol=5e-2
+    )
 
 
 def test_readme_data_example_runs():

@@ -31,7 +31,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ctmodels  # noqa: E402
-
 from ctmodels.models import FFJORD  # noqa: E402
 
 SMALL = os.environ.get("CTMODELS_TUTORIAL_SMALL") == "1"

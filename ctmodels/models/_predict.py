@@ -150,9 +150,10 @@ def time_factor(have: str | None, want: str | None) -> float:
     if not want or not have or have == want:
         return 1.0
     try:
-        return cdata.TIME_UNITS[cdata.canonical_time_unit(have)] / cdata.TIME_UNITS[
-            cdata.canonical_time_unit(want)
-        ]
+        return (
+            cdata.TIME_UNITS[cdata.canonical_time_unit(have)]
+            / cdata.TIME_UNITS[cdata.canonical_time_unit(want)]
+        )
     except ValueError:
         raise ValueError(
             f"The data's times are in {have!r} but the model was trained on times "
@@ -450,4 +451,3 @@ def _query_dataset(ts, mean, std, given, per_series) -> xr.Dataset:
         tname: ((sd, tdim) if per_series else (tdim,), given, time_attrs),
     }
     return xr.Dataset(data_vars, coords=coords)
-

@@ -44,8 +44,9 @@ def register(
     - `name`: the registry name (lower case, as used on the command line).
     - `factory`: called as `factory(**options)` by [`ctmodels.solvers.get`][]; returns
         the solver value (a Diffrax/Optimistix/Lineax object or your own).
-    - `kind`: one of `"ode"`, `"sde"`, `"controller"`, `"adjoint"`, `"fixed_point"`, `"root"`,
-        `"linear"`, or several of them (a root finder also solves fixed-point problems).
+    - `kind`: one of `"ode"`, `"sde"`, `"controller"`, `"adjoint"`, `"fixed_point"`,
+        `"root"`, `"linear"`, or several of them (a root finder also solves
+        fixed-point problems).
     - `tags`: capability tags, e.g. `{"adaptive": True, "stiff": False, "order": 5}`.
         For `fixed_point`/`root`/`ode` entries the test-suite reads `order` and
         `stiff`; unknown tags become extra columns of `available()`.
