@@ -91,10 +91,13 @@ def _fit(ns) -> int:
     for task, entry in test.items():
         if isinstance(entry, dict) and "mse" in entry:
             summary[f"test_{task}_mse"] = entry["mse"]
-    cover = {k: v.get("coverage_90") for k, v in test.items() if "coverage_90" in v}
+        elif task in ("nll", "bits_per_dim", "baselines"):  # density families
+            summary[f"test_{task}"] = entry
+    tasks = {k: v for k, v in test.items() if isinstance(v, dict)}
+    cover = {k: v.get("coverage_90") for k, v in tasks.items() if "coverage_90" in v}
     if cover:
         summary["test_coverage_90"] = cover
-    base = {k: v["baselines"] for k, v in test.items() if "baselines" in v}
+    base = {k: v["baselines"] for k, v in tasks.items() if "baselines" in v}
     if base:
         summary["baselines"] = base
     print(json.dumps(json_safe(summary), indent=1, default=str))
@@ -263,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint directory (a `fit` --out directory or its checkpoint/)",
     )  # fmt: skip
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--n", type=_positive_int, default=16,
+    p.add_argument("-n", "--n", type=_positive_int, default=16,
                    help="number of samples (default 16)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(

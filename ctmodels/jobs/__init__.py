@@ -16,6 +16,7 @@ from ._family import (
     get_family as get_family,
     register_family as register_family,
 )
+from ._ffjord import FFJORD_FAMILY as FFJORD_FAMILY
 from ._files import CALIBRATION as CALIBRATION
 from ._jobs import (
     FROM_RECIPE as FROM_RECIPE,
@@ -44,3 +45,4 @@ from ._series import EVAL_SAMPLES as EVAL_SAMPLES
 
 register_family(LATENT_ODE)
 register_family(NEURAL_ODE)
+register_family(FFJORD_FAMILY)
