@@ -48,6 +48,11 @@ def _log_prob_chunk(model, x):
     return model.log_prob(x)
 
 
+@eqx.filter_jit
+def _draw(model, key, n):
+    return model.sample(n, key=key)  # `n`, a Python int, is static
+
+
 def log_prob_std(model, x: np.ndarray) -> np.ndarray:
     """`log p(x)` (nats) of standardised points `x [n, D]`, exact trace, in fixed
     chunks of `CHUNK` rows (the last padded), so any `n` reuses one compilation."""
@@ -129,7 +134,7 @@ def predict(model, points, state, *, key, n_samples=None, spread=None,
         dens = np.exp(log_prob_data(model, grid, std)).reshape(my.shape)
         data["density"] = (("grid_y", "grid_x"), dens)
         coords.update(grid_x=gx, grid_y=gy)
-        draws = std.inverse(np.asarray(model.sample(PLOT_SAMPLES, key=key)))
+        draws = std.inverse(np.asarray(_draw(model, key, PLOT_SAMPLES)))
         for i, c in enumerate(cols):
             data[f"sample_{c}"] = ("draw", draws[:, i])
     ds = xr.Dataset(data, coords=coords)
@@ -187,7 +192,7 @@ def sample(model, state, *, key, n, out, **options):
         )
     out = _points.check_points_out(out)
     std = _points.Standardiser.from_dict(state["standardiser"])
-    values = std.inverse(np.asarray(model.sample(int(n), key=key)))
+    values = std.inverse(np.asarray(_draw(model, key, int(n))))
     _points.write_points(values, state["channels"], out,
                          attrs={"model": "ctmodels FFJORD"})  # fmt: skip
     return values
