@@ -22,7 +22,7 @@ from ctmodels.jobs import _ffjord, _points
 from ctmodels.models import FFJORD
 
 TINY = ["--width", "4", "--depth", "1", "--rtol", "1e-2", "--atol", "1e-2",
-        "--kinetic-weight", "0"]  # fmt: skip
+        "--kinetic-weight", "0", "--solver", "bosh3"]  # fmt: skip
 
 
 def _write_csv(path, values, columns=("a", "b")):

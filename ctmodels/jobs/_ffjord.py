@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import xarray as xr
@@ -51,6 +52,16 @@ def _log_prob_chunk(model, x):
 @eqx.filter_jit
 def _draw(model, key, n):
     return model.sample(n, key=key)  # `n`, a Python int, is static
+
+
+def draw(model, key, n: int) -> np.ndarray:
+    """`n` samples (standardised units) in chunks of `PLOT_SAMPLES` (one
+    compilation whatever `n`; chunk `i` draws from `fold_in(key, i)`)."""
+    parts = [
+        np.asarray(_draw(model, jax.random.fold_in(key, i), PLOT_SAMPLES))
+        for i in range(-(-n // PLOT_SAMPLES))
+    ]
+    return np.concatenate(parts)[:n]
 
 
 def log_prob_std(model, x: np.ndarray) -> np.ndarray:
@@ -134,7 +145,7 @@ def predict(model, points, state, *, key, n_samples=None, spread=None,
         dens = np.exp(log_prob_data(model, grid, std)).reshape(my.shape)
         data["density"] = (("grid_y", "grid_x"), dens)
         coords.update(grid_x=gx, grid_y=gy)
-        draws = std.inverse(np.asarray(_draw(model, key, PLOT_SAMPLES)))
+        draws = std.inverse(draw(model, key, PLOT_SAMPLES))
         for i, c in enumerate(cols):
             data[f"sample_{c}"] = ("draw", draws[:, i])
     ds = xr.Dataset(data, coords=coords)
@@ -192,7 +203,7 @@ def sample(model, state, *, key, n, out, **options):
         )
     out = _points.check_points_out(out)
     std = _points.Standardiser.from_dict(state["standardiser"])
-    values = std.inverse(np.asarray(_draw(model, key, int(n))))
+    values = std.inverse(draw(model, key, int(n)))
     _points.write_points(values, state["channels"], out,
                          attrs={"model": "ctmodels FFJORD"})  # fmt: skip
     return values
