@@ -153,6 +153,8 @@ def test_bad_points_are_refused_or_dropped_with_a_count(points, tmp_path):
     frame.iloc[:5].to_csv(tmp_path / "few.csv", index=False)
     with pytest.raises(ValueError, match="5 rows are too few"):
         _points.prepare(tmp_path / "few.csv", seed=0)
+    with pytest.raises(ValueError, match="48 rows, fewer than a batch"):
+        _points.prepare(tmp_path / "text.csv", seed=0, channels="a,b", batch_size=64)
     with pytest.raises(ValueError, match="no column"):
         _points.prepare(tmp_path / "text.csv", seed=0, channels=["a", "z"])
     (tmp_path / "x.json").write_text("{}")
@@ -162,8 +164,11 @@ def test_bad_points_are_refused_or_dropped_with_a_count(points, tmp_path):
 
 def test_netcdf_and_bundled_points(points, tmp_path):
     ds = xr.Dataset(
-        {"u": ("obs", points[:, 0]), "v": ("obs", points[:, 1]),
-         "img": (("obs", "k"), np.zeros((60, 3)))}  # fmt: skip
+        {
+            "u": ("obs", points[:, 0]),
+            "v": ("obs", points[:, 1]),
+            "img": (("obs", "k"), np.zeros((60, 3))),
+        }  # fmt: skip
     )
     ds.to_netcdf(tmp_path / "p.nc")
     with pytest.raises(ValueError, match="over one sample dim"):

@@ -29,6 +29,9 @@ import xarray as xr
 #: The split of the rows into train / valid / test.
 SPLIT = (0.8, 0.1, 0.1)
 
+#: The fewest rows `prepare` splits (8 / 1 / 1).
+MIN_ROWS = 10
+
 #: File suffixes read as a table (CSV) and as netCDF.
 CSV_SUFFIXES = (".csv", ".txt")
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
@@ -310,10 +313,12 @@ class Prepared:
 
 
 def prepare(data: str | Path, *, seed: int, channels=None,
-            max_series: int | None = None) -> Prepared:  # fmt: skip
+            max_series: int | None = None,
+            batch_size: int | None = None) -> Prepared:  # fmt: skip
     """Open `data` (`open_points`), optionally keep a random `max_series` rows,
     split the rows 80/10/10 by `seed` and standardise with the training split's
-    statistics. Constant columns and too few rows are refused."""
+    statistics. Constant columns, fewer than `MIN_ROWS` rows and (given
+    `batch_size`) a training split smaller than a batch are refused."""
     from .._errors import is_int
 
     points, name, dropped = open_points(data, channels)
@@ -329,10 +334,17 @@ def prepare(data: str | Path, *, seed: int, channels=None,
         order = order[:max_series]
     n = len(order)
     n_train, n_valid = int(round(SPLIT[0] * n)), int(round(SPLIT[1] * n))
-    if n < 3 or n_valid < 1 or n - n_train - n_valid < 1:
+    if n < MIN_ROWS:
         raise ValueError(
             f"{where}: {n} rows are too few to split into train / valid / test "
-            f"({SPLIT[0]:.0%}/{SPLIT[1]:.0%}/{SPLIT[2]:.0%}); give at least 10."
+            f"({SPLIT[0]:.0%}/{SPLIT[1]:.0%}/{SPLIT[2]:.0%}); give at least "
+            f"{MIN_ROWS}."
+        )
+    if batch_size is not None and n_train < batch_size:
+        raise ValueError(
+            f"{where}: the training split has {n_train} rows, fewer than a batch "
+            f"({batch_size}); give a --batch-size of at most {n_train}, or more "
+            "rows."
         )
     _check_constant(points.values[order], points.columns, where)
     split = np.full(len(points), "", dtype=object)
