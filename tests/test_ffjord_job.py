@@ -168,7 +168,7 @@ def test_netcdf_and_bundled_points(points, tmp_path):
             "u": ("obs", points[:, 0]),
             "v": ("obs", points[:, 1]),
             "img": (("obs", "k"), np.zeros((60, 3))),
-        }  # fmt: skip
+        }
     )
     ds.to_netcdf(tmp_path / "p.nc")
     with pytest.raises(ValueError, match="over one sample dim"):
