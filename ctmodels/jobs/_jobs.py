@@ -150,7 +150,8 @@ def _check_budget(plan) -> None:
                          f"({hi}).")  # fmt: skip
     frac = plan.get("patience_fraction")
     if frac is not None and (
-        isinstance(frac, bool) or not isinstance(frac, int | float)
+        isinstance(frac, bool)
+        or not isinstance(frac, int | float)
         or not 0 <= frac <= 1
     ):
         raise ValueError(
