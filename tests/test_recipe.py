@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -115,11 +118,31 @@ def test_bad_budgets_are_refused(bad, match):
         jobs.budget(DEFAULT, 0)
 
 
+class _Level(eqx.Module):
+    """A level per channel: the least a family's model needs (never trained here)."""
+
+    level: jax.Array
+    hyperparameters: tuple = eqx.field(static=True)
+
+    def __init__(self, num_channels: int, *, key):
+        del key
+        self.level = jnp.zeros((num_channels,))
+        self.hyperparameters = (("num_channels", num_channels),)
+
+    def loss(self, batch, *, key):
+        del key
+        return jnp.mean(self.level**2), {}
+
+
 def test_fit_trains_and_records_the_budgeted_plan(tmp_path, monkeypatch):
     """`fit` reads the data, budgets for its training split (40 of 50 series) and
-    hands that plan to `ctmodels.train.fit` (stopped there: no training)."""
+    hands that plan to `ctmodels.train.fit` (stopped there: no training), for a
+    family on the default recipe."""
     import ctmodels.train
 
+    # not registered: `fit` takes the spec itself
+    family = jobs.Family(name="budget-level", model=_Level, title="level")
+    assert family.recipe is DEFAULT
     rng = np.random.default_rng(0)
     t = np.sort(rng.uniform(0, 5, (50, 6)), axis=1)
     ts = cd.TimeSeries.from_arrays(t, rng.normal(size=(50, 6, 1)), channels=["y"])
@@ -136,9 +159,9 @@ def test_fit_trains_and_records_the_budgeted_plan(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ctmodels.train, "fit", fake_fit)
     with pytest.raises(Stop):
-        jobs.fit("latent-ode", path, tmp_path / "run", progress=False)
+        jobs.fit(family, path, tmp_path / "run", progress=False)
     assert seen["n_train"] == 40
     assert (seen["epochs"], seen["patience"], seen["batch_size"]) == (500, 125, 32)
     with pytest.raises(Stop):
-        jobs.fit("latent-ode", path, tmp_path / "run2", progress=False, epochs=3)
+        jobs.fit(family, path, tmp_path / "run2", progress=False, epochs=3)
     assert (seen["epochs"], seen["patience"]) == (3, 10)
