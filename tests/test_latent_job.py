@@ -111,7 +111,9 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     family = job.get_family("latent-ode")
     _resolve_recipe = functools.partial(job.resolve_recipe, "latent-ode")
     assert family.recipe_for("periodic") == job.RECIPES["periodic"]
-    assert family.recipe_for("pbcseq") == job.DEFAULT_RECIPE
+    # pbcseq's own recipe is the default's before its step budget (tests/test_recipe.py)
+    assert family.recipe_for("pbcseq") == job.RECIPES["pbcseq"]
+    assert family.recipe_for("lotka_volterra") == job.DEFAULT_RECIPE
     family.recipe_for("periodic")["epochs"] = -1  # a copy: the table is not changed
     assert job.RECIPES["periodic"]["epochs"] == 200
     unset = dict(epochs=None, learning_rate=None, batch_size=None,

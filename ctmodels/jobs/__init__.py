@@ -19,6 +19,7 @@ from ._family import (
 from ._files import CALIBRATION as CALIBRATION
 from ._jobs import (
     FROM_RECIPE as FROM_RECIPE,
+    budget as budget,
     evaluate as evaluate,
     fit as fit,
     load_fitted as load_fitted,
