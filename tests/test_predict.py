@@ -121,7 +121,9 @@ def test_own_grid_spread_and_other_models(setup):
     # oracle: the model's own std is sqrt(Var_k + obs_std^2), its obs_std fixed
     var = plain["b_std"].values ** 2 - model.obs_std**2
     np.testing.assert_allclose(wide["b_std"].values ** 2, var + 0.7**2, rtol=1e-5)
-    spread_k = model_spread(model, plain["b_std"].values)  # noise in float32: 1e-9
+    # (model_spread takes [..., channel]: both channels' std, then channel b's)
+    stds = np.stack([plain["a_std"].values, plain["b_std"].values], axis=-1)
+    spread_k = model_spread(model, stds)[..., 1]  # noise in float32: 1e-9
     np.testing.assert_allclose(spread_k, var, rtol=0, atol=1e-9)
     np.testing.assert_allclose(wide["b"].values, plain["b"].values)
     # any model with predict(batch, key=, n_samples=, times=): a filter
