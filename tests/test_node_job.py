@@ -241,9 +241,7 @@ def test_dense_prediction_matches_direct_solve():
     series = cd.TimeSeries.from_arrays(ts, rng.normal(size=(n, T, C)))
     batch = next(iter(cd.batches(series, B, layout="padded")))
     # compiled whole (run op by op, each small operation would compile on its own)
-    model_predict = eqx.filter_jit(
-        lambda m, b, k, t=None: m.predict(b, key=k, times=t)
-    )
+    model_predict = eqx.filter_jit(lambda m, b, k, t=None: m.predict(b, key=k, times=t))
     direct, _ = model_predict(model, batch, jax.random.key(0))
     # A 40-point grid whose every third point is one of the first 14 observation
     # times (rows past the 5 series repeat the first's)
