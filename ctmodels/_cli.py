@@ -348,6 +348,17 @@ def _recipe_words(family, key: str) -> str:
 
     value = family.recipe[key]
     words = f"the dataset's recipe; {word(value)}"
+    # the default recipe's step budget (ctmodels.jobs.budget; docs/cli.md)
+    if key == "epochs" and family.recipe.get("min_steps") is not None:
+        words += f" or enough for {family.recipe['min_steps']} steps if more"
+        if family.recipe.get("max_steps") is not None:
+            words += f", at most {family.recipe['max_steps']} steps"
+    if (
+        key == "patience"
+        and value is not None
+        and family.recipe.get("patience_fraction")
+    ):
+        words += f" or {family.recipe['patience_fraction']:g} of the epochs if more"
     for name, r in family.recipes.items():
         if key in r and r[key] != value:
             words += f", {name} {word(r[key])}"

@@ -23,3 +23,23 @@ def _x64_per_module(request):
         "jax_enable_x64", bool(getattr(request.module, "X64", False)) or _START["x64"]
     )
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cold_compilation_cache(tmp_path_factory):
+    """The `ctmodels` command (`main`) turns on JAX's persistent compilation cache,
+    by default in `~/.cache/ctmodels/jax`, and once on it serves the whole process.
+    The suite gets a fresh one of its own instead (unless `CTMODELS_JAX_CACHE` is
+    set): it neither writes into the user's cache nor runs warm from an earlier
+    run, so a local run times like a cold CI run; within the session every file
+    shares it."""
+    import os
+
+    if "CTMODELS_JAX_CACHE" in os.environ:
+        yield
+        return
+    os.environ["CTMODELS_JAX_CACHE"] = str(tmp_path_factory.mktemp("jax-cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("CTMODELS_JAX_CACHE", None)

@@ -76,7 +76,7 @@ def _sample(model, state, *, key, n, out, **options):
 TOY = jobs.Family(
     name="toy", model=ToyMean, title="toy mean", summary="a level per channel",
     defaults={"width": 3}, recipe={**jobs.DEFAULT_RECIPE, "epochs": 3,
-                                   "batch_size": 8},
+                                   "batch_size": 8, "min_steps": None},
     sample=_sample,
 )  # fmt: skip
 TOY_PLAIN = jobs.Family(name="toy-plain", model=ToyMean, title="toy mean",

@@ -18,11 +18,17 @@ import xarray as xr
 import ctmodels.data as cd
 import ctmodels.datasets as D
 from ctmodels._cli import main
+from ctmodels.jobs._series import EVAL_SAMPLES
 
 SMALL = dict(
     epochs=2, batch_size=16, latent_size=3, encoder_size=6, units=16, n_samples=2,
     max_plots=2,
 )  # fmt: skip
+# Every prediction below uses fit's own sample count, fit's batch size (16) and
+# (where the oracle allows) 4 series, whose union of visit times falls in the same
+# time bucket as fit's 4-series validation/test splits: they reuse the compiled
+# prediction that the fixture's fit made instead of compiling their own.
+N = EVAL_SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,9 @@ def test_recipes_per_dataset_and_cli_overrides(monkeypatch, tmp_path, capsys):
     family = job.get_family("latent-ode")
     _resolve_recipe = functools.partial(job.resolve_recipe, "latent-ode")
     assert family.recipe_for("periodic") == job.RECIPES["periodic"]
-    assert family.recipe_for("pbcseq") == job.DEFAULT_RECIPE
+    # pbcseq's own recipe is the default's before its step budget (tests/test_recipe.py)
+    assert family.recipe_for("pbcseq") == job.RECIPES["pbcseq"]
+    assert family.recipe_for("lotka_volterra") == job.DEFAULT_RECIPE
     family.recipe_for("periodic")["epochs"] = -1  # a copy: the table is not changed
     assert job.RECIPES["periodic"]["epochs"] == 200
     unset = dict(epochs=None, learning_rate=None, batch_size=None,
@@ -194,7 +202,7 @@ def test_cli_neural_ode_takes_the_shared_options(monkeypatch, tmp_path, capsys):
 
 def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
     path, out, _ = fitted
-    src = xr.load_dataset(path).isel(series=slice(0, 6))
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
     # hide the 2nd visit's values (interpolation) and add a future time (extrapolation)
     query = src.copy(deep=True)
     for v in src.attrs["channels"].split():
@@ -209,7 +217,7 @@ def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
     qpath = tmp_path / "query.nc"
     query.to_netcdf(qpath)
     rc = main(["predict", "--checkpoint", str(out), "--data", str(qpath),
-               "--out", str(tmp_path / "pred.nc"), "--samples", "4"])  # fmt: skip
+               "--out", str(tmp_path / "pred.nc"), "--samples", str(N)])  # fmt: skip
     assert rc == 0
     pred = xr.load_dataset(tmp_path / "pred.nc")
     valid_t = ~np.isnan(t)
@@ -220,7 +228,7 @@ def test_predict_answers_hidden_and_future_positions(fitted, tmp_path):
     # reproducible with a fixed seed
     from ctmodels.jobs import predict as predict_checkpoint
 
-    again = predict_checkpoint(out, qpath, tmp_path / "pred2.nc", n_samples=4)
+    again = predict_checkpoint(out, qpath, tmp_path / "pred2.nc", n_samples=N)
     np.testing.assert_allclose(again["bili"].values, pred["bili"].values)
 
 
@@ -252,7 +260,7 @@ def _predict_bili(out, ds, path, **kw):
     from ctmodels.jobs import predict as predict_checkpoint
 
     ds.to_netcdf(path)
-    return predict_checkpoint(out, path, path.with_suffix(".pred.nc"), n_samples=3,
+    return predict_checkpoint(out, path, path.with_suffix(".pred.nc"), n_samples=N,
                               **kw)["bili"].values  # fmt: skip
 
 
@@ -261,7 +269,7 @@ def test_predict_converts_the_time_unit_to_the_checkpoints(fitted, tmp_path):
     in days give the same predictions (oracle: the file in years); a unit ctmodels
     cannot convert is refused."""
     path, out, _ = fitted
-    src = xr.load_dataset(path).isel(series=slice(0, 5))
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
     assert src["time"].attrs["units"] == "years"
     want = _predict_bili(out, src, tmp_path / "years.nc")
     years = src["time"].values
@@ -405,11 +413,11 @@ def test_predict_uses_the_calibration(fitted, tmp_path):
     src = xr.load_dataset(path).isel(series=slice(0, 4))
     q = tmp_path / "q.nc"
     src.to_netcdf(q)
-    with_cal = predict_checkpoint(out, q, tmp_path / "a.nc", n_samples=3)
+    with_cal = predict_checkpoint(out, q, tmp_path / "a.nc", n_samples=N)
     bare = tmp_path / "bare"
     shutil.copytree(out / "checkpoint", bare)
     (bare / "calibration.json").unlink()
-    own = predict_checkpoint(bare, q, tmp_path / "b.nc", n_samples=3)
+    own = predict_checkpoint(bare, q, tmp_path / "b.nc", n_samples=N)
     assert own.attrs["spread"].startswith("the model's own")
     valid = np.isfinite(own["bili_std"].values)
     for v in ("albumin", "bili"):  # an affine channel and a log channel
@@ -465,8 +473,8 @@ def test_load_fitted_predicts_at_any_times_in_data_units(fitted, tmp_path):
     assert (years["bili_std"].values > 0).all()
     # on the file's own grid: exactly what `ctmodels predict` writes
     src.to_netcdf(tmp_path / "s.nc")
-    cli = predict_checkpoint(out, tmp_path / "s.nc", tmp_path / "p.nc", n_samples=4)
-    own = predict(fit, src, key=jax.random.key(0), n_samples=4, batch_size=16)
+    cli = predict_checkpoint(out, tmp_path / "s.nc", tmp_path / "p.nc", n_samples=N)
+    own = predict(fit, src, key=jax.random.key(0), n_samples=N, batch_size=16)
     xr.testing.assert_allclose(own[["bili", "bili_std"]], cli[["bili", "bili_std"]])
 
 
@@ -512,15 +520,15 @@ def test_calibration_belongs_to_its_checkpoint(fitted, tmp_path, capsys):
     assert "holds a checkpoint of a different run" in err
     assert "pass --overwrite" in err and "resume=False" not in err
     assert json.loads(cal.read_text()) == want
-    src = xr.load_dataset(path).isel(series=slice(0, 3))
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
     src.to_netcdf(tmp_path / "s.nc")
-    kept = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "a.nc", n_samples=2)
+    kept = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "a.nc", n_samples=N)
     assert kept.attrs["spread"].startswith("calibrated")
     _edit_header(run)
     with pytest.warns(UserWarning, match="made for an earlier checkpoint"):
         assert _read_calibration(run / "checkpoint", channels) is None
     with pytest.warns(UserWarning, match="made for an earlier checkpoint"):
-        own = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "b.nc", n_samples=2)
+        own = predict_checkpoint(run, tmp_path / "s.nc", tmp_path / "b.nc", n_samples=N)
     assert own.attrs["spread"].startswith("the model's own")
     # a calibration written before it named its checkpoint is still read
     cal.write_text(json.dumps({"residual_std": want["residual_std"]}))
@@ -575,15 +583,18 @@ def test_a_failed_solve_in_predict_is_one_solver_error(fitted, tmp_path, capsys)
     run = _copy_run(out, tmp_path / "run")
     _edit_header(run, max_steps=2, rtol=1e-10, atol=1e-12)
     (run / "checkpoint" / "calibration.json").unlink()  # made for the original
-    src = xr.load_dataset(path).isel(series=slice(0, 3))
+    src = xr.load_dataset(path).isel(series=slice(0, 4))
     fitted_model = load_fitted(run)
+    # the CLI's evaluate draws EVAL_SAMPLES: with the same count and batch size all
+    # three calls share one compilation of the edited model
     with pytest.raises(SolverError, match="maximum number of steps") as e:
-        predict(fitted_model, src, key=jax.random.key(0), n_samples=2)
+        predict(fitted_model, src, key=jax.random.key(0), n_samples=N, batch_size=16)
     ids = [str(i) for i in src["series"].values]
     assert f"series {', '.join(ids)} failed" in str(e.value)
     assert e.value.solver == "dopri5" and "throw=False" not in str(e.value)
     src.to_netcdf(tmp_path / "s.nc")
-    for cmd in (["predict", "--out", str(tmp_path / "p.nc")], ["evaluate"]):
+    for cmd in (["predict", "--out", str(tmp_path / "p.nc"), "--n-samples", str(N)],
+                ["evaluate"]):  # fmt: skip
         rc = main([cmd[0], "--checkpoint", str(run), "--data", str(tmp_path / "s.nc"),
                    *cmd[1:]])  # fmt: skip
         err = capsys.readouterr().err

@@ -5,6 +5,7 @@ as dates)."""
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -15,6 +16,9 @@ from ctmodels.models import GRUDelta, LatentODE, predict
 from ctmodels.models._predict import model_spread
 
 TOL = dict(rtol=2e-4, atol=2e-5)
+# One query shape for the fixture's model: 4 shared times, 2 samples, batches of 8
+# (its 5 series in one batch). Predictions asked this way share one compilation.
+SHAPE = dict(n_samples=2, batch_size=8)
 
 
 def _dataset(S=5, T=6, seed=0):
@@ -48,9 +52,11 @@ def setup():
 def _by_hand(model, ts_n, times_n, key, n_samples, batch_size=8):
     """The model's own `predict` on one union batch of all series."""
     batch = next(iter(cd.batches(ts_n, batch_size, layout="union")))
-    mu, sd = model.predict(
-        batch, key=jax.random.fold_in(key, 0), n_samples=n_samples, times=times_n
-    )
+    # compiled whole (run op by op, each small operation would compile on its own)
+    mu, sd = eqx.filter_jit(type(model).predict)(
+        model, batch, key=jax.random.fold_in(key, 0), n_samples=n_samples,
+        times=times_n,
+    )  # fmt: skip
     return np.asarray(mu)[: len(ts_n)], np.asarray(sd)[: len(ts_n)]
 
 
@@ -58,8 +64,8 @@ def test_requested_times_match_the_models_predict_in_data_units(setup):
     ds, ts, norm, model = setup
     key = jax.random.key(1)
     q = np.array([0.0, 50.0, 120.0, 400.0])  # days; 400 is past every series
-    out = predict(model, ds, q, key=key, n_samples=3, normalizer=norm, batch_size=8)
-    mu, sd = _by_hand(model, norm.transform(ts), q / norm.time_scale, key, 3)
+    out = predict(model, ds, q, key=key, normalizer=norm, **SHAPE)
+    mu, sd = _by_hand(model, norm.transform(ts), q / norm.time_scale, key, 2)
     mu, sd = norm.inverse(mu, sd)
     assert out["a"].dims == ("series", "time") and out.sizes["time"] == 4
     np.testing.assert_array_equal(out["time"].values, q)
@@ -75,10 +81,10 @@ def test_requested_times_match_the_models_predict_in_data_units(setup):
 def test_shared_per_series_and_dated_requests_agree(setup):
     ds, ts, norm, model = setup
     key = jax.random.key(2)
-    q = np.array([10.0, 100.0, 200.0])
-    shared = predict(model, ds, q, key=key, n_samples=2, normalizer=norm)
+    q = np.array([10.0, 100.0, 200.0, 250.0])
+    shared = predict(model, ds, q, key=key, normalizer=norm, **SHAPE)
     rows = np.tile(q, (len(ts), 1))
-    per = predict(model, ds, rows, key=key, n_samples=2, normalizer=norm)
+    per = predict(model, ds, rows, key=key, normalizer=norm, **SHAPE)
     assert per["b"].dims == ("series", "query") and per["time"].dims == (
         "series",
         "query",
@@ -94,7 +100,7 @@ def test_shared_per_series_and_dated_requests_agree(setup):
     dated = ds.assign_coords(time=(("series", "obs"), dates))
     qd = origin + np.round(q * 86400e9).astype("timedelta64[ns]")
     norm_d = cd.Normalizer.fit(cd.from_xarray(dated), log=["a"], time_scale="span")
-    by_date = predict(model, dated, qd, key=key, n_samples=2, normalizer=norm_d)
+    by_date = predict(model, dated, qd, key=key, normalizer=norm_d, **SHAPE)
     np.testing.assert_array_equal(by_date["time"].values, qd)
     # the model sees times relative to each batch's earliest time: a constant shift
     # of every time (dates start at the earliest one) changes nothing
@@ -105,19 +111,22 @@ def test_shared_per_series_and_dated_requests_agree(setup):
 def test_own_grid_spread_and_other_models(setup):
     ds, ts, norm, model = setup
     key = jax.random.key(3)
-    own = predict(model, ts, key=key, n_samples=2, normalizer=norm)
+    own = predict(model, ts, key=key, normalizer=norm, **SHAPE)
     assert own["a"].dims == ("series", "obs")
     valid = ~np.isnan(ds["time"].values)
     assert np.isfinite(own["b"].values[valid]).all()
     assert np.isnan(own["b"].values[~valid]).all()
     # spread replaces the model's observation noise (model units, no normalizer)
     ts_n = norm.transform(ts)
-    plain = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2)
-    wide = predict(model, ts_n, [0.0, 0.5], key=key, n_samples=2, spread=[0.3, 0.7])
+    q = [0.0, 0.25, 0.5, 0.75]
+    plain = predict(model, ts_n, q, key=key, **SHAPE)
+    wide = predict(model, ts_n, q, key=key, spread=[0.3, 0.7], **SHAPE)
     # oracle: the model's own std is sqrt(Var_k + obs_std^2), its obs_std fixed
     var = plain["b_std"].values ** 2 - model.obs_std**2
     np.testing.assert_allclose(wide["b_std"].values ** 2, var + 0.7**2, rtol=1e-5)
-    spread_k = model_spread(model, plain["b_std"].values)  # noise in float32: 1e-9
+    # (model_spread takes [..., channel]: both channels' std, then channel b's)
+    stds = np.stack([plain["a_std"].values, plain["b_std"].values], axis=-1)
+    spread_k = model_spread(model, stds)[..., 1]  # noise in float32: 1e-9
     np.testing.assert_allclose(spread_k, var, rtol=0, atol=1e-9)
     np.testing.assert_allclose(wide["b"].values, plain["b"].values)
     # any model with predict(batch, key=, n_samples=, times=): a filter
@@ -184,7 +193,8 @@ def test_per_series_times_across_batches_against_np_interp(setup):
 
 def test_numpy_int_sample_counts(setup):
     _, ts, _, model = setup
-    out = predict(model, ts, [0.0, 0.5], key=jax.random.key(0), n_samples=np.int64(2))
+    out = predict(model, ts, [0.0, 0.25, 0.5, 0.75], key=jax.random.key(0),
+                  n_samples=np.int64(2), batch_size=8)  # fmt: skip
     assert np.isfinite(out["a"].values).all()
 
 

@@ -20,6 +20,7 @@ from ._ffjord import FFJORD_FAMILY as FFJORD_FAMILY
 from ._files import CALIBRATION as CALIBRATION
 from ._jobs import (
     FROM_RECIPE as FROM_RECIPE,
+    budget as budget,
     evaluate as evaluate,
     fit as fit,
     load_fitted as load_fitted,

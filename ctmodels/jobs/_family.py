@@ -15,16 +15,31 @@ from . import _series
 from ._options import Option, resolve, signature_options
 
 #: The training recipe when a family and dataset give none: Adam on the
-#: warmup-cosine schedule of `ctmodels.train.fit` with this peak `learning_rate`,
-#: `epochs`, `batch_size`, and early stopping after `patience` epochs without a
-#: better validation `monitor` (None: off; the best epoch is restored either way).
+#: warmup-cosine schedule of `ctmodels.train.fit` with this peak `learning_rate` and
+#: `batch_size`, and early stopping on the validation `monitor` (the best epoch is
+#: restored either way). Its length is a step budget (`ctmodels.jobs.budget`, applied
+#: once the training split's size is known): at least `epochs` epochs and at least
+#: `min_steps` optimiser steps, but no more epochs than fit in `max_steps` (never fewer
+#: than one); early stopping after `patience` epochs without a better validation
+#: value, or `patience_fraction` of the epochs if that is more (None: no early
+#: stopping). The warm-up (5% of the steps) scales with the budget by itself.
+#: On pbcseq's 250 training series (8 steps per epoch) the old 40 epochs were 320
+#: steps; on 40 series they were 80, and the model predicted about the mean
+#: (benchmarks/recipe_budget.py, docs/cli.md).
 DEFAULT_RECIPE: Mapping[str, Any] = types.MappingProxyType({
     "epochs": 40,
     "learning_rate": 1e-2,
     "batch_size": 32,
     "patience": 10,
     "monitor": "loss",
+    "min_steps": 1000,
+    "max_steps": 10_000,
+    "patience_fraction": 0.25,
 })  # fmt: skip
+
+#: The step-budget settings of a recipe (`ctmodels.jobs.budget`); a per-dataset
+#: recipe that names none of them runs its `epochs` as written.
+BUDGET_KEYS = ("min_steps", "max_steps", "patience_fraction")
 
 
 def _num_channels(prepared) -> dict[str, Any]:
@@ -54,8 +69,10 @@ class Family:
       trains a different size than the class's (one table; `--help` shows them).
     - `loss_options`: keyword arguments of `model.loss` offered as options (their
       defaults are `loss`'s), passed through `fit(loss_kwargs=...)`.
-    - `recipe`: the training recipe for data the family has no recipe for;
-      `recipes`: recipes by bundled dataset name (a setting left out is `recipe`'s).
+    - `recipe`: the training recipe for data the family has no recipe for (see
+      `DEFAULT_RECIPE`: a step budget scaled to the number of training series);
+      `recipes`: recipes by bundled dataset name (a setting left out is `recipe`'s,
+      except the step budget's, `BUDGET_KEYS`: none unless the entry sets them).
     - `task`: the training task (`task(batch, *, key) -> batch`, the context a loss
       sees; None: `fit`'s default); also the validation task.
     - `fit_options`: further keyword arguments of `ctmodels.train.fit` (default:
@@ -141,9 +158,12 @@ class Family:
     def recipe_for(self, data: str | Path) -> dict[str, Any]:
         """The training recipe for `data`: its entry of `recipes` over `recipe` for a
         bundled dataset, `recipe` for a file whatever its name; a new dict."""
-        if self.data.is_file(data):
+        if self.data.is_file(data) or str(data) not in self.recipes:
             return dict(self.recipe)
-        return {**self.recipe, **self.recipes.get(str(data), {})}
+        # a dataset's own recipe is measured as it is: no step budget unless it
+        # gives one
+        base = {k: v for k, v in self.recipe.items() if k not in BUDGET_KEYS}
+        return {**base, **self.recipes[str(data)]}
 
 
 _FAMILIES: dict[str, Family] = {}

@@ -19,6 +19,7 @@ the recipe for the data (`Family.recipe_for`), then writes:
 
 from __future__ import annotations
 
+import math
 import time as _time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,15 +48,19 @@ FROM_RECIPE: Any = "recipe"
 
 
 def resolve_recipe(family, data, *, epochs=None, learning_rate=None, batch_size=None,
-                   patience=FROM_RECIPE) -> dict[str, Any]:  # fmt: skip
+                   patience=FROM_RECIPE, n_train=None) -> dict[str, Any]:  # fmt: skip
     """The training plan of `fit`: the family's recipe for `data` with the settings
-    the caller gave over it. Checks them before any work is done."""
+    the caller gave over it, and, given `n_train` (the number of training series or
+    examples), the recipe's step budget applied (`budget`). Checks the settings
+    before any work is done (`fit` calls it once without `n_train`, before reading
+    the data, and once with it)."""
     from .._errors import is_int as _is_int
 
     plan = get_family(family).recipe_for(data)
     given = {"epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size}
     plan.update({k: v for k, v in given.items() if v is not None})
-    if not (isinstance(patience, str) and patience == FROM_RECIPE):
+    patience_given = not (isinstance(patience, str) and patience == FROM_RECIPE)
+    if patience_given:
         plan["patience"] = patience
     for name in ("epochs", "batch_size"):
         v = plan[name]
@@ -71,7 +76,96 @@ def resolve_recipe(family, data, *, epochs=None, learning_rate=None, batch_size=
             f"got {p!r}."
         )
     plan["patience"] = p or None
+    _check_budget(plan)
+    if n_train is not None:
+        plan = budget(plan, n_train, epochs_given=epochs is not None,
+                      patience_given=patience_given)  # fmt: skip
+    elif not patience_given:
+        plan["patience"] = _scaled_patience(plan)
     return plan
+
+
+def budget(recipe, n_train: int, *, epochs_given: bool = False,
+           patience_given: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The recipe's step budget for `n_train` training series (or examples): a new
+    plan with its `epochs` and `patience` as they will run. Pure arithmetic.
+
+    With `steps_per_epoch = ceil(n_train / batch_size)` (the batches `fit` makes):
+
+    - `epochs = max(epochs, ceil(min_steps / steps_per_epoch))`: small data gets
+      more epochs, so that every run takes at least `min_steps` optimiser steps;
+    - then, if that is more than `max_steps` steps, `epochs = max(1, max_steps //
+      steps_per_epoch)`: huge data gets fewer epochs than the recipe's `epochs`;
+    - `patience = max(patience, ceil(patience_fraction * epochs))`: early stopping
+      waits the same share of a longer run (None stays None: no early stopping).
+
+    A setting that is missing or None is not applied (a per-dataset recipe without
+    them runs as written); `epochs_given` / `patience_given` (the caller set them)
+    keep those as they are.
+
+    **Arguments:**
+
+    - `recipe`: a recipe (`DEFAULT_RECIPE`'s keys).
+    - `n_train`: the number of training series (or rows).
+    - `epochs_given`, `patience_given`: whether the caller fixed them.
+
+    **Returns:** a new dict: the recipe with the `epochs` and `patience` to run.
+    """
+    from .._errors import is_int as _is_int
+
+    if not _is_int(n_train) or n_train < 1:
+        raise ValueError(f"n_train must be an int >= 1, got {n_train!r}.")
+    plan = dict(recipe)
+    _check_budget(plan)
+    per_epoch = -(-int(n_train) // int(plan["batch_size"]))
+    if not epochs_given:
+        lo, hi = plan.get("min_steps"), plan.get("max_steps")
+        if lo is not None:
+            plan["epochs"] = max(plan["epochs"], -(-lo // per_epoch))
+        if hi is not None and plan["epochs"] * per_epoch > hi:
+            plan["epochs"] = max(1, hi // per_epoch)
+    if not patience_given:
+        plan["patience"] = _scaled_patience(plan)
+    return plan
+
+
+def _scaled_patience(plan) -> int | None:
+    p, frac = plan.get("patience"), plan.get("patience_fraction")
+    if p is None or frac is None:
+        return p
+    return max(p, math.ceil(frac * plan["epochs"]))
+
+
+def _check_budget(plan) -> None:
+    from .._errors import is_int as _is_int
+
+    for name in ("min_steps", "max_steps"):
+        v = plan.get(name)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ValueError(f"A recipe's {name} must be None or an int >= 1, got "
+                             f"{v!r}.")  # fmt: skip
+    lo, hi = plan.get("min_steps"), plan.get("max_steps")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"A recipe's min_steps ({lo}) must not exceed its max_steps "
+                         f"({hi}).")  # fmt: skip
+    frac = plan.get("patience_fraction")
+    if frac is not None and (
+        isinstance(frac, bool)
+        or not isinstance(frac, int | float)
+        or not 0 <= frac <= 1
+    ):
+        raise ValueError(
+            f"A recipe's patience_fraction must be None or a number in [0, 1], got "
+            f"{frac!r}."
+        )
+
+
+def _num_examples(data) -> int:
+    """How many series (or rows) `fit` batches from `data`."""
+    try:
+        return len(data)
+    except TypeError:
+        return int(jax.tree.leaves(data)[0].shape[0])
 
 
 def _check_options(model_kw: dict[str, Any]) -> None:
@@ -109,8 +203,10 @@ def fit(
       match (after a kill: the same result as an uninterrupted run) and refused when
       they differ; `overwrite=True` (`--overwrite`) starts afresh there instead.
     - `epochs`, `learning_rate`, `batch_size` left as None and `patience` left as
-      `FROM_RECIPE` take the recipe for `data` (`Family.recipe_for`);
-      `patience=None` or 0 turns early stopping off.
+      `FROM_RECIPE` take the recipe for `data` (`Family.recipe_for`), whose step
+      budget sets the epochs and patience from the number of training series
+      (`budget`; `metrics.json`'s `recipe` records them); `patience=None` or 0
+      turns early stopping off.
     - `seed`: the split, the initialisation and the training draws.
     - `progress`: the progress bar (None: when the output is a terminal).
     - `max_plots`: test series plotted.
@@ -137,6 +233,12 @@ def fit(
     data_kw = {k: v for k, v in (("channels", channels), ("max_series", max_series))
                if v is not None}  # fmt: skip
     prepared = family.data.prepare(data, seed=seed, **data_kw)
+    # the recipe's step budget, now that the training split's size is known
+    plan = resolve_recipe(
+        family, data, epochs=epochs, learning_rate=learning_rate,
+        batch_size=batch_size, patience=patience,
+        n_train=_num_examples(prepared.train_n),
+    )  # fmt: skip
     batch_size = plan["batch_size"]
     model = family.model(
         **family.from_data(prepared), **model_kw, key=jax.random.key(seed)
