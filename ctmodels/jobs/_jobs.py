@@ -19,6 +19,7 @@ the recipe for the data (`Family.recipe_for`), then writes:
 
 from __future__ import annotations
 
+import inspect
 import math
 import time as _time
 from collections.abc import Sequence
@@ -232,6 +233,9 @@ def fit(
         channels = [c.strip() for c in channels.split(",") if c.strip()]
     data_kw = {k: v for k, v in (("channels", channels), ("max_series", max_series))
                if v is not None}  # fmt: skip
+    if "batch_size" in inspect.signature(family.data.prepare).parameters:
+        # a family whose data can be too small for one batch refuses it up front
+        data_kw["batch_size"] = plan["batch_size"]
     prepared = family.data.prepare(data, seed=seed, **data_kw)
     # the recipe's step budget, now that the training split's size is known
     plan = resolve_recipe(
