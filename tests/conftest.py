@@ -11,17 +11,36 @@ the setting the session started with (JAX's default, float32) unless it sets
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import pytest
 
 _START = {"x64": bool(jax.config.jax_enable_x64)}
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """`test_integrate.py` and `test_fixed_point.py` switch float64 on when imported
+    (their module constants are float64); pytest imports every module before running
+    any, so without this every module collected after them built its own constants
+    in float64 and then ran in float32 (seen: Diffrax's dense-output gradient and an
+    SDE backsolve failing with "cond branches must have equal output types"). Each
+    module is imported with the session's setting."""
+    yield
+    if isinstance(collector, pytest.Module):
+        jax.config.update("jax_enable_x64", _START["x64"])
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _x64_per_module(request):
-    jax.config.update(
-        "jax_enable_x64", bool(getattr(request.module, "X64", False)) or _START["x64"]
-    )
+    want = bool(getattr(request.module, "X64", False)) or _START["x64"]
+    if want != bool(jax.config.jax_enable_x64):
+        # JAX's and Equinox's caches keyed before the switch can hand a float64
+        # trace (e.g. a Diffrax solve's constants) to a float32 call and the
+        # reverse ("cond branches must have equal output types"); start afresh
+        jax.clear_caches()
+        eqx.clear_caches()
+    jax.config.update("jax_enable_x64", want)
     yield
 
 

@@ -187,11 +187,13 @@ def test_default_tolerances_table():
     from ctmodels import _defaults
 
     assert ctmodels.default_tolerances("ode", "float64") == (1e-6, 1e-8)
-    assert ctmodels.default_tolerances("ode", "float32") == (1e-3, 1e-6)
+    assert ctmodels.default_tolerances("ode", "float32") == (1e-5, 1e-6)
+    assert ctmodels.default_tolerances("implicit_ode", "float32") == (1e-3, 1e-6)
+    assert ctmodels.default_tolerances("implicit_ode", "float64") == (1e-6, 1e-8)
     assert ctmodels.default_tolerances("nonlinear", "float64") == (1e-6, 1e-8)
     assert ctmodels.default_tolerances("nonlinear", "float32") == (1e-5, 1e-6)
     # half precision gets the float32 row, integers JAX's default float
-    assert ctmodels.default_tolerances("ode", "float16") == (1e-3, 1e-6)
+    assert ctmodels.default_tolerances("ode", "float16") == (1e-5, 1e-6)
     default = ctmodels.default_tolerances("ode", None)
     assert ctmodels.default_tolerances("ode", "int32") == default
     with pytest.raises(ValueError, match="Unknown kind"):
