@@ -111,6 +111,43 @@ BIBTEX: dict[str, str] = {
     publisher = {Williams \\& Wilkins},
     year = {1925}
 }""",
+    "grathwohl2019ffjord": """\
+@inproceedings{grathwohl2019ffjord,
+    title = {{FFJORD}: Free-form Continuous Dynamics for Scalable Reversible
+             Generative Models},
+    author = {Grathwohl, Will and Chen, Ricky T. Q. and Bettencourt, Jesse and
+              Sutskever, Ilya and Duvenaud, David},
+    booktitle = {International Conference on Learning Representations},
+    year = {2019}
+}""",
+    "hutchinson1989stochastic": """\
+@article{hutchinson1989stochastic,
+    title = {A Stochastic Estimator of the Trace of the Influence Matrix for
+             {L}aplacian Smoothing Splines},
+    author = {Hutchinson, M. F.},
+    journal = {Communications in Statistics - Simulation and Computation},
+    volume = {18},
+    number = {3},
+    pages = {1059--1076},
+    year = {1989}
+}""",
+    "finlay2020train": """\
+@inproceedings{finlay2020train,
+    title = {How to Train Your Neural {ODE}: the World of {J}acobian and Kinetic
+             Regularization},
+    author = {Finlay, Chris and Jacobsen, J{\"o}rn-Henrik and Nurbekyan, Levon
+              and Oberman, Adam M.},
+    booktitle = {International Conference on Machine Learning},
+    year = {2020}
+}""",
+    "kidger2021hey": """\
+@inproceedings{kidger2021hey,
+    title = {"{H}ey, that's not an {ODE}": Faster {ODE} Adjoints via
+             Seminorms},
+    author = {Kidger, Patrick and Chen, Ricky T. Q. and Lyons, Terry},
+    booktitle = {International Conference on Machine Learning},
+    year = {2021}
+}""",
 }
 
 

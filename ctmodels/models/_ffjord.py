@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _errors
 from .._integrate import integrate
+from .._references import cites
 from ..nn import CNFField
 from ..nn._cnf import ACTIVATIONS, exact_divergence, hutchinson_divergence, probe
 from ..nn._odernn import check_ode_solver
@@ -67,6 +68,7 @@ def _plain_field(s, x, args):
     return end * field(s * end, x)
 
 
+@cites("grathwohl2019ffjord", "finlay2020train", "kidger2021hey", "chen2018neural")
 class FFJORD(eqx.Module):
     """A continuous normalizing flow, FFJORD (Grathwohl et al., 2019), with the RNODE
     regularisers of Finlay et al. (2020).
@@ -103,41 +105,6 @@ class FFJORD(eqx.Module):
     `equinox.nn.inference_mode`: the loss then uses the exact trace and no
     regularisers, as for validation), and `hyperparameters` (the constructor's
     keyword arguments, for checkpoints).
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{grathwohl2019ffjord,
-        title = {{FFJORD}: Free-form Continuous Dynamics for Scalable Reversible
-                 Generative Models},
-        author = {Grathwohl, Will and Chen, Ricky T. Q. and Bettencourt, Jesse and
-                  Sutskever, Ilya and Duvenaud, David},
-        booktitle = {International Conference on Learning Representations},
-        year = {2019}
-    }
-    @inproceedings{finlay2020train,
-        title = {How to Train Your Neural {ODE}: the World of {J}acobian and Kinetic
-                 Regularization},
-        author = {Finlay, Chris and Jacobsen, J{\"o}rn-Henrik and Nurbekyan, Levon
-                  and Oberman, Adam M.},
-        booktitle = {International Conference on Machine Learning},
-        year = {2020}
-    }
-    @inproceedings{kidger2021hey,
-        title = {"{H}ey, that's not an {ODE}": Faster {ODE} Adjoints via
-                 Seminorms},
-        author = {Kidger, Patrick and Chen, Ricky T. Q. and Lyons, Terry},
-        booktitle = {International Conference on Machine Learning},
-        year = {2021}
-    }
-    @inproceedings{chen2018neural,
-        title = {Neural Ordinary Differential Equations},
-        author = {Chen, Ricky T. Q. and Rubanova, Yulia and Bettencourt, Jesse and
-                  Duvenaud, David K.},
-        booktitle = {Advances in Neural Information Processing Systems},
-        year = {2018}
-    }
-    ```
     """
 
     field: CNFField

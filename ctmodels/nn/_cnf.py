@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from .._references import cites
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "tanh": jnp.tanh,
     "softplus": jax.nn.softplus,
@@ -25,25 +27,13 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+@cites("grathwohl2019ffjord")
 class ConcatSquashLinear(eqx.Module):
     """A linear layer conditioned on time `t` (Grathwohl et al., 2019):
     `y = (W x + b) * sigmoid(g t + c) + h t`, gated and shifted per output unit.
 
     Called on any number of leading (batch) axes: `x [..., in] -> [..., out]` with
     one scalar `t` for the whole batch.
-
-    Reference:
-
-    ```bibtex
-    @inproceedings{grathwohl2019ffjord,
-        title = {{FFJORD}: Free-form Continuous Dynamics for Scalable Reversible
-                 Generative Models},
-        author = {Grathwohl, Will and Chen, Ricky T. Q. and Bettencourt, Jesse and
-                  Sutskever, Ilya and Duvenaud, David},
-        booktitle = {International Conference on Learning Representations},
-        year = {2019}
-    }
-    ```
     """
 
     weight: Float[Array, "out in"]
@@ -155,6 +145,7 @@ def exact_divergence(
     return fx, trace, frob
 
 
+@cites("hutchinson1989stochastic")
 def hutchinson_divergence(
     fn: Callable[[Array], Array], x: Float[Array, "... D"], eps: Float[Array, "... D"]
 ) -> tuple[Array, Array, Array]:
@@ -163,21 +154,6 @@ def hutchinson_divergence(
     per row (unbiased when `E[ε εᵀ] = I`, e.g. Gaussian or Rademacher `ε`).
 
     **Returns:** `(fn(x) [..., D], trace estimate [...], frobenius estimate [...])`.
-
-    Reference:
-
-    ```bibtex
-    @article{hutchinson1989stochastic,
-        title = {A Stochastic Estimator of the Trace of the Influence Matrix for
-                 {L}aplacian Smoothing Splines},
-        author = {Hutchinson, M. F.},
-        journal = {Communications in Statistics - Simulation and Computation},
-        volume = {18},
-        number = {3},
-        pages = {1059--1076},
-        year = {1989}
-    }
-    ```
     """
     fx, vjp = jax.vjp(fn, x)
     (e_jac,) = vjp(eps.astype(fx.dtype))
