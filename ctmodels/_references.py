@@ -148,6 +148,33 @@ BIBTEX: dict[str, str] = {
     booktitle = {International Conference on Machine Learning},
     year = {2021}
 }""",
+    "fung2022jfb": """\
+@inproceedings{fung2022jfb,
+    title = {{JFB}: {J}acobian-Free Backpropagation for Implicit Networks},
+    author = {Wu Fung, Samy and Heaton, Howard and Li, Qiuwei and McKenzie, Daniel
+              and Osher, Stanley and Yin, Wotao},
+    booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+    volume = {36},
+    number = {6},
+    pages = {6648--6656},
+    year = {2022}
+}""",
+    "geng2021training": """\
+@inproceedings{geng2021training,
+    title = {On Training Implicit Models},
+    author = {Geng, Zhengyang and Zhang, Xin-Yu and Bai, Shaojie and Wang, Yisen and
+              Lin, Zhouchen},
+    booktitle = {Advances in Neural Information Processing Systems},
+    volume = {34},
+    year = {2021}
+}""",
+    "bai2021stabilizing": """\
+@inproceedings{bai2021stabilizing,
+    title = {Stabilizing Equilibrium Models by {J}acobian Regularization},
+    author = {Bai, Shaojie and Koltun, Vladlen and Kolter, J. Zico},
+    booktitle = {International Conference on Machine Learning},
+    year = {2021}
+}""",
 }
 
 
