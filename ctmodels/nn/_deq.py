@@ -85,12 +85,20 @@ def initial_state(f: Callable, x, y0, who: str, name: str):
     if y0 is not None:
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.result_type(a, float)), y0)
     y0 = jax.tree.map(lambda a: jnp.zeros_like(a, jnp.result_type(a, float)), x)
-    out = jax.eval_shape(f, y0, x)
+    fix = f"pass the initial state, {who.lower()}(x, {name})"
+    try:
+        out = jax.eval_shape(f, y0, x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"ctmodels.nn.{who}: without {name} the state starts at zeros shaped like "
+            f"x, which the cell cannot take ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); {fix}."
+        ) from e
     if eqx.tree_equal(jax.eval_shape(lambda: y0), out) is not True:
         raise ValueError(
             f"ctmodels.nn.{who}: without {name} the state starts at zeros shaped like "
             f"x, but the cell maps that to {out}, a different structure, shape or "
-            f"dtype; pass the initial state, {who.lower()}(x, {name})."
+            f"dtype; {fix}."
         )
     return y0
 
