@@ -139,7 +139,8 @@ def test_linear_cell_matches_closed_form_batched():
         z, dx, da, db = _lin_oracle(LIN, XS[i], W_LOSS)
         gx.append(dx)
         ga, gb = ga + da, gb + db
-        assert np.max(np.abs(np.asarray(sols.value[i]) - z)) <= _fixed_point_tolerance(z)
+        err = np.max(np.abs(np.asarray(sols.value[i]) - z))
+        assert err <= _fixed_point_tolerance(z)
         assert float(sols.stats["residual"][i]) <= atol + rtol * np.max(np.abs(z))
     # the gradient is as accurate as the fixed point it differentiates
     assert _rel(g_xs, np.stack(gx)) < 1e-4
@@ -394,6 +395,17 @@ def test_steady_state_root_and_integrate_agree_with_closed_form():
 # -- training in float32 with the defaults --------------------------------------------
 
 
+class BatchTanh(eqx.Module):
+    """`Tanh` on a batch of states `[B, width]` and inputs `[B, 2]`."""
+
+    W: jax.Array
+    U: jax.Array
+    b: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(z @ self.W.T + x @ self.U.T + self.b)
+
+
 class Regressor(eqx.Module):
     """x -> DEQ(tanh cell) -> linear readout, on a whole batch: the cell maps the
     batch's states `[B, width]` at once, so one solve serves the batch (as torchdeq
@@ -415,11 +427,6 @@ class Regressor(eqx.Module):
     def __call__(self, xs):
         zs = self.deq(xs, jnp.zeros((xs.shape[0], self.readout.in_features)))
         return jax.vmap(self.readout)(zs)[:, 0]
-
-
-class BatchTanh(Tanh):
-    def __call__(self, z, x):
-        return jnp.tanh(z @ self.W.T + x @ self.U.T + self.b)
 
 
 def test_training_in_float32_reduces_the_loss():

@@ -311,9 +311,7 @@ class DEQ(eqx.Module):
                 "ctmodels.nn.DEQ: jacobian_noise must be 'gaussian' or 'rademacher', "
                 f"got {jacobian_noise!r}."
             )
-        check_options(
-            "DEQ", max_steps=max_steps, throw=throw, on_backward=on_backward
-        )
+        check_options("DEQ", max_steps=max_steps, throw=throw, on_backward=on_backward)
         self.cell = cell
         self.solver = solver
         self.backward = backward
