@@ -20,7 +20,7 @@ import optimistix as optx
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from .. import _defaults, solvers
-from .._errors import RESULTS
+from .._errors import RESULTS, is_int
 from .._fixed_point import fixed_point, resolve_nonlinear_adjoint
 from .._references import cites
 from ._cnf import probe
@@ -113,13 +113,16 @@ def implicit_adjoint(linear_solver, on_backward):
     return solvers.ImplicitAdjoint(linear_solver, on_backward=on_backward)
 
 
-def check_options(who: str, **options) -> None:
-    """Trace-time checks of the options shared by the equilibrium layers."""
-    max_steps = options["max_steps"]
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+def _positive_int(value, name: str, who: str, hint: str = "") -> None:
+    if not is_int(value) or value < 1:
         raise ValueError(
-            f"ctmodels.nn.{who}: max_steps must be a positive int, got {max_steps!r}."
+            f"ctmodels.nn.{who}: {name} must be a positive int{hint}, got {value!r}."
         )
+
+
+def check_options(who: str, *, backward: str, **options) -> None:
+    """Trace-time checks of the options shared by the equilibrium layers."""
+    _positive_int(options["max_steps"], "max_steps", who)
     if not isinstance(options["throw"], bool):
         raise ValueError(
             f"ctmodels.nn.{who}: throw must be True (raise on a failed solve) or "
@@ -131,6 +134,14 @@ def check_options(who: str, **options) -> None:
             f"ctmodels.nn.{who}: on_backward must be None or a callable receiving the "
             f"backward solve's statistics (e.g. ctmodels.solvers.BackwardMonitor()), "
             f"got {type(on_backward).__name__}."
+        )
+    if backward != "implicit" and (
+        options["linear_solver"] is not None or on_backward is not None
+    ):
+        raise ValueError(
+            f"ctmodels.nn.{who}: linear_solver and on_backward configure the implicit "
+            f"backward pass, but backward={backward!r}; drop them or use "
+            "backward='implicit'."
         )
 
 
@@ -275,43 +286,26 @@ class DEQ(eqx.Module):
                 f"ctmodels.nn.DEQ: backward must be one of "
                 f"{', '.join(map(repr, BACKWARDS))}, got {backward!r}."
             )
-        if backward != "implicit" and (
-            linear_solver is not None or on_backward is not None
-        ):
-            raise ValueError(
-                "ctmodels.nn.DEQ: linear_solver and on_backward configure the "
-                f"implicit backward pass, but backward={backward!r}; drop them or use "
-                "backward='implicit'."
-            )
-        if (
-            not isinstance(phantom_steps, int)
-            or isinstance(phantom_steps, bool)
-            or phantom_steps < 1
-        ):
-            raise ValueError(
-                "ctmodels.nn.DEQ: phantom_steps must be a positive int (Geng et al. "
-                f"use 5), got {phantom_steps!r}."
-            )
+        _positive_int(phantom_steps, "phantom_steps", "DEQ", " (Geng et al. use 5)")
         if not 0 < float(phantom_damping) <= 1:
             raise ValueError(
                 "ctmodels.nn.DEQ: phantom_damping is the step λ of z <- (1 - λ) z + "
                 f"λ f(z, x) and must be in (0, 1], got {phantom_damping!r}."
             )
-        if (
-            not isinstance(jacobian_probes, int)
-            or isinstance(jacobian_probes, bool)
-            or jacobian_probes < 1
-        ):
-            raise ValueError(
-                "ctmodels.nn.DEQ: jacobian_probes must be a positive int, got "
-                f"{jacobian_probes!r}."
-            )
+        _positive_int(jacobian_probes, "jacobian_probes", "DEQ")
         if jacobian_noise not in _NOISES:
             raise ValueError(
                 "ctmodels.nn.DEQ: jacobian_noise must be 'gaussian' or 'rademacher', "
                 f"got {jacobian_noise!r}."
             )
-        check_options("DEQ", max_steps=max_steps, throw=throw, on_backward=on_backward)
+        check_options(
+            "DEQ",
+            backward=backward,
+            linear_solver=linear_solver,
+            max_steps=max_steps,
+            throw=throw,
+            on_backward=on_backward,
+        )
         self.cell = cell
         self.solver = solver
         self.backward = backward

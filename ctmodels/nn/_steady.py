@@ -114,16 +114,10 @@ class SteadyState(eqx.Module):
                 "ctmodels.nn.SteadyState: backward must be 'implicit' or 'unrolled', "
                 f"got {backward!r}."
             )
-        if backward != "implicit" and (
-            linear_solver is not None or on_backward is not None
-        ):
-            raise ValueError(
-                "ctmodels.nn.SteadyState: linear_solver and on_backward configure the "
-                f"implicit backward pass, but backward={backward!r}; drop them or use "
-                "backward='implicit'."
-            )
         check_options(
             "SteadyState",
+            backward=backward,
+            linear_solver=linear_solver,
             max_steps=256 if max_steps is None else max_steps,
             throw=throw,
             on_backward=on_backward,
