@@ -85,7 +85,7 @@ def initial_state(f: Callable, x, y0, who: str, name: str):
     if y0 is not None:
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.result_type(a, float)), y0)
     y0 = jax.tree.map(lambda a: jnp.zeros_like(a, jnp.result_type(a, float)), x)
-    fix = f"pass the initial state, {who.lower()}(x, {name})"
+    fix = f"pass the initial state: layer(x, {name})"
     try:
         out = jax.eval_shape(f, y0, x)
     except (TypeError, ValueError) as e:
@@ -269,6 +269,7 @@ class DEQ(eqx.Module):
         - `rtol`, `atol`: the forward solve stops when
             `|f(z, x) - z| <= atol + rtol |z|`; `None` (default): the defaults for
             the state's dtype (`1e-5`, `1e-6` in float32; `1e-6`, `1e-8` in float64).
+            For a solver given by name; a solver value carries its own.
         - `max_steps`: the most forward iterations (default 256).
         - `throw`: raise on a failed forward solve (default) or return its code.
         - `on_backward`: for `backward="implicit"`, a callable receiving the

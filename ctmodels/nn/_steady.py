@@ -90,7 +90,8 @@ class SteadyState(eqx.Module):
             registry name of kind `linear` or a Lineax solver); `None` (default):
             Lineax's dense automatic choice.
         - `rtol`, `atol`: the solve stops when `|f(y, x)| <= atol + rtol |y|`;
-            `None` (default): the defaults for the state's dtype.
+            `None` (default): the defaults for the state's dtype (`1e-5`, `1e-6` in
+            float32; `1e-6`, `1e-8` in float64).
         - `max_steps`: iterations (`"root"`, default 256) or integration steps
             (`"integrate"`, default 16384).
         - `throw`: raise on a failed solve (default) or return its code.
