@@ -177,7 +177,6 @@ def _all_backwards(cell, x, w):
     traced together (one compilation)."""
     layers = {
         "implicit": DEQ(cell, solver="iteration", on_backward=MONITOR),
-        "implicit_lu": DEQ(cell, solver="iteration", linear_solver="lu"),
         "unrolled": DEQ(cell, solver="iteration", backward="unrolled"),
         "jacobian_free": DEQ(cell, solver="iteration", backward="jacobian_free"),
         **{
@@ -211,8 +210,7 @@ def test_backward_options_against_implicit():
     # the backward linear solve reported its statistics
     assert MONITOR.records and MONITOR.last["relative_residual"] <= 1e-4
     assert MONITOR.last["num_steps"] >= 1
-    # the implicit gradient through a dense LU and through the unrolled iterations
-    assert _rel(_flat_grads(out["implicit_lu"][1]), implicit) < 1e-4
+    # the implicit gradient equals that through the unrolled iterations
     assert _rel(_flat_grads(out["unrolled"][1]), implicit) < 1e-4
     # Jacobian-free: off by about ||df/dz|| <= 0.2, and a descent direction
     jfb = _flat_grads(out["jacobian_free"][1])
@@ -361,10 +359,12 @@ def _stable(seed, n=N):
 @eqx.filter_jit
 def _steady_routes(field, x, w):
     out = {}
-    for method in ("root", "integrate"):
+    # the integrate route's backward linear solve named explicitly (a dense LU, what
+    # the default picks for this small system)
+    for method, options in (("root", {}), ("integrate", {"linear_solver": "lu"})):
 
-        def loss(field, x, method=method):
-            sol = SteadyState(field, method=method).solve(x)
+        def loss(field, x, method=method, options=options):
+            sol = SteadyState(field, method=method, **options).solve(x)
             return w @ sol.value, sol
 
         (_, sol), grads = _value_and_grad(loss)(field, x)
