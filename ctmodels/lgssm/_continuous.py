@@ -1,0 +1,251 @@
+"""The continuous-time linear-Gaussian prior dx = A x dt + L dW, discretised exactly
+over arbitrary intervals (matrix exponential; Van Loan 1978 for the noise)."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import expm
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from .._references import cites
+from ._model import LinearGaussianSSM, symmetrise
+
+
+def _check_square(name, a, D=None):
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or (D is not None and a.shape[0] != D):
+        want = "a square matrix [D, D]" if D is None else f"shape {(D, D)}"
+        raise ValueError(
+            f"ctmodels.lgssm: `{name}` has shape {a.shape}; expected {want}."
+        )
+
+
+@cites("vanloan1978computing")
+def discretise(
+    drift: Float[ArrayLike, "D D"],
+    diffusion_cov: Float[ArrayLike, "D D"],
+    intervals: Float[ArrayLike, " N"],
+) -> tuple[Float[Array, "N D D"], Float[Array, "N D D"]]:
+    """The exact discretisation of `dx = A x dt + L dW` over each interval `Δt`:
+    `x(t + Δt) = F x(t) + N(0, Q)` with `F = expm(A Δt)` and
+    `Q = ∫_0^Δt expm(A s) L L^T expm(A s)^T ds`, both from one matrix exponential of
+    the block matrix `[[A, L L^T], [0, -A^T]] Δt` (Van Loan, 1978): its top-left
+    block is `F` and its top-right block `Q F^{-T}`. `Q` is symmetrised.
+
+    Exact for any `Δt ≥ 0` (no time grid; `Δt = 0` gives `F = I`, `Q = 0`). The
+    block exponential grows like `expm(-A^T Δt)`, so for intervals many times longer
+    than the slowest decay time `Q` loses relative precision (float32: keep
+    `|λ_min(A)| Δt` below about 10; by then `Q` is within `e^{-20}` of the
+    stationary covariance, `ctmodels.lgssm.stationary_cov`).
+
+    **Arguments:**
+
+    - `drift`: `A`, `[D, D]`.
+    - `diffusion_cov`: `L L^T`, `[D, D]` (symmetric positive semi-definite).
+    - `intervals`: the `Δt`, `[N]`.
+
+    **Returns:**
+
+    `(F, Q)`, each `[N, D, D]`.
+    """
+    A = jnp.asarray(drift)
+    Qc = jnp.asarray(diffusion_cov)
+    dts = jnp.asarray(intervals)
+    _check_square("drift", A)
+    D = A.shape[0]
+    _check_square("diffusion_cov", Qc, D)
+    if dts.ndim != 1:
+        raise ValueError(
+            f"ctmodels.lgssm: `intervals` has shape {dts.shape}; expected a vector "
+            "[N] of time steps (for one interval, pass jnp.array([dt]))."
+        )
+    dtype = jnp.result_type(A, Qc, dts)
+    A, Qc, dts = A.astype(dtype), Qc.astype(dtype), dts.astype(dtype)
+    block = jnp.block([[A, Qc], [jnp.zeros_like(A), -A.T]])
+
+    def one(dt):
+        E = expm(block * dt)
+        F = E[:D, :D]
+        return F, symmetrise(E[:D, D:] @ F.T)
+
+    return jax.vmap(one)(dts)
+
+
+def stationary_cov(
+    drift: Float[ArrayLike, "D D"], diffusion_cov: Float[ArrayLike, "D D"]
+) -> Float[Array, "D D"]:
+    """The stationary covariance `P` of `dx = A x dt + L dW`: the solution of the
+    Lyapunov equation `A P + P A^T + L L^T = 0`, by one dense solve of size `D^2`
+    (`A` must be stable, all eigenvalues with negative real part, as
+    `ctmodels.lgssm.LinearSDE`'s parametrisation ensures). Symmetrised.
+
+    **Arguments:**
+
+    - `drift`: `A`, `[D, D]`.
+    - `diffusion_cov`: `L L^T`, `[D, D]`.
+
+    **Returns:**
+
+    `P`, `[D, D]`.
+    """
+    A = jnp.asarray(drift)
+    Qc = jnp.asarray(diffusion_cov)
+    _check_square("drift", A)
+    D = A.shape[0]
+    _check_square("diffusion_cov", Qc, D)
+    eye = jnp.eye(D, dtype=A.dtype)
+    op = jnp.kron(A, eye) + jnp.kron(eye, A)
+    P = jnp.linalg.solve(op, -Qc.reshape(-1)).reshape(D, D)
+    return symmetrise(P)
+
+
+def _softplus_inverse(x: float) -> float:
+    return math.log(math.expm1(x))
+
+
+@cites("vanloan1978computing")
+class LinearSDE(eqx.Module):
+    """A continuous-time linear-Gaussian prior `dx = A x dt + L dW` (a
+    multivariate Ornstein-Uhlenbeck process), stable by construction, discretised
+    exactly at arbitrary times (`ctmodels.lgssm.discretise`; Van Loan, 1978).
+
+    Parametrisation (every parameter value gives a valid model, so an optimiser can
+    move freely):
+
+    - drift `A = -(S S^T + eps I) + (K - K^T)`: its symmetric part is negative
+      definite, so every solution decays (all eigenvalues of `A` have real part at
+      most `-eps`), the stationary covariance exists, and the skew part lets it
+      oscillate;
+    - diffusion `L` lower triangular with a positive diagonal (`softplus` of the
+      raw diagonal), so `L L^T` is positive definite.
+
+    **Fields:** `drift_factor` (`S`), `drift_skew` (`K`), `diffusion_raw` (the
+    strict lower triangle of `L` and its diagonal before `softplus`), all
+    `[D, D]`; `eps` (static).
+    """
+
+    drift_factor: Float[Array, "D D"]
+    drift_skew: Float[Array, "D D"]
+    diffusion_raw: Float[Array, "D D"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        latent_size: int,
+        *,
+        rate: float = 1.0,
+        eps: float = 1e-3,
+        scale: float = 0.1,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `latent_size`: `D`.
+        - `rate`: the initial decay rate; the model starts near `A = -rate I` and
+          `L L^T = 2 rate I`, i.e. a unit stationary covariance.
+        - `eps`: the smallest decay rate the parametrisation allows (static).
+        - `scale`: the size of the random perturbation of `S` and `K` at
+          initialisation (breaks the symmetry between latent dimensions).
+        - `key`: a JAX PRNG key.
+        """
+        if latent_size < 1:
+            raise ValueError(
+                f"ctmodels.lgssm.LinearSDE: latent_size={latent_size}; expected a "
+                "positive integer."
+            )
+        if not rate > 0 or not eps > 0:
+            raise ValueError(
+                f"ctmodels.lgssm.LinearSDE: rate={rate}, eps={eps}; both must be "
+                "positive."
+            )
+        D = latent_size
+        ks, kk = jax.random.split(key)
+        noise = scale / math.sqrt(D)
+        eye = jnp.eye(D)
+        self.drift_factor = math.sqrt(rate) * eye + noise * jax.random.normal(
+            ks, (D, D)
+        )
+        self.drift_skew = noise * jax.random.normal(kk, (D, D))
+        self.diffusion_raw = _softplus_inverse(math.sqrt(2 * rate)) * eye
+        self.eps = float(eps)
+
+    @property
+    def latent_size(self) -> int:
+        return self.drift_factor.shape[0]
+
+    def drift(self) -> Float[Array, "D D"]:
+        """`A = -(S S^T + eps I) + (K - K^T)`, `[D, D]`."""
+        S, K = self.drift_factor, self.drift_skew
+        eye = jnp.eye(S.shape[0], dtype=S.dtype)
+        return -(S @ S.T + self.eps * eye) + (K - K.T)
+
+    def diffusion(self) -> Float[Array, "D D"]:
+        """`L`, lower triangular with a positive diagonal, `[D, D]`."""
+        raw = self.diffusion_raw
+        return jnp.tril(raw, -1) + jnp.diag(jax.nn.softplus(jnp.diagonal(raw)))
+
+    def diffusion_cov(self) -> Float[Array, "D D"]:
+        """`L L^T`, `[D, D]`."""
+        L = self.diffusion()
+        return L @ L.T
+
+    def stationary_cov(self) -> Float[Array, "D D"]:
+        """The stationary covariance (`ctmodels.lgssm.stationary_cov`), `[D, D]`."""
+        return stationary_cov(self.drift(), self.diffusion_cov())
+
+    def discretise(
+        self, intervals: Float[ArrayLike, " N"]
+    ) -> tuple[Float[Array, "N D D"], Float[Array, "N D D"]]:
+        """`(F, Q)` over each interval (`ctmodels.lgssm.discretise`), each
+        `[N, D, D]`."""
+        return discretise(self.drift(), self.diffusion_cov(), intervals)
+
+    def ssm(
+        self,
+        times: Float[ArrayLike, " T"],
+        *,
+        emission: Float[ArrayLike, "C D"] | Float[ArrayLike, "T C D"],
+        emission_cov: Float[ArrayLike, "C C"] | Float[ArrayLike, "T C C"],
+        initial_mean: Float[ArrayLike, " D"] | None = None,
+        initial_cov: Float[ArrayLike, "D D"] | None = None,
+    ) -> LinearGaussianSSM:
+        """The state-space model of this prior observed at `times`, one step per
+        time, one transition per interval (irregular times need no grid).
+
+        **Arguments:**
+
+        - `times`: `[T]`, non-decreasing (repeated times are allowed: a zero
+          interval is the identity). For padded series, repeat the last time over
+          the padding and mask it.
+        - `emission`, `emission_cov`: `H` and `R` (see
+          `ctmodels.lgssm.LinearGaussianSSM`).
+        - `initial_mean`: the mean of `x` at `times[0]`; default zero.
+        - `initial_cov`: its covariance; default the stationary covariance, i.e.
+          the process started long before `times[0]`.
+
+        **Returns:**
+
+        A `ctmodels.lgssm.LinearGaussianSSM`.
+        """
+        times = jnp.asarray(times)
+        if times.ndim != 1 or times.shape[0] < 1:
+            raise ValueError(
+                f"ctmodels.lgssm.LinearSDE.ssm: `times` has shape {times.shape}; "
+                "expected a non-empty vector [T]. For a batch of series, jax.vmap."
+            )
+        intervals = jnp.diff(times)
+        intervals = eqx.error_if(
+            intervals,
+            intervals < 0,
+            "ctmodels.lgssm.LinearSDE.ssm: `times` decrease; they must be "
+            "non-decreasing (for padded series repeat the last time and mask it).",
+        )
+        F, Q = self.discretise(intervals)
+        D = self.latent_size
+        dtype = F.dtype
+        m0 = jnp.zeros(D, dtype) if initial_mean is None else initial_mean
+        P0 = self.stationary_cov() if initial_cov is None else initial_cov
+        return LinearGaussianSSM(m0, P0, F, Q, emission, emission_cov)
