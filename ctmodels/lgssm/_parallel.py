@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_solve
+from jax.scipy.linalg import cho_solve, lu_factor, lu_solve
 
 from ._model import FilterResult, Prepared, symmetrise
 from ._steps import backward_kernel, predict, update
@@ -43,9 +43,11 @@ def _combine(earlier, later):
     Ai, bi, Ci, etai, Ji = earlier
     Aj, bj, Cj, etaj, Jj = later
     eye = jnp.eye(Ai.shape[0], dtype=Ai.dtype)
-    # M = A_j (I + C_i J_j)^{-1},  N = A_i^T (I + J_j C_i)^{-1}
-    M = jnp.linalg.solve((eye + Ci @ Jj).T, Aj.T).T
-    N = jnp.linalg.solve(eye + Ci @ Jj, Ai).T
+    # M = A_j (I + C_i J_j)^{-1},  N = A_i^T (I + J_j C_i)^{-1}: one LU of
+    # I + C_i J_j serves both (I + J_j C_i is its transpose)
+    lu = lu_factor(eye + Ci @ Jj)
+    M = lu_solve(lu, Aj.T, trans=1).T
+    N = lu_solve(lu, Ai).T
     A = M @ Ai
     b = M @ (bi + Ci @ etaj) + bj
     C = symmetrise(M @ Ci @ Aj.T + Cj)

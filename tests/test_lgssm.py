@@ -1,0 +1,423 @@
+"""ctmodels.lgssm against oracles, in float64: dense Gaussian conditioning of the joint
+distribution of all states and observations (filter, smoother, log-likelihood),
+the sequential scan against the associative one, scipy's `expm`, a quadrature of
+the noise integral, scipy's Lyapunov solver, an Euler-Maruyama simulation's moments,
+FFBS sample moments against the smoother, finite differences for gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.linalg
+import scipy.stats
+
+import ctmodels
+import ctmodels.lgssm as L
+
+X64 = True
+
+# every model of the tests below that runs through `run` has T = 6 steps, D = 2 state
+# dimensions and C = 3 channels, with per-step matrices, so that each mode compiles
+# once (the suite runs on 2 CPU cores)
+
+
+@functools.partial(jax.jit, static_argnames="parallel")
+def run(ssm, y, mask, key, parallel):
+    return (
+        L.kalman_filter(ssm, y, mask, parallel=parallel),
+        L.kalman_smoother(ssm, y, mask, parallel=parallel),
+        L.posterior_sample(ssm, y, mask, key=key, parallel=parallel),
+    )
+
+
+smoother = jax.jit(L.kalman_smoother)  # sequential, for other shapes
+KEY = jax.random.key(0)
+
+
+def _per_step(ssm, T):
+    """The same model with every matrix stacked over the steps."""
+    def stack(a, n):
+        return jnp.broadcast_to(a, (n, *a.shape[-2:]))
+
+    return L.LinearGaussianSSM(
+        ssm.initial_mean, ssm.initial_cov, stack(ssm.transition, T - 1),
+        stack(ssm.transition_cov, T - 1), stack(ssm.emission, T),
+        stack(ssm.emission_cov, T),
+    )  # fmt: skip
+
+
+def _spd(rng, n, scale=1.0):
+    a = rng.normal(size=(n, n))
+    return scale * (a @ a.T / n + 0.5 * np.eye(n))
+
+
+def _model(seed=0, T=6, D=2, C=3):
+    """A time-varying model (every F, Q, H, R different) with a full R, a mask with a
+    fully missing step, a partly missing one and NaN in the missing entries."""
+    rng = np.random.default_rng(seed)
+    arrays = dict(
+        initial_mean=rng.normal(size=D),
+        initial_cov=_spd(rng, D),
+        transition=0.8 * rng.normal(size=(T - 1, D, D)) / np.sqrt(D),
+        transition_cov=np.stack([_spd(rng, D, 0.3) for _ in range(T - 1)]),
+        emission=rng.normal(size=(T, C, D)),
+        emission_cov=np.stack([_spd(rng, C, 0.5) for _ in range(T)]),
+    )
+    y = rng.normal(size=(T, C))
+    mask = rng.random((T, C)) > 0.3
+    mask[1] = False
+    mask[0] = True
+    y = np.where(mask, y, np.nan)
+    return arrays, y, mask
+
+
+def _ssm(arrays):
+    return L.LinearGaussianSSM(**{k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def _dense(arrays, y, mask, upto=None):
+    """Condition the joint Gaussian of (x_0..x_{T-1}, y_0..y_{T-1}) on the observed
+    y of steps < upto: means [T, D], covs [T, D, D], the full state covariance, and
+    log p(observed y)."""
+    m0, P0 = arrays["initial_mean"], arrays["initial_cov"]
+    F, Q = arrays["transition"], arrays["transition_cov"]
+    H, R = arrays["emission"], arrays["emission_cov"]
+    T, C = y.shape
+    D = m0.size
+    mx = [m0]
+    for t in range(1, T):
+        mx.append(F[t - 1] @ mx[-1])
+    mx = np.concatenate(mx)
+    S = np.zeros((T * D, T * D))
+    blk = lambda t: slice(t * D, (t + 1) * D)  # noqa: E731
+    S[blk(0), blk(0)] = P0
+    for t in range(1, T):
+        for s in range(t):
+            S[blk(t), blk(s)] = F[t - 1] @ S[blk(t - 1), blk(s)]
+            S[blk(s), blk(t)] = S[blk(t), blk(s)].T
+        S[blk(t), blk(t)] = F[t - 1] @ S[blk(t - 1), blk(t - 1)] @ F[t - 1].T + Q[t - 1]
+    Hb = scipy.linalg.block_diag(*H)
+    Rb = scipy.linalg.block_diag(*R)
+    obs = mask.copy()
+    if upto is not None:
+        obs[upto:] = False
+    o = obs.reshape(-1)
+    yo = y.reshape(-1)[o]
+    my = (Hb @ mx)[o]
+    Sxy = (S @ Hb.T)[:, o]
+    Syy = (Hb @ S @ Hb.T + Rb)[np.ix_(o, o)]
+    gain = np.linalg.solve(Syy, Sxy.T).T
+    mean = mx + gain @ (yo - my)
+    cov = S - gain @ Sxy.T
+    ll = scipy.stats.multivariate_normal(my, Syy).logpdf(yo) if o.any() else 0.0
+    means = mean.reshape(T, D)
+    covs = np.stack([cov[blk(t), blk(t)] for t in range(T)])
+    return means, covs, cov, ll
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_filter_and_smoother_match_dense_conditioning(parallel):
+    arrays, y, mask = _model()
+    filtered, smoothed, _ = run(_ssm(arrays), y, mask, KEY, parallel=parallel)
+    T = y.shape[0]
+    for t in range(T):
+        means, covs, _, ll = _dense(arrays, y, mask, upto=t + 1)
+        np.testing.assert_allclose(filtered.means[t], means[t], atol=1e-10)
+        np.testing.assert_allclose(filtered.covs[t], covs[t], atol=1e-10)
+        pmeans, pcovs, _, _ = _dense(arrays, y, mask, upto=t)
+        np.testing.assert_allclose(filtered.predicted_means[t], pmeans[t], atol=1e-10)
+        np.testing.assert_allclose(filtered.predicted_covs[t], pcovs[t], atol=1e-10)
+    np.testing.assert_allclose(filtered.log_likelihood, ll, rtol=1e-10)
+    assert np.isfinite(ll)
+    means, covs, full, ll = _dense(arrays, y, mask)
+    D = means.shape[1]
+    np.testing.assert_allclose(smoothed.means, means, atol=1e-10)
+    np.testing.assert_allclose(smoothed.covs, covs, atol=1e-10)
+    cross = [full[t * D : (t + 1) * D, (t + 1) * D : (t + 2) * D] for t in range(T - 1)]
+    np.testing.assert_allclose(smoothed.cross_covs, np.stack(cross), atol=1e-10)
+    np.testing.assert_allclose(smoothed.log_likelihood, ll, rtol=1e-10)
+
+
+def test_parallel_scan_equals_sequential():
+    """A continuous-time model at irregular times, entries and whole steps missing
+    (the first one included): filter, smoother, log-likelihood and FFBS sample
+    (same key) of the associative scans against the sequential ones."""
+    prior = L.LinearSDE(2, key=jax.random.key(0), scale=0.5)
+    rng = np.random.default_rng(1)
+    times = np.cumsum(rng.exponential(0.5, 6))
+    ssm = _per_step(
+        prior.ssm(times, emission=rng.normal(size=(3, 2)), emission_cov=0.2 * np.eye(3)), 6
+    )  # fmt: skip
+    y = rng.normal(size=(6, 3))
+    steps = np.broadcast_to((np.arange(6) % 3 != 0)[:, None], (6, 3))  # 0, 3 missing
+    for mask in [rng.random((6, 3)) > 0.4, steps]:
+        seq = run(ssm, y, mask, KEY, parallel=False)
+        par = run(ssm, y, mask, KEY, parallel=True)
+        for a, b in zip(jax.tree.leaves(seq), jax.tree.leaves(par)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_fully_masked_step_equals_skipping_it():
+    """Observing at times t with step k fully masked is the model at the times
+    without t_k (the prior over the gap is one transition over the longer interval)."""
+    prior = L.LinearSDE(2, key=jax.random.key(1), scale=0.5)
+    rng = np.random.default_rng(2)
+    times = np.array([0.0, 0.4, 0.5, 1.3, 2.0, 2.2])
+    k = 3
+    H, R = rng.normal(size=(3, 2)), 0.3 * np.eye(3)
+    y = rng.normal(size=(6, 3))
+    mask = np.ones((6, 3), bool)
+    mask[2, 1] = False
+    mask[k] = False
+    y[k] = np.nan  # ignored
+    _, full, _ = run(
+        _per_step(prior.ssm(times, emission=H, emission_cov=R), 6), y, mask, KEY,
+        parallel=False,
+    )  # fmt: skip
+    keep = np.arange(6) != k
+    skipped = smoother(prior.ssm(times[keep], emission=H, emission_cov=R), y[keep], mask[keep])
+    np.testing.assert_allclose(full.log_likelihood, skipped.log_likelihood, rtol=1e-12)
+    np.testing.assert_allclose(full.means[keep], skipped.means, atol=1e-12)
+    np.testing.assert_allclose(full.covs[keep], skipped.covs, atol=1e-12)
+    np.testing.assert_allclose(
+        full.filtered.means[keep], skipped.filtered.means, atol=1e-12
+    )
+    # and the masked step itself is the filter's prediction there
+    np.testing.assert_allclose(
+        full.filtered.means[k], full.filtered.predicted_means[k], atol=1e-15
+    )
+
+
+def test_pseudo_observations_are_gaussian_potentials():
+    """The smoother on pseudo-observations is the prior times the potentials in
+    information form (precision and precision-weighted mean added), and its
+    log-likelihood is log ∫ p(x) Π ψ_t(x_t) dx; zero-precision entries drop out,
+    with zero (not NaN) gradients."""
+    prior = L.LinearSDE(2, key=jax.random.key(2), scale=0.5)
+    times = np.array([0.0, 0.5, 0.7, 1.5])
+    rng = np.random.default_rng(3)
+    mu = rng.normal(size=(4, 2))
+    lam = rng.uniform(0.5, 3.0, size=(4, 2))
+    lam[1, 0] = 0.0
+    mu[1, 0] = np.nan
+    y, R, mask = L.pseudo_observations(mu, lam)
+    ssm = prior.ssm(times, emission=np.eye(2), emission_cov=R)
+    out = smoother(ssm, y, mask)
+    # dense information-form oracle
+    m0, P0 = np.zeros(2), np.asarray(prior.stationary_cov())
+    F, Q = map(np.asarray, prior.discretise(np.diff(times)))
+    arrays = dict(initial_mean=m0, initial_cov=P0, transition=F, transition_cov=Q,
+                  emission=np.broadcast_to(np.eye(2), (4, 2, 2)),
+                  emission_cov=np.broadcast_to(np.eye(2), (4, 2, 2)))  # fmt: skip
+    _, _, prior_cov, _ = _dense(arrays, mu, np.zeros((4, 2), bool))
+    J = np.diag(lam.reshape(-1))
+    h = np.nan_to_num(lam * mu).reshape(-1)
+    post_cov = np.linalg.inv(np.linalg.inv(prior_cov) + J)
+    post_mean = post_cov @ h
+    np.testing.assert_allclose(out.means, post_mean.reshape(4, 2), atol=1e-10)
+    for t in range(4):
+        np.testing.assert_allclose(
+            out.covs[t], post_cov[2 * t : 2 * t + 2, 2 * t : 2 * t + 2], atol=1e-10
+        )
+    o = lam.reshape(-1) > 0
+    marg = prior_cov[np.ix_(o, o)] + np.diag(1 / lam.reshape(-1)[o])
+    ll = scipy.stats.multivariate_normal(np.zeros(o.sum()), marg).logpdf(
+        mu.reshape(-1)[o]
+    )
+    np.testing.assert_allclose(out.log_likelihood, ll, rtol=1e-10)
+
+    def loss(mu, lam):
+        y, R, mask = L.pseudo_observations(mu, lam)
+        return L.kalman_filter(
+            prior.ssm(times, emission=jnp.eye(2), emission_cov=R), y, mask
+        ).log_likelihood
+
+    gm, gl = jax.grad(loss, argnums=(0, 1))(jnp.asarray(mu), jnp.asarray(lam))
+    assert np.all(np.isfinite(gm)) and np.all(np.isfinite(gl))
+    assert gm[1, 0] == 0 and gl[1, 0] == 0
+
+
+def _integral_Q(A, Qc, dt):
+    f = lambda s: (  # noqa: E731
+        scipy.linalg.expm(A * s) @ Qc @ scipy.linalg.expm(A * s).T
+    ).reshape(-1)
+    return scipy.integrate.quad_vec(f, 0.0, dt, epsabs=1e-13, epsrel=1e-12)[0].reshape(
+        A.shape
+    )
+
+
+def test_discretisation_against_expm_and_quadrature():
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(3, 3)) - 1.5 * np.eye(3)  # not of the parametrised form
+    Lc = np.tril(rng.normal(size=(3, 3)))
+    Qc = Lc @ Lc.T
+    dts = np.array([0.0, 1e-3, 0.37, 2.0])
+    F, Q = L.discretise(A, Qc, dts)
+    for i, dt in enumerate(dts):
+        np.testing.assert_allclose(F[i], scipy.linalg.expm(A * dt), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(Q[i], _integral_Q(A, Qc, dt), rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(Q[0], 0, atol=0)
+    np.testing.assert_allclose(F[0], np.eye(3), atol=0)
+
+
+def test_stationary_cov_and_long_intervals():
+    prior = L.LinearSDE(3, key=jax.random.key(5), scale=0.8)
+    A, Qc = np.asarray(prior.drift()), np.asarray(prior.diffusion_cov())
+    P = prior.stationary_cov()
+    np.testing.assert_allclose(
+        P, scipy.linalg.solve_continuous_lyapunov(A, -Qc), rtol=1e-10
+    )
+    # the noise over an interval long against the decay time tends to P
+    decay = -np.max(np.linalg.eigvals(A).real)
+    _, Q = prior.discretise(np.array([20.0 / decay]))
+    np.testing.assert_allclose(Q[0], P, rtol=1e-6, atol=1e-8)
+
+
+def test_parametrisation_is_stable():
+    prior = L.LinearSDE(4, key=jax.random.key(6), scale=3.0, eps=1e-2)
+    A = np.asarray(prior.drift())
+    assert np.linalg.eigvalsh(A + A.T).max() <= -2e-2 + 1e-12
+    assert np.linalg.eigvals(A).real.max() <= -1e-2 + 1e-12
+    Lm = np.asarray(prior.diffusion())
+    np.testing.assert_array_equal(Lm, np.tril(Lm))
+    assert np.all(np.diag(Lm) > 0)
+    # the default starts at A ≈ -I and a unit stationary covariance
+    prior = L.LinearSDE(2, key=jax.random.key(0), scale=0.0, eps=1e-12)
+    np.testing.assert_allclose(prior.drift(), -np.eye(2), atol=1e-10)
+    np.testing.assert_allclose(prior.stationary_cov(), np.eye(2), atol=1e-10)
+
+
+def test_discretisation_against_euler_maruyama_moments():
+    """4000 paths of a fine Euler-Maruyama simulation over dt = 0.6 from a fixed x0:
+    their mean and covariance against F x0 and Q (bias O(h) and sampling error
+    ~ 1/sqrt(paths))."""
+    prior = L.LinearSDE(2, key=jax.random.key(7), scale=0.7)
+    A, Lm = np.asarray(prior.drift()), np.asarray(prior.diffusion())
+    x0 = np.array([1.0, -0.5])
+    dt, steps, paths = 0.6, 600, 4000
+    h = dt / steps
+    rng = np.random.default_rng(8)
+    x = np.broadcast_to(x0, (paths, 2)).copy()
+    for _ in range(steps):
+        x = x + h * x @ A.T + np.sqrt(h) * rng.normal(size=(paths, 2)) @ Lm.T
+    F, Q = prior.discretise(np.array([dt]))
+    F, Q = np.asarray(F[0]), np.asarray(Q[0])
+    se_mean = np.sqrt(np.diag(Q) / paths)
+    np.testing.assert_array_less(np.abs(x.mean(0) - F @ x0), 4 * se_mean + 2e-3)
+    emp = np.cov(x.T)
+    se_cov = np.sqrt((np.outer(np.diag(Q), np.diag(Q)) + Q**2) / paths)
+    np.testing.assert_array_less(np.abs(emp - Q), 4 * se_cov + 5e-3)
+
+
+def test_ffbs_sample_moments_match_the_smoother():
+    arrays, y, mask = _model(seed=5)
+    ssm = _ssm(arrays)
+    _, post, _ = run(ssm, y, mask, KEY, parallel=False)
+    T = y.shape[0]
+    keys = jax.random.split(jax.random.key(9), 4000)
+    draws = jax.jit(jax.vmap(lambda k: L.posterior_sample(ssm, y, mask, key=k)))(keys)
+    draws = np.asarray(draws)  # [N, T, D]
+    n = draws.shape[0]
+    sd = np.sqrt(np.diagonal(post.covs, axis1=1, axis2=2))
+    np.testing.assert_array_less(np.abs(draws.mean(0) - post.means), 4.5 * sd / np.sqrt(n))
+    for t in range(T):
+        emp = np.cov(draws[:, t].T)
+        np.testing.assert_allclose(emp, post.covs[t], atol=0.1 * sd[t].max() ** 2 + 1e-12)
+    # joint: lag-one cross-covariances
+    for t in range(T - 1):
+        c = draws[:, t] - draws[:, t].mean(0)
+        d = draws[:, t + 1] - draws[:, t + 1].mean(0)
+        emp = c.T @ d / (n - 1)
+        scale = sd[t].max() * sd[t + 1].max()
+        np.testing.assert_allclose(emp, post.cross_covs[t], atol=0.1 * scale)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_log_likelihood_gradient_matches_finite_differences(parallel):
+    """Gradient of the log-likelihood with respect to the continuous-time prior's
+    parameters (through the matrix exponential) and the emission."""
+    prior = L.LinearSDE(2, key=jax.random.key(10), scale=0.5)
+    times = jnp.array([0.0, 0.3, 1.0, 1.2])
+    rng = np.random.default_rng(11)
+    y = jnp.asarray(rng.normal(size=(4, 1)))
+    mask = jnp.array([[True], [False], [True], [True]])
+    H0 = jnp.asarray(rng.normal(size=(1, 2)))
+
+    def loglik(params):
+        model, H = params
+        ssm = model.ssm(times, emission=H, emission_cov=0.3 * jnp.eye(1))
+        return L.kalman_filter(ssm, y, mask, parallel=parallel).log_likelihood
+
+    params = (prior, H0)
+    g = jax.jit(jax.grad(loglik))(params)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    gflat, _ = jax.flatten_util.ravel_pytree(g)
+    assert np.all(np.isfinite(gflat))
+    f = jax.jit(lambda v: loglik(unravel(v)))
+    eps = 1e-6
+    fd = np.array(
+        [(f(flat.at[i].add(eps)) - f(flat.at[i].add(-eps))) / (2 * eps)
+         for i in range(flat.size)]
+    )  # fmt: skip
+    np.testing.assert_allclose(gflat, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_jit_and_vmap_over_a_batch_of_sequences():
+    arrays, y, mask = _model(seed=12)
+    ssm = _ssm(arrays)
+    rng = np.random.default_rng(13)
+    ys = np.stack([y, np.where(mask, rng.normal(size=y.shape), np.nan), y + 1.0])
+    masks = np.stack([mask, mask, ~mask | (np.arange(6)[:, None] == 0)])
+    batched = jax.jit(jax.vmap(L.kalman_smoother, in_axes=(None, 0, 0)))(ssm, ys, masks)
+    assert batched.means.shape == (3, 6, 2)
+    assert batched.log_likelihood.shape == (3,)
+    for i in range(3):
+        _, one, _ = run(ssm, ys[i], masks[i], KEY, parallel=False)
+        np.testing.assert_allclose(batched.means[i], one.means, atol=1e-12)
+        np.testing.assert_allclose(batched.log_likelihood[i], one.log_likelihood, rtol=1e-12)
+        _, _, _, ll = _dense(arrays, ys[i], masks[i])
+        np.testing.assert_allclose(one.log_likelihood, ll, rtol=1e-10)
+
+
+def test_the_package_is_exported():
+    assert ctmodels.lgssm is L
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(transition=np.zeros((4, 2, 2))), "`transition` has shape"),
+        (dict(transition_cov=np.zeros((2, 3))), "`transition_cov` has shape"),
+        (dict(emission=np.zeros((3, 3))), "`emission` has shape"),
+        (dict(emission_cov=np.zeros((6, 2, 2))), "`emission_cov` has shape"),
+        (dict(initial_cov=np.eye(3)), "`initial_cov` has shape"),
+    ],
+)
+def test_mismatched_shapes_are_refused_when_traced(change, match):
+    arrays, y, mask = _model()
+    with pytest.raises(ValueError, match=match):
+        L.kalman_filter(_ssm(dict(arrays, **change)), y, mask)
+
+
+def test_other_bad_inputs_are_refused():
+    arrays, y, mask = _model()
+    ssm = _ssm(arrays)
+    with pytest.raises(ValueError, match="`mask` has shape"):
+        L.kalman_filter(ssm, y, mask[:, :2])
+    with pytest.raises(ValueError, match="`mask` has dtype"):
+        L.kalman_filter(ssm, y, mask.astype(float))
+    with pytest.raises(ValueError, match="jax.vmap"):
+        L.kalman_filter(ssm, y[None], mask)
+    with pytest.raises(TypeError, match="LinearGaussianSSM"):
+        L.kalman_filter(arrays, y, mask)
+    with pytest.raises(ValueError, match="`intervals` has shape"):
+        L.discretise(np.eye(2), np.eye(2), 0.5)
+    prior = L.LinearSDE(2, key=jax.random.key(0))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="non-decreasing"):
+        prior.ssm(jnp.array([0.0, 1.0, 0.5]), emission=np.eye(2), emission_cov=np.eye(2))
