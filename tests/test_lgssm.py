@@ -10,6 +10,7 @@ import functools
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -36,8 +37,11 @@ def run(ssm, y, mask, key, parallel):
     )
 
 
-smoother = jax.jit(L.kalman_smoother)  # sequential, for other shapes
 KEY = jax.random.key(0)
+N_BATCH = 4000  # the FFBS moments' sample size, and the jit/vmap test's batch
+batched = jax.jit(
+    jax.vmap(functools.partial(run, parallel=False), in_axes=(None, 0, 0, 0))
+)
 
 
 def _per_step(ssm, T):
@@ -181,24 +185,36 @@ def test_a_fully_masked_step_equals_skipping_it():
         parallel=False,
     )  # fmt: skip
     keep = np.arange(6) != k
-    skipped = smoother(prior.ssm(times[keep], emission=H, emission_cov=R), y[keep], mask[keep])
-    np.testing.assert_allclose(full.log_likelihood, skipped.log_likelihood, rtol=1e-12)
-    np.testing.assert_allclose(full.means[keep], skipped.means, atol=1e-12)
-    np.testing.assert_allclose(full.covs[keep], skipped.covs, atol=1e-12)
-    np.testing.assert_allclose(
-        full.filtered.means[keep], skipped.filtered.means, atol=1e-12
-    )
+    F, Q = map(np.asarray, prior.discretise(np.diff(times[keep])))
+    skipped = dict(
+        initial_mean=np.zeros(2), initial_cov=np.asarray(prior.stationary_cov()),
+        transition=F, transition_cov=Q, emission=np.broadcast_to(H, (5, 3, 2)),
+        emission_cov=np.broadcast_to(R, (5, 3, 3)),
+    )  # fmt: skip
+    means, covs, _, ll = _dense(skipped, y[keep], mask[keep])
+    np.testing.assert_allclose(full.log_likelihood, ll, rtol=1e-10)
+    np.testing.assert_allclose(full.means[keep], means, atol=1e-10)
+    np.testing.assert_allclose(full.covs[keep], covs, atol=1e-10)
+    for t in range(5):
+        fmeans, _, _, _ = _dense(skipped, y[keep], mask[keep], upto=t + 1)
+        np.testing.assert_allclose(full.filtered.means[keep][t], fmeans[t], atol=1e-10)
     # and the masked step itself is the filter's prediction there
     np.testing.assert_allclose(
         full.filtered.means[k], full.filtered.predicted_means[k], atol=1e-15
     )
 
 
-def test_pseudo_observations_are_gaussian_potentials():
+@pytest.mark.parametrize(
+    "parallel",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # ~10 s of compilation
+)
+def test_pseudo_observations_and_gradients(parallel):
     """The smoother on pseudo-observations is the prior times the potentials in
     information form (precision and precision-weighted mean added), and its
-    log-likelihood is log ∫ p(x) Π ψ_t(x_t) dx; zero-precision entries drop out,
-    with zero (not NaN) gradients."""
+    log-likelihood is log ∫ p(x) Π ψ_t(x_t) dx; zero-precision entries drop out.
+    The gradient of that log-likelihood with respect to the continuous-time prior's
+    parameters (through the discretisation) and the potentials matches central
+    differences, and is zero (not NaN) for a left-out entry."""
     prior = L.LinearSDE(2, key=jax.random.key(2), scale=0.5)
     times = np.array([0.0, 0.5, 0.7, 1.5])
     rng = np.random.default_rng(3)
@@ -206,9 +222,17 @@ def test_pseudo_observations_are_gaussian_potentials():
     lam = rng.uniform(0.5, 3.0, size=(4, 2))
     lam[1, 0] = 0.0
     mu[1, 0] = np.nan
-    y, R, mask = L.pseudo_observations(mu, lam)
-    ssm = prior.ssm(times, emission=np.eye(2), emission_cov=R)
-    out = smoother(ssm, y, mask)
+
+    def loss(flat):  # one compilation: the smoother and its gradient
+        prior, mu, lam = unravel(flat)
+        y, R, mask = L.pseudo_observations(mu, lam)
+        ssm = prior.ssm(times, emission=jnp.eye(2), emission_cov=R)
+        out = L.kalman_smoother(ssm, y, mask, parallel=parallel)
+        return out.log_likelihood, out
+
+    flat, unravel = jax.flatten_util.ravel_pytree((prior, jnp.asarray(mu), jnp.asarray(lam)))
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, out), grad = value_and_grad(flat)
     # dense information-form oracle
     m0, P0 = np.zeros(2), np.asarray(prior.stationary_cov())
     F, Q = map(np.asarray, prior.discretise(np.diff(times)))
@@ -231,16 +255,19 @@ def test_pseudo_observations_are_gaussian_potentials():
         mu.reshape(-1)[o]
     )
     np.testing.assert_allclose(out.log_likelihood, ll, rtol=1e-10)
-
-    def loss(mu, lam):
-        y, R, mask = L.pseudo_observations(mu, lam)
-        return L.kalman_filter(
-            prior.ssm(times, emission=jnp.eye(2), emission_cov=R), y, mask
-        ).log_likelihood
-
-    gm, gl = jax.grad(loss, argnums=(0, 1))(jnp.asarray(mu), jnp.asarray(lam))
-    assert np.all(np.isfinite(gm)) and np.all(np.isfinite(gl))
-    assert gm[1, 0] == 0 and gl[1, 0] == 0
+    # gradients: the left-out entry's are zero, the others central differences
+    _, g_mu, g_lam = unravel(grad)
+    assert g_mu[1, 0] == 0 and g_lam[1, 0] == 0
+    n = jax.flatten_util.ravel_pytree(prior)[0].size
+    left_out = {n + 2, n + 8 + 2}  # mu[1, 0] (NaN) and lam[1, 0] (zero)
+    free = [i for i in range(flat.size) if i not in left_out]
+    assert np.all(np.isfinite(grad))
+    eps = 1e-6
+    f = lambda v: value_and_grad(v)[0][0]  # noqa: E731
+    fd = np.array(
+        [(f(flat.at[i].add(eps)) - f(flat.at[i].add(-eps))) / (2 * eps) for i in free]
+    )
+    np.testing.assert_allclose(grad[np.array(free)], fd, rtol=1e-6, atol=1e-8)
 
 
 def _integral_Q(A, Qc, dt):
@@ -320,9 +347,10 @@ def test_ffbs_sample_moments_match_the_smoother():
     ssm = _ssm(arrays)
     _, post, _ = run(ssm, y, mask, KEY, parallel=False)
     T = y.shape[0]
-    keys = jax.random.split(jax.random.key(9), 4000)
-    draws = jax.jit(jax.vmap(lambda k: L.posterior_sample(ssm, y, mask, key=k)))(keys)
-    draws = np.asarray(draws)  # [N, T, D]
+    keys = jax.random.split(jax.random.key(9), N_BATCH)
+    ys = np.broadcast_to(y, (N_BATCH, *y.shape))
+    masks = np.broadcast_to(mask, (N_BATCH, *mask.shape))
+    draws = np.asarray(batched(ssm, ys, masks, keys)[2])  # [N, T, D]
     n = draws.shape[0]
     sd = np.sqrt(np.diagonal(post.covs, axis1=1, axis2=2))
     np.testing.assert_array_less(np.abs(draws.mean(0) - post.means), 4.5 * sd / np.sqrt(n))
@@ -338,51 +366,35 @@ def test_ffbs_sample_moments_match_the_smoother():
         np.testing.assert_allclose(emp, post.cross_covs[t], atol=0.1 * scale)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
-def test_log_likelihood_gradient_matches_finite_differences(parallel):
-    """Gradient of the log-likelihood with respect to the continuous-time prior's
-    parameters (through the matrix exponential) and the emission."""
-    prior = L.LinearSDE(2, key=jax.random.key(10), scale=0.5)
-    times = jnp.array([0.0, 0.3, 1.0, 1.2])
-    rng = np.random.default_rng(11)
-    y = jnp.asarray(rng.normal(size=(4, 1)))
-    mask = jnp.array([[True], [False], [True], [True]])
-    H0 = jnp.asarray(rng.normal(size=(1, 2)))
-
-    def loglik(params):
-        model, H = params
-        ssm = model.ssm(times, emission=H, emission_cov=0.3 * jnp.eye(1))
-        return L.kalman_filter(ssm, y, mask, parallel=parallel).log_likelihood
-
-    params = (prior, H0)
-    g = jax.jit(jax.grad(loglik))(params)
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    gflat, _ = jax.flatten_util.ravel_pytree(g)
-    assert np.all(np.isfinite(gflat))
-    f = jax.jit(lambda v: loglik(unravel(v)))
-    eps = 1e-6
-    fd = np.array(
-        [(f(flat.at[i].add(eps)) - f(flat.at[i].add(-eps))) / (2 * eps)
-         for i in range(flat.size)]
-    )  # fmt: skip
-    np.testing.assert_allclose(gflat, fd, rtol=1e-6, atol=1e-8)
-
-
 def test_jit_and_vmap_over_a_batch_of_sequences():
     arrays, y, mask = _model(seed=12)
     ssm = _ssm(arrays)
     rng = np.random.default_rng(13)
-    ys = np.stack([y, np.where(mask, rng.normal(size=y.shape), np.nan), y + 1.0])
-    masks = np.stack([mask, mask, ~mask | (np.arange(6)[:, None] == 0)])
-    batched = jax.jit(jax.vmap(L.kalman_smoother, in_axes=(None, 0, 0)))(ssm, ys, masks)
-    assert batched.means.shape == (3, 6, 2)
-    assert batched.log_likelihood.shape == (3,)
-    for i in range(3):
-        _, one, _ = run(ssm, ys[i], masks[i], KEY, parallel=False)
-        np.testing.assert_allclose(batched.means[i], one.means, atol=1e-12)
-        np.testing.assert_allclose(batched.log_likelihood[i], one.log_likelihood, rtol=1e-12)
+    ys = rng.normal(size=(N_BATCH, *y.shape))
+    masks = rng.random((N_BATCH, *y.shape)) > 0.4
+    keys = jax.random.split(KEY, N_BATCH)
+    filtered, smoothed, draws = batched(ssm, ys, masks, keys)
+    assert smoothed.means.shape == (N_BATCH, 6, 2)
+    assert smoothed.log_likelihood.shape == (N_BATCH,)
+    for i in [0, 1, N_BATCH - 1]:
+        one = run(ssm, ys[i], masks[i], keys[i], parallel=False)
+        for u, v in zip(jax.tree.leaves(one), jax.tree.leaves((filtered, smoothed, draws))):
+            np.testing.assert_allclose(v[i], u, rtol=1e-10, atol=1e-12)
         _, _, _, ll = _dense(arrays, ys[i], masks[i])
-        np.testing.assert_allclose(one.log_likelihood, ll, rtol=1e-10)
+        np.testing.assert_allclose(smoothed.log_likelihood[i], ll, rtol=1e-10)
+
+
+def test_a_per_step_mask_is_every_channel_of_the_step():
+    from ctmodels.lgssm._model import prepare
+
+    arrays, y, _ = _model()
+    steps = np.array([True, False, True, True, False, True])
+    a = prepare(_ssm(arrays), y, steps)
+    b = prepare(_ssm(arrays), y, np.repeat(steps[:, None], 3, axis=1))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(u, v)
+    assert list(a.missing) == [0, 3, 0, 0, 3, 0]
+    assert np.all(a.H[1] == 0) and np.all(a.R[1] == np.eye(3))
 
 
 def test_the_package_is_exported():

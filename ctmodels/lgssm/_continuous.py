@@ -134,6 +134,12 @@ def stationary_cov(
     _check_square("drift", A)
     D = A.shape[0]
     _check_square("diffusion_cov", Qc, D)
+    return _lyapunov(A, Qc)
+
+
+@jax.jit
+def _lyapunov(A, Qc):
+    D = A.shape[0]
     eye = jnp.eye(D, dtype=A.dtype)
     op = jnp.kron(A, eye) + jnp.kron(eye, A)
     P = jnp.linalg.solve(op, -Qc.reshape(-1)).reshape(D, D)
