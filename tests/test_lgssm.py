@@ -46,6 +46,7 @@ batched = jax.jit(
 
 def _per_step(ssm, T):
     """The same model with every matrix stacked over the steps."""
+
     def stack(a, n):
         return jnp.broadcast_to(a, (n, *a.shape[-2:]))
 
@@ -155,15 +156,14 @@ def test_parallel_scan_equals_sequential():
     prior = L.LinearSDE(2, key=jax.random.key(0), scale=0.5)
     rng = np.random.default_rng(1)
     times = np.cumsum(rng.exponential(0.5, 6))
-    ssm = _per_step(
-        prior.ssm(times, emission=rng.normal(size=(3, 2)), emission_cov=0.2 * np.eye(3)), 6
-    )  # fmt: skip
+    H, R = rng.normal(size=(3, 2)), 0.2 * np.eye(3)
+    ssm = _per_step(prior.ssm(times, emission=H, emission_cov=R), 6)
     y = rng.normal(size=(6, 3))
     steps = np.broadcast_to((np.arange(6) % 3 != 0)[:, None], (6, 3))  # 0, 3 missing
     for mask in [rng.random((6, 3)) > 0.4, steps]:
         seq = run(ssm, y, mask, KEY, parallel=False)
         par = run(ssm, y, mask, KEY, parallel=True)
-        for a, b in zip(jax.tree.leaves(seq), jax.tree.leaves(par)):
+        for a, b in zip(jax.tree.leaves(seq), jax.tree.leaves(par), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -230,7 +230,9 @@ def test_pseudo_observations_and_gradients(parallel):
         out = L.kalman_smoother(ssm, y, mask, parallel=parallel)
         return out.log_likelihood, out
 
-    flat, unravel = jax.flatten_util.ravel_pytree((prior, jnp.asarray(mu), jnp.asarray(lam)))
+    flat, unravel = jax.flatten_util.ravel_pytree(
+        (prior, jnp.asarray(mu), jnp.asarray(lam))
+    )
     value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, out), grad = value_and_grad(flat)
     # dense information-form oracle
@@ -287,7 +289,9 @@ def test_discretisation_against_expm_and_quadrature():
     dts = np.array([0.0, 1e-3, 0.37, 2.0])
     F, Q = L.discretise(A, Qc, dts)
     for i, dt in enumerate(dts):
-        np.testing.assert_allclose(F[i], scipy.linalg.expm(A * dt), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            F[i], scipy.linalg.expm(A * dt), rtol=1e-12, atol=1e-14
+        )
         np.testing.assert_allclose(Q[i], _integral_Q(A, Qc, dt), rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(Q[0], 0, atol=0)
     np.testing.assert_allclose(F[0], np.eye(3), atol=0)
@@ -353,10 +357,14 @@ def test_ffbs_sample_moments_match_the_smoother():
     draws = np.asarray(batched(ssm, ys, masks, keys)[2])  # [N, T, D]
     n = draws.shape[0]
     sd = np.sqrt(np.diagonal(post.covs, axis1=1, axis2=2))
-    np.testing.assert_array_less(np.abs(draws.mean(0) - post.means), 4.5 * sd / np.sqrt(n))
+    np.testing.assert_array_less(
+        np.abs(draws.mean(0) - post.means), 4.5 * sd / np.sqrt(n)
+    )
     for t in range(T):
         emp = np.cov(draws[:, t].T)
-        np.testing.assert_allclose(emp, post.covs[t], atol=0.1 * sd[t].max() ** 2 + 1e-12)
+        np.testing.assert_allclose(
+            emp, post.covs[t], atol=0.1 * sd[t].max() ** 2 + 1e-12
+        )
     # joint: lag-one cross-covariances
     for t in range(T - 1):
         c = draws[:, t] - draws[:, t].mean(0)
@@ -378,7 +386,8 @@ def test_jit_and_vmap_over_a_batch_of_sequences():
     assert smoothed.log_likelihood.shape == (N_BATCH,)
     for i in [0, 1, N_BATCH - 1]:
         one = run(ssm, ys[i], masks[i], keys[i], parallel=False)
-        for u, v in zip(jax.tree.leaves(one), jax.tree.leaves((filtered, smoothed, draws))):
+        every = jax.tree.leaves((filtered, smoothed, draws))
+        for u, v in zip(jax.tree.leaves(one), every, strict=True):
             np.testing.assert_allclose(v[i], u, rtol=1e-10, atol=1e-12)
         _, _, _, ll = _dense(arrays, ys[i], masks[i])
         np.testing.assert_allclose(smoothed.log_likelihood[i], ll, rtol=1e-10)
@@ -391,7 +400,7 @@ def test_a_per_step_mask_is_every_channel_of_the_step():
     steps = np.array([True, False, True, True, False, True])
     a = prepare(_ssm(arrays), y, steps)
     b = prepare(_ssm(arrays), y, np.repeat(steps[:, None], 3, axis=1))
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(u, v)
     assert list(a.missing) == [0, 3, 0, 0, 3, 0]
     assert np.all(a.H[1] == 0) and np.all(a.R[1] == np.eye(3))
@@ -432,4 +441,6 @@ def test_other_bad_inputs_are_refused():
         L.discretise(np.eye(2), np.eye(2), 0.5)
     prior = L.LinearSDE(2, key=jax.random.key(0))
     with pytest.raises(eqx.EquinoxRuntimeError, match="non-decreasing"):
-        prior.ssm(jnp.array([0.0, 1.0, 0.5]), emission=np.eye(2), emission_cov=np.eye(2))
+        prior.ssm(
+            jnp.array([0.0, 1.0, 0.5]), emission=np.eye(2), emission_cov=np.eye(2)
+        )

@@ -42,7 +42,13 @@ def test_filter_and_smoother_are_stable_in_float32():
 
     out, Q = run(times, y, mask)
     assert out.means.dtype == jnp.float32
-    for a in [out.means, out.covs, out.filtered.covs, out.cross_covs, out.log_likelihood]:
+    for a in [
+        out.means,
+        out.covs,
+        out.filtered.covs,
+        out.cross_covs,
+        out.log_likelihood,
+    ]:
         assert np.all(np.isfinite(a))
     _psd(out.covs)
     _psd(out.filtered.covs)

@@ -13,7 +13,6 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .._references import cites
 from ._model import LinearGaussianSSM, symmetrise
 
-
 _MAX_DOUBLINGS = 64
 _TAYLOR_DEGREE = 12
 

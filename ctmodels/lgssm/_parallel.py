@@ -106,7 +106,5 @@ def _combine_affine(later, earlier):
 def parallel_affine_backward(E, c):
     """`x_t = E_t x_{t+1} + c_t` (with `E_{T-1} = 0`) for every `t`, by associative
     scan: the backward pass of the sampler."""
-    _, xs = jax.lax.associative_scan(
-        jax.vmap(_combine_affine), (E, c), reverse=True
-    )
+    _, xs = jax.lax.associative_scan(jax.vmap(_combine_affine), (E, c), reverse=True)
     return xs
