@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import ctmodels.lgssm as L
 
@@ -19,7 +20,10 @@ def _psd(covs, rel=1e-5):
     assert np.all(np.linalg.eigvalsh(covs).min(axis=-1) >= -rel * scale)
 
 
-def test_filter_and_smoother_are_stable_in_float32():
+@pytest.mark.parametrize(
+    "parallel", [False, pytest.param(True, marks=pytest.mark.slow)]
+)  # the parallel scan over 200 steps takes ~10 s to compile
+def test_filter_and_smoother_are_stable_in_float32(parallel):
     prior = L.LinearSDE(3, key=jax.random.key(0), scale=0.5)
     rng = np.random.default_rng(0)
     T = 200
@@ -38,7 +42,7 @@ def test_filter_and_smoother_are_stable_in_float32():
     @jax.jit
     def run(times, y, mask):
         ssm = prior.ssm(times, emission=H, emission_cov=R)
-        return L.kalman_smoother(ssm, y, mask), ssm.transition_cov
+        return L.kalman_smoother(ssm, y, mask, parallel=parallel), ssm.transition_cov
 
     out, Q = run(times, y, mask)
     assert out.means.dtype == jnp.float32

@@ -118,6 +118,30 @@ def _stacked(name, a, shape, steps, what):
     )
 
 
+def broadcast_mask(
+    mask: ArrayLike | None, T: int, C: int, against: str
+) -> Bool[Array, "T C"]:
+    """A `[T, C]` (per entry) or `[T]` (per step) boolean mask as `[T, C]`; `None`:
+    everything observed. A `ValueError` for another shape or a non-boolean dtype."""
+    if mask is None:
+        return jnp.ones((T, C), bool)
+    mask = jnp.asarray(mask)
+    if mask.shape == (T,):
+        mask = jnp.broadcast_to(mask[:, None], (T, C))
+    elif mask.shape != (T, C):
+        raise ValueError(
+            f"ctmodels.lgssm: `mask` has shape {mask.shape}; expected {(T, C)} "
+            f"(per entry) or {(T,)} (per step) to match `{against}` of shape "
+            f"{(T, C)}."
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"ctmodels.lgssm: `mask` has dtype {mask.dtype}; expected bool (True "
+            "where observed)."
+        )
+    return mask
+
+
 class Prepared(eqx.Module):
     """The model's arrays broadcast over the steps, with missing channels folded in:
     a missing channel's row of `H` and row and column of `R` are zero, its diagonal
@@ -182,23 +206,7 @@ def prepare(
         )
     H = _stacked("emission", ssm.emission, (C, D), T, "one per step")
     R = _stacked("emission_cov", ssm.emission_cov, (C, C), T, "one per step")
-    if mask is None:
-        mask = jnp.ones((T, C), bool)
-    else:
-        mask = jnp.asarray(mask)
-        if mask.shape == (T,):
-            mask = jnp.broadcast_to(mask[:, None], (T, C))
-        elif mask.shape != (T, C):
-            raise ValueError(
-                f"ctmodels.lgssm: `mask` has shape {mask.shape}; expected {(T, C)} "
-                f"(per channel) or {(T,)} (per step) to match `observations` of "
-                f"shape {(T, C)}."
-            )
-        if mask.dtype != jnp.bool_:
-            raise ValueError(
-                f"ctmodels.lgssm: `mask` has dtype {mask.dtype}; expected bool "
-                "(True where observed)."
-            )
+    mask = broadcast_mask(mask, T, C, "observations")
     y = jnp.where(mask, y, 0.0)  # masked entries may hold anything, NaN included
     H = jnp.where(mask[:, :, None], H, 0.0)
     both = mask[:, :, None] & mask[:, None, :]

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
+from ._model import broadcast_mask
+
 
 def pseudo_observations(
     means: Float[ArrayLike, "T D"],
@@ -46,17 +48,7 @@ def pseudo_observations(
             f"and `precisions` {precisions.shape}; expected both [T, D], the same."
         )
     T, D = means.shape
-    keep = precisions > 0
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.shape == (T,):
-            mask = jnp.broadcast_to(mask[:, None], (T, D))
-        elif mask.shape != (T, D):
-            raise ValueError(
-                f"ctmodels.lgssm.pseudo_observations: `mask` has shape {mask.shape}; "
-                f"expected {(T, D)} or {(T,)}."
-            )
-        keep = keep & mask
+    keep = (precisions > 0) & broadcast_mask(mask, T, D, "means")
     # double `where`: no inf or NaN reaches the gradient of a left-out entry
     safe = jnp.where(keep, precisions, 1.0)
     variances = jnp.where(keep, 1.0 / safe, 1.0)
