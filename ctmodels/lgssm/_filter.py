@@ -56,8 +56,9 @@ def kalman_filter(
     Cholesky, and every covariance symmetrised after each step (not square-root
     form). With `parallel=True` the same quantities come from an associative scan
     over the steps (Särkkä & García-Fernández, 2021), `O(log T)` depth instead of
-    `O(T)`, for long sequences on parallel hardware; on a CPU the sequential scan is
-    usually faster. Both are differentiable (reverse mode through the scan).
+    `O(T)` and about twice the arithmetic, for long sequences on parallel hardware;
+    it takes longer to compile, and which one runs faster depends on the sizes and
+    the machine (measure). Both are differentiable (reverse mode through the scan).
 
     **Arguments:**
 
