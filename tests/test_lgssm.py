@@ -126,6 +126,21 @@ def _dense(arrays, y, mask, upto=None):
     return means, covs, cov, ll
 
 
+def _sde_arrays(prior, times, H, R):
+    """The arrays of `prior.ssm(times, emission=H, emission_cov=R)`, per step, in
+    numpy, for `_dense`."""
+    F, Q = map(np.asarray, prior.discretise(np.diff(times)))
+    T = len(times)
+    return dict(
+        initial_mean=np.zeros(F.shape[-1]),
+        initial_cov=np.asarray(prior.stationary_cov()),
+        transition=F,
+        transition_cov=Q,
+        emission=np.broadcast_to(H, (T, *np.shape(H))),
+        emission_cov=np.broadcast_to(R, (T, *np.shape(R))),
+    )
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_filter_and_smoother_match_dense_conditioning(parallel):
     arrays, y, mask = _model()
@@ -185,12 +200,7 @@ def test_a_fully_masked_step_equals_skipping_it():
         parallel=False,
     )  # fmt: skip
     keep = np.arange(6) != k
-    F, Q = map(np.asarray, prior.discretise(np.diff(times[keep])))
-    skipped = dict(
-        initial_mean=np.zeros(2), initial_cov=np.asarray(prior.stationary_cov()),
-        transition=F, transition_cov=Q, emission=np.broadcast_to(H, (5, 3, 2)),
-        emission_cov=np.broadcast_to(R, (5, 3, 3)),
-    )  # fmt: skip
+    skipped = _sde_arrays(prior, times[keep], H, R)
     means, covs, _, ll = _dense(skipped, y[keep], mask[keep])
     np.testing.assert_allclose(full.log_likelihood, ll, rtol=1e-10)
     np.testing.assert_allclose(full.means[keep], means, atol=1e-10)
@@ -236,11 +246,7 @@ def test_pseudo_observations_and_gradients(parallel):
     value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (_, out), grad = value_and_grad(flat)
     # dense information-form oracle
-    m0, P0 = np.zeros(2), np.asarray(prior.stationary_cov())
-    F, Q = map(np.asarray, prior.discretise(np.diff(times)))
-    arrays = dict(initial_mean=m0, initial_cov=P0, transition=F, transition_cov=Q,
-                  emission=np.broadcast_to(np.eye(2), (5, 2, 2)),
-                  emission_cov=np.broadcast_to(np.eye(2), (5, 2, 2)))  # fmt: skip
+    arrays = _sde_arrays(prior, times, np.eye(2), np.eye(2))
     _, _, prior_cov, _ = _dense(arrays, mu, np.zeros((5, 2), bool))
     J = np.diag(lam.reshape(-1))
     h = np.nan_to_num(lam * mu).reshape(-1)
@@ -270,6 +276,39 @@ def test_pseudo_observations_and_gradients(parallel):
         [(f(flat.at[i].add(eps)) - f(flat.at[i].add(-eps))) / (2 * eps) for i in free]
     )
     np.testing.assert_allclose(grad[np.array(free)], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_full_precision_potentials():
+    """Full-precision potentials against the dense information-form posterior: the
+    prior's precision plus the block-diagonal J_t, its mean from Σ_t J_t m_t; a step
+    left out by the mask contributes nothing."""
+    prior = L.LinearSDE(2, key=jax.random.key(2), scale=0.5)
+    times = np.array([0.0, 0.5, 0.7, 1.5, 2.6])
+    rng = np.random.default_rng(4)
+    mu = rng.normal(size=(5, 2))
+    J = np.stack([_spd(rng, 2, 2.0) for _ in range(5)])
+    steps = np.array([True, True, False, True, True])
+    J[2] = np.nan  # left out
+
+    @jax.jit
+    def posterior(mu, J, steps):
+        y, R, mask = L.pseudo_observations(mu, J, steps)
+        ssm = prior.ssm(times, emission=jnp.eye(2), emission_cov=R)
+        return L.kalman_smoother(ssm, y, mask)
+
+    out = posterior(mu, J, steps)
+    arrays = _sde_arrays(prior, times, np.eye(2), np.eye(2))
+    _, _, prior_cov, _ = _dense(arrays, mu, np.zeros((5, 2), bool))
+    Jb = scipy.linalg.block_diag(
+        *[J[t] if steps[t] else np.zeros((2, 2)) for t in range(5)]
+    )
+    h = Jb @ np.where(steps[:, None], mu, 0).reshape(-1)
+    post_cov = np.linalg.inv(np.linalg.inv(prior_cov) + Jb)
+    np.testing.assert_allclose(out.means, (post_cov @ h).reshape(5, 2), atol=1e-10)
+    for t in range(5):
+        np.testing.assert_allclose(
+            out.covs[t], post_cov[2 * t : 2 * t + 2, 2 * t : 2 * t + 2], atol=1e-10
+        )
 
 
 def _integral_Q(A, Qc, dt):
