@@ -413,6 +413,26 @@ def test_ffbs_sample_moments_match_the_smoother():
         np.testing.assert_allclose(emp, post.cross_covs[t], atol=0.1 * scale)
 
 
+def test_sample_gradients_are_the_posterior_means():
+    """FFBS is reparametrised: with the key fixed, a draw is the posterior mean plus
+    noise that does not depend on the observations, so its gradient with respect
+    to them is the smoothed mean's (reverse mode, as a VAE's loss uses it)."""
+    arrays, y, mask = _model(seed=6)
+    ssm = _ssm(arrays)
+    w = np.random.default_rng(7).normal(size=(6, 2))
+    y = np.where(mask, y, 0.0)
+
+    @jax.jit
+    def grads(y):
+        draw = lambda y: jnp.sum(w * L.posterior_sample(ssm, y, mask, key=KEY))
+        mean = lambda y: jnp.sum(w * L.kalman_smoother(ssm, y, mask).means)
+        return jax.grad(draw)(y), jax.grad(mean)(y)
+
+    g_draw, g_mean = grads(y)
+    np.testing.assert_allclose(g_draw, g_mean, rtol=1e-9, atol=1e-12)
+    assert np.all(g_draw[~mask] == 0) and np.any(g_draw != 0)
+
+
 def test_jit_and_vmap_over_a_batch_of_sequences():
     arrays, y, mask = _model(seed=12)
     ssm = _ssm(arrays)
