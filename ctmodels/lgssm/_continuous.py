@@ -38,12 +38,12 @@ def discretise(
     is `F_h` and top-right block `Q_h F_h^{-T}`; with `h` small (below), that
     exponential is a Taylor polynomial of degree 12, exact to rounding.
 
-    The block's lower-right `expm(-A^T h)` grows where the process decays, and for an
-    interval long against the decay time `Q_h F_h^{-T}` is huge and `Q` cancels to
-    nothing: Van Loan's method alone breaks down (float64: `Q` is garbage by
-    `|A| Δt ≈ 20`). So the block exponential is taken over `h = Δt / 2^s`, with `s`
-    the smallest integer making the block's 1-norm times `h` at most `1/4`, and `s`
-    exact doublings
+    The block's lower-right `expm(-A^T h)` grows where the process decays, so over an
+    interval long against the decay time `Q_h F_h^{-T}` is huge, `F_h` tiny, and
+    their product has lost every digit: Van Loan's method over the whole interval
+    breaks down (float64: `Q` of order `1e8` instead of `1` at 20 decay times). So
+    the block exponential is taken over `h = Δt / 2^s`, with `s` the smallest integer
+    making the block's 1-norm times `h` at most `1/4`, and `s` exact doublings
     `F_{2h} = F_h F_h`, `Q_{2h} = F_h Q_h F_h^T + Q_h` (sums of positive
     semi-definite terms) bring it to `Δt`, at most 64 of them. `Q` is symmetrised at
     every step. Exact for any `Δt >= 0` (no time grid; `Δt = 0` gives `F = I`,
