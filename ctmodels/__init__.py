@@ -9,6 +9,7 @@ from importlib import metadata as _metadata
 from . import (
     data as data,
     datasets as datasets,
+    lgssm as lgssm,
     models as models,
     nn as nn,
     solvers as solvers,

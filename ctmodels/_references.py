@@ -175,6 +175,72 @@ BIBTEX: dict[str, str] = {
     booktitle = {International Conference on Machine Learning},
     year = {2021}
 }""",
+    "kalman1960new": """\
+@article{kalman1960new,
+    title = {A New Approach to Linear Filtering and Prediction Problems},
+    author = {Kalman, Rudolph E.},
+    journal = {Journal of Basic Engineering},
+    volume = {82},
+    number = {1},
+    pages = {35--45},
+    year = {1960},
+    doi = {10.1115/1.3662552}
+}""",
+    "rauch1965maximum": """\
+@article{rauch1965maximum,
+    title = {Maximum Likelihood Estimates of Linear Dynamic Systems},
+    author = {Rauch, H. E. and Tung, F. and Striebel, C. T.},
+    journal = {AIAA Journal},
+    volume = {3},
+    number = {8},
+    pages = {1445--1450},
+    year = {1965},
+    doi = {10.2514/3.3166}
+}""",
+    "sarkka2021temporal": """\
+@article{sarkka2021temporal,
+    title = {Temporal Parallelization of {B}ayesian Smoothers},
+    author = {S{\\"a}rkk{\\"a}, Simo and Garc{\\'i}a-Fern{\\'a}ndez, {\\'A}ngel F.},
+    journal = {IEEE Transactions on Automatic Control},
+    volume = {66},
+    number = {1},
+    pages = {299--306},
+    year = {2021},
+    doi = {10.1109/TAC.2020.2976316}
+}""",
+    "carter1994gibbs": """\
+@article{carter1994gibbs,
+    title = {On {G}ibbs Sampling for State Space Models},
+    author = {Carter, C. K. and Kohn, R.},
+    journal = {Biometrika},
+    volume = {81},
+    number = {3},
+    pages = {541--553},
+    year = {1994},
+    doi = {10.1093/biomet/81.3.541}
+}""",
+    "fruhwirth1994data": """\
+@article{fruhwirth1994data,
+    title = {Data Augmentation and Dynamic Linear Models},
+    author = {Fr{\\"u}hwirth-Schnatter, Sylvia},
+    journal = {Journal of Time Series Analysis},
+    volume = {15},
+    number = {2},
+    pages = {183--202},
+    year = {1994},
+    doi = {10.1111/j.1467-9892.1994.tb00184.x}
+}""",
+    "vanloan1978computing": """\
+@article{vanloan1978computing,
+    title = {Computing Integrals Involving the Matrix Exponential},
+    author = {Van Loan, Charles F.},
+    journal = {IEEE Transactions on Automatic Control},
+    volume = {23},
+    number = {3},
+    pages = {395--404},
+    year = {1978},
+    doi = {10.1109/TAC.1978.1101743}
+}""",
 }
 
 
