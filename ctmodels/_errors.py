@@ -156,9 +156,12 @@ _HINTS = {
             "initial guess"
         ),
         "stagnation": (
-            "loosen rtol/atol (now rtol={rtol}, atol={atol}); {dtype} resolves about "
-            "{eps:.1e} relative error, or enable float64 with "
-            "jax.config.update('jax_enable_x64', True)"
+            "if the residual is near the tolerance, loosen rtol/atol (now "
+            "rtol={rtol}, atol={atol}; {dtype} resolves about {eps:.1e} relative "
+            "error) or enable float64 with jax.config.update('jax_enable_x64', "
+            "True); if it is far above it, the iterates stalled away from a "
+            "solution (the map may not be contractive here): use solver='damped', "
+            "a smaller step, or a better initial guess"
         ),
         "singular": (
             "Newton's Jacobian is singular here: use solver='anderson' or "

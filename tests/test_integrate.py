@@ -866,14 +866,16 @@ def test_starting_step_is_not_differentiated():
 ERK = [n for n in NONSTIFF if n in ADAPTIVE and n != "reversible_heun"]
 
 
+# A whole-solve comparison compiles four programs per stepper (about 15 s each):
+# the default suite runs it for the two steppers the models use by default, and
+# compares every stepper's single step; the other whole solves run with -m slow.
+_WHOLE_SOLVE_FAST = ("tsit5", "dopri5")
+
+
 @pytest.mark.parametrize("name", ERK)
-def test_unrolled_stepper_matches_diffrax_stepper(name):
+def test_unrolled_stepper_one_step_matches_diffrax_stepper(name):
     """The registry's explicit RK steppers run their stages unrolled. One step gives
-    Diffrax's own stepper's solution, error estimate and dense output (to roundoff);
-    whole adaptive solves (dense output, forward and backward in time) and their
-    gradients then agree to the roundoff-level differences in the chosen step sizes
-    (the error estimate of high-order pairs is a sum with heavy cancellation, so its
-    last digits depend on the order of summation)."""
+    Diffrax's own stepper's solution, error estimate and dense output (to roundoff)."""
     import diffrax
 
     from ctmodels.solvers._unrolled import UnrolledERK
@@ -882,7 +884,6 @@ def test_unrolled_stepper_matches_diffrax_stepper(name):
     plain = solvers.get(name, unroll=False)
     assert isinstance(unrolled, UnrolledERK)
     assert type(plain) is type(unrolled.solver)
-
     term = diffrax.ODETerm(linear)
     y0 = jnp.asarray(Y0)
     steps = []
@@ -896,6 +897,20 @@ def test_unrolled_stepper_matches_diffrax_stepper(name):
     np.testing.assert_allclose(mid_u, mid_p, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(err_u, err_p, rtol=1e-6, atol=1e-15)
 
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in _WHOLE_SOLVE_FAST else pytest.param(n, marks=pytest.mark.slow)
+     for n in ERK],
+)  # fmt: skip
+def test_unrolled_stepper_matches_diffrax_stepper(name):
+    """Whole adaptive solves (dense output, forward and backward in time) with the
+    unrolled and Diffrax's own stepper, and their gradients, agree to the
+    roundoff-level differences in the chosen step sizes (the error estimate of
+    high-order pairs is a sum with heavy cancellation, so its last digits depend on
+    the order of summation)."""
+    unrolled = solvers.get(name)
+    plain = solvers.get(name, unroll=False)
     ts_dense = np.linspace(0.0, 2.0, 13)
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
