@@ -135,7 +135,7 @@ BIBTEX: dict[str, str] = {
 @inproceedings{finlay2020train,
     title = {How to Train Your Neural {ODE}: the World of {J}acobian and Kinetic
              Regularization},
-    author = {Finlay, Chris and Jacobsen, J{\"o}rn-Henrik and Nurbekyan, Levon
+    author = {Finlay, Chris and Jacobsen, J{\\"o}rn-Henrik and Nurbekyan, Levon
               and Oberman, Adam M.},
     booktitle = {International Conference on Machine Learning},
     year = {2020}

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from .._integrate import integrate
+from .._references import cites
 from ..data import Batch
 from . import _common as C
 
@@ -21,6 +22,7 @@ class _Field(eqx.Module):
         return self.mlp(z)
 
 
+@cites("chen2018neural")
 class NeuralODE(eqx.Module):
     """Encode the first observation, evolve it with a neural ODE, decode the channels.
 
@@ -30,19 +32,6 @@ class NeuralODE(eqx.Module):
     `x_hat(t) = decoder(z(t))` (linear). The loss is the masked MSE of the scored
     values after the first observation (`batch.target_mask`); the first observed
     time of the context (`batch.mask`) is where the forecast starts.
-
-    Reference: Chen, Rubanova, Bettencourt & Duvenaud, "Neural Ordinary Differential
-    Equations", NeurIPS 2018.
-
-    ```bibtex
-    @inproceedings{chen2018neural,
-      title={Neural Ordinary Differential Equations},
-      author={Chen, Ricky T. Q. and Rubanova, Yulia and Bettencourt, Jesse and
-              Duvenaud, David},
-      booktitle={Advances in Neural Information Processing Systems},
-      year={2018}
-    }
-    ```
     """
 
     encoder: eqx.nn.MLP
