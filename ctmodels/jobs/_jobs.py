@@ -226,7 +226,10 @@ def fit(
         family, data, epochs=epochs, learning_rate=learning_rate,
         batch_size=batch_size, patience=patience,
     )  # fmt: skip
-    model_kw, loss_kw = family.resolve_options(options)
+    # a dataset's recipe may set model options too (digits: `levels`); the caller's
+    # options win
+    recipe_options = {k: v for k, v in plan.items() if k in family.options}
+    model_kw, loss_kw = family.resolve_options({**recipe_options, **options})
     out = check_out_dir(out)
     _check_options(model_kw)  # before anything is written
     if isinstance(channels, str):
@@ -236,6 +239,9 @@ def fit(
     if "batch_size" in inspect.signature(family.data.prepare).parameters:
         # a family whose data can be too small for one batch refuses it up front
         data_kw["batch_size"] = plan["batch_size"]
+    if "model_options" in inspect.signature(family.data.prepare).parameters:
+        # data whose reading depends on the model (images: `levels`)
+        data_kw["model_options"] = model_kw
     prepared = family.data.prepare(data, seed=seed, **data_kw)
     # the recipe's step budget, now that the training split's size is known
     plan = resolve_recipe(
