@@ -47,7 +47,7 @@ to `--out` (default `benchmarks/results/ffjord_density.jsonl`; `--quick` writes
 
 ```bash
 nice -n 10 python benchmarks/ffjord_density.py            # the full table (long)
-python benchmarks/ffjord_density.py --quick               # smoke run, < 2 minutes
+python benchmarks/ffjord_density.py --quick     # smoke run: Old Faithful and digits
 python benchmarks/ffjord_density.py --datasets old_faithful --methods gaussian kde
 ```
 """
@@ -85,11 +85,12 @@ METHODS = ["gaussian", "kde", "maf", "bnaf", "ffjord"]
 KDE_GRID = np.geomspace(0.02, 1.5, 30)
 #: flowjax training: `fit_to_data`'s defaults, with early stopping on our split.
 FLOW_LR, FLOW_BATCH, FLOW_EPOCHS, FLOW_PATIENCE = 5e-4, 100, 300, 20
-#: `--quick`: rows kept per dataset, epochs, the datasets.
+#: `--quick`: rows kept per dataset, epochs, the datasets, a tiny FFJORD.
 QUICK_ROWS, QUICK_EPOCHS = 300, 1
-QUICK_DATASETS = ["eight_gaussians", "old_faithful", "digits"]
-#: Image datasets and their grey levels (the job's recipe sets the same).
-LEVELS = {"digits": 17}
+QUICK_DATASETS = ["old_faithful", "digits"]
+QUICK_FFJORD = {"width": 8, "depth": 1, "rtol": 1e-2, "atol": 1e-2,
+                "kinetic_weight": 0.0, "solver": "bosh3"}  # fmt: skip
+QUICK_KDE_GRID = np.geomspace(0.05, 1.5, 6)
 LOG2 = math.log(2.0)
 
 
@@ -122,11 +123,14 @@ class Space:
 
 
 def load_splits(name: str, seed: int, max_rows: int | None):
-    """The job's split of `name` (the same `prepare` the job runs)."""
-    levels = LEVELS.get(name)
+    """The job's split of `name` (the same `prepare` the job runs) and, for images,
+    the recipe's `levels` and `logit_alpha` (the baselines use the same)."""
+    recipe = jobs.get_family("ffjord").recipe_for(name)
+    levels = recipe.get("levels")
+    alpha = recipe.get("logit_alpha", 1e-6)
     kw = {"max_series": max_rows} if max_rows else {}
     prep = _points.prepare(name, seed=seed, model_options={"levels": levels}, **kw)
-    return prep, levels
+    return prep, levels, alpha
 
 
 def dequantised(values, rng):
@@ -145,12 +149,12 @@ def gaussian_logpdf(train_y, y):
     return -0.5 * (maha + logdet + y.shape[1] * math.log(2 * math.pi))
 
 
-def kde_fit(train_y, valid_y):
+def kde_fit(train_y, valid_y, grid=KDE_GRID):
     """The bandwidth factor with the best validation log-likelihood."""
     from scipy.stats import gaussian_kde
 
     best = (-np.inf, None)
-    for bw in KDE_GRID:
+    for bw in grid:
         kde = gaussian_kde(train_y.T, bw_method=float(bw))
         ll = float(np.mean(kde.logpdf(valid_y.T)))
         if ll > best[0]:
@@ -243,7 +247,8 @@ def _line(name, method, seed, *, lp, dim, log_scale, levels, seconds, **extra):
 
 def run_dataset(name, methods, *, seed, quick, workdir, emit):
     max_rows = QUICK_ROWS if quick else None
-    prep, levels = load_splits(name, seed, max_rows)
+    prep, levels, alpha = load_splits(name, seed, max_rows)
+    grid = QUICK_KDE_GRID if quick else KDE_GRID
     dim = prep.dim
     common = {"dim": dim, "levels": levels}
     if levels is None:
@@ -257,7 +262,7 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
         valid_v = dequantised(prep.valid.values, rng)
         # the job's own test draw: every method scores the same points
         test_v = _points.dequantise(prep.test.values, seed=_ffjord.DEQUANTISE_SEED)
-        spaces = {s: Space(train_v, levels=levels, logit=s == "logit")
+        spaces = {s: Space(train_v, levels=levels, logit=s == "logit", alpha=alpha)
                   for s in ("raw", "logit")}  # fmt: skip
     common["log_scale"] = log_scale
     sizes = prep.sizes
@@ -289,7 +294,7 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
                               seconds=time.perf_counter() - t0, **common))  # fmt: skip
         elif method == "kde":
             if levels is None:
-                kde, bw, vll = kde_fit(train_y, valid_y)
+                kde, bw, vll = kde_fit(train_y, valid_y, grid)
                 lp = kde.logpdf(test_y.T)
                 add(_line(name, "kde", seed, lp=lp, bandwidth=bw, valid_ll=vll,
                           seconds=time.perf_counter() - t0, **common))  # fmt: skip
@@ -297,7 +302,7 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
                 best = None
                 for space in ("raw", "logit"):
                     (ty, _), (vy, vld) = view(space, train_v), view(space, valid_v)
-                    kde, bw, vll = kde_fit(ty, vy)
+                    kde, bw, vll = kde_fit(ty, vy, grid)
                     vll += float(np.mean(vld))  # v's density: comparable across spaces
                     if best is None or vll > best[0]:
                         best = (vll, space, kde, bw)
@@ -342,7 +347,7 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
             kw = {}
             if quick:
                 kw = {"epochs": QUICK_EPOCHS, "max_series": QUICK_ROWS,
-                      "batch_size": 64}  # fmt: skip
+                      "batch_size": 64, **QUICK_FFJORD}  # fmt: skip
             out = Path(workdir) / name
             metrics = jobs.fit("ffjord", name, out, seed=seed, progress=False,
                                overwrite=True, **kw)  # fmt: skip
@@ -364,7 +369,7 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
                 recipe=metrics["recipe"],
                 hyperparameters={k: metrics["hyperparameters"][k] for k in
                                  ("width", "depth", "blocks", "trace", "rtol",
-                                  "kinetic_weight", "levels")},
+                                  "kinetic_weight", "levels", "logit_alpha")},
                 sizes=metrics["series"],
                 job_gaussian_nll=test["baselines"]["gaussian"]["nll"],
             )  # fmt: skip
