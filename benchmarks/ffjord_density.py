@@ -245,7 +245,17 @@ def _line(name, method, seed, *, lp, dim, log_scale, levels, seconds, **extra):
     return out
 
 
-def run_dataset(name, methods, *, seed, quick, workdir, emit):
+def _train_seconds(out: Path) -> float | None:
+    """The training time `history.csv` records at its last epoch (across resumes)."""
+    import pandas as pd
+
+    try:
+        return round(float(pd.read_csv(out / "history.csv")["time"].iloc[-1]), 1)
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
+def run_dataset(name, methods, *, seed, quick, workdir, emit, resume=False):
     max_rows = QUICK_ROWS if quick else None
     prep, levels, alpha = load_splits(name, seed, max_rows)
     grid = QUICK_KDE_GRID if quick else KDE_GRID
@@ -349,8 +359,10 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
                 kw = {"epochs": QUICK_EPOCHS, "max_series": QUICK_ROWS,
                       "batch_size": 64, **QUICK_FFJORD}  # fmt: skip
             out = Path(workdir) / name
+            # --resume: a run of the same settings in --workdir is resumed (or, if
+            # it finished, only scored), as `ctmodels fit` resumes one
             metrics = jobs.fit("ffjord", name, out, seed=seed, progress=False,
-                               overwrite=True, **kw)  # fmt: skip
+                               overwrite=not resume, **kw)  # fmt: skip
             test = metrics["test"]
             line = {"dataset": name, "method": "ffjord", "seed": seed,
                     "nll": test["nll"], "bits_per_dim": test["bits_per_dim"]}  # fmt: skip
@@ -365,6 +377,9 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit):
                 non_finite=test["non_finite"],
                 seconds=metrics["total_seconds"],
                 fit_seconds=metrics["fit_seconds"],
+                # the training time over every session of the run (a resumed run's
+                # fit_seconds is only the last session's)
+                train_seconds=_train_seconds(out),
                 epochs_run=metrics["epochs_run"],
                 recipe=metrics["recipe"],
                 hyperparameters={k: metrics["hyperparameters"][k] for k in
@@ -405,7 +420,12 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None,
                         help="where the FFJORD job writes its runs (default: a "
                         "temporary directory)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="resume (or only score) FFJORD runs of the same "
+                        "settings already in --workdir instead of starting afresh")
     ns = parser.parse_args(argv)
+    if ns.resume and not ns.workdir:
+        parser.error("--resume needs --workdir (where the runs are)")
     datasets = ns.datasets or (QUICK_DATASETS if ns.quick else DATASETS)
     here = Path(__file__).resolve().parent
     out = Path(ns.out) if ns.out else here / "results" / (
@@ -423,7 +443,7 @@ def main(argv=None) -> int:
         workdir = ns.workdir or tmp
         for name in datasets:
             run_dataset(name, ns.methods, seed=ns.seed, quick=ns.quick,
-                        workdir=workdir, emit=emit)  # fmt: skip
+                        workdir=workdir, emit=emit, resume=ns.resume)  # fmt: skip
     emit({"summary": True, "all": True, "seed": ns.seed, "quick": ns.quick,
           "datasets": datasets, "methods": ns.methods,
           "seconds": round(time.perf_counter() - t0, 1),

@@ -188,7 +188,7 @@ def test_netcdf_and_bundled_points(points, tmp_path):
 # ------------------------------------------------------------------ images
 
 
-LEVELS = 5
+LEVELS, ALPHA = 5, 0.05
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +219,11 @@ def test_image_nll_against_a_closed_form(pixels, tmp_path):
     assert prep.standardiser.log_scale == 0.0  # constant pixel 0 is allowed
     np.testing.assert_array_equal(prep.train_n, prep.train.values)
     assert prep.state["levels"] == LEVELS and prep.state["image_shape"] == [2, 2]
-    alpha = 0.05
-    model = _still(FFJORD(4, width=4, depth=1, rtol=1e-3, atol=1e-3, levels=LEVELS,
-                          logit_alpha=alpha, key=jax.random.key(0)))  # fmt: skip
+    alpha = ALPHA
+    # TINY's model (so the round trip below reuses the compiled log-density)
+    model = _still(FFJORD(4, width=4, depth=1, rtol=1e-2, atol=1e-2, solver="bosh3",
+                          kinetic_weight=0.0, levels=LEVELS, logit_alpha=alpha,
+                          key=jax.random.key(0)))  # fmt: skip
     m = _ffjord.nll_metrics(model, prep.test_n)
     v = _points.dequantise(prep.test.values, seed=_ffjord.DEQUANTISE_SEED)
     assert np.all((v >= 0) & (v < LEVELS)) and not np.allclose(v, np.round(v))
@@ -242,11 +244,13 @@ def test_image_cli_round_trip(pixels, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["fit", "ffjord", "--data", str(csv), "--out", str(out), "--quiet",
                "--epochs", "1", "--batch-size", "16", *TINY,
-               "--option", f"levels={LEVELS}"])  # fmt: skip
+               "--option", f"levels={LEVELS}", "--logit-alpha", str(ALPHA)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["levels"] == LEVELS and metrics["hyperparameters"]["levels"] == 5
+    hyper = metrics["hyperparameters"]
+    assert metrics["levels"] == hyper["levels"] == LEVELS
+    assert hyper["logit_alpha"] == ALPHA
     assert metrics["test"]["log_scale"] == 0.0 and "dequantised" in metrics["units"]
     pred = xr.load_dataset(out / "predictions.nc")
     assert pred["samples"].dims == ("draw", "row", "col")
@@ -294,6 +298,9 @@ def test_digits_recipe_is_an_image_model():
     fam = jobs.get_family("ffjord")
     recipe = fam.recipe_for("digits")
     assert recipe["levels"] == 17  # grey levels 0..16 (datasets/digits.md)
+    model_kw, _ = fam.resolve_options({k: v for k, v in recipe.items()
+                                       if k in fam.options})  # fmt: skip
+    assert model_kw["levels"] == 17 and model_kw["logit_alpha"] == 0.05
     assert fam.recipe_for("eight_gaussians").get("levels") is None
     prep = _points.prepare("digits", seed=0, model_options={"levels": 17})
     assert prep.dim == 64 and prep.state["image_shape"] == [8, 8]
