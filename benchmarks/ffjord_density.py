@@ -208,7 +208,8 @@ def flow_fit(kind, train_draw, valid_y, *, key, epochs, patience):
         x = np.asarray(train_draw(epoch), np.float32)
         order = rng.permutation(len(x))
         for i in range(0, len(x) - FLOW_BATCH + 1, FLOW_BATCH):
-            params, state, _ = step(params, state, jnp.asarray(x[order[i : i + FLOW_BATCH]]))
+            batch = jnp.asarray(x[order[i : i + FLOW_BATCH]])
+            params, state, _ = step(params, state, batch)
         ran = epoch + 1
         v = float(valid_nll(params, valid_y))
         if v < best:
@@ -292,8 +293,8 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit, resume=False):
         if method == "gaussian":
             if levels is None:
                 lp = gaussian_logpdf(train_y, test_y)
-                add(_line(name, "gaussian", seed, lp=lp, seconds=time.perf_counter() - t0,
-                          **common))  # fmt: skip
+                add(_line(name, "gaussian", seed, lp=lp,
+                          seconds=time.perf_counter() - t0, **common))  # fmt: skip
             else:
                 for space in ("raw", "logit"):
                     t0 = time.perf_counter()
@@ -334,16 +335,18 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit, resume=False):
             epochs = QUICK_EPOCHS if quick else FLOW_EPOCHS
             key = jax.random.key(seed)
             if levels is None:
-                fn, ran, vnll = flow_fit(method, lambda e: train_y, valid_y, key=key,
-                                         epochs=epochs, patience=FLOW_PATIENCE)  # fmt: skip
+                fn, ran, vnll = flow_fit(
+                    method, lambda e: train_y, valid_y, key=key, epochs=epochs,
+                    patience=FLOW_PATIENCE,
+                )  # fmt: skip
                 lp = fn(test_y)
                 extra = {}
             else:
                 space = "logit"
                 rng_f = np.random.default_rng(seed + 200)
 
-                def draw(epoch, space=space):
-                    return view(space, dequantised(prep.train.values, rng_f))[0]
+                def draw(epoch, space=space, rng=rng_f):
+                    return view(space, dequantised(prep.train.values, rng))[0]
 
                 vy, _ = view(space, valid_v)
                 fn, ran, vnll = flow_fit(method, draw, vy, key=key, epochs=epochs,
@@ -365,14 +368,19 @@ def run_dataset(name, methods, *, seed, quick, workdir, emit, resume=False):
                                overwrite=not resume, **kw)  # fmt: skip
             test = metrics["test"]
             line = {"dataset": name, "method": "ffjord", "seed": seed,
-                    "nll": test["nll"], "bits_per_dim": test["bits_per_dim"]}  # fmt: skip
+                    "nll": test["nll"],
+                    "bits_per_dim": test["bits_per_dim"]}  # fmt: skip
             if levels is None:
-                line.update(nll_standardised=test["nll_standardised"],
-                            log_scale=test["log_scale"],
-                            units="nats per sample, the data's original units")  # fmt: skip
+                line.update(
+                    nll_standardised=test["nll_standardised"],
+                    log_scale=test["log_scale"],
+                    units="nats per sample, the data's original units",
+                )
             else:
-                line["units"] = (f"bits/dim of dequantised images on [0, {levels})^"
-                                 f"{dim}, grey-level units (nll: nats per image)")
+                line["units"] = (
+                    f"bits/dim of dequantised images on [0, {levels})^"
+                    f"{dim}, grey-level units (nll: nats per image)"
+                )
             line.update(
                 non_finite=test["non_finite"],
                 seconds=metrics["total_seconds"],
@@ -420,16 +428,24 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None,
                         help="where the FFJORD job writes its runs (default: a "
                         "temporary directory)")  # fmt: skip
-    parser.add_argument("--resume", action="store_true",
-                        help="resume (or only score) FFJORD runs of the same "
-                        "settings already in --workdir instead of starting afresh")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume (or only score) FFJORD runs of the same "
+        "settings already in --workdir instead of starting afresh",
+    )
     ns = parser.parse_args(argv)
     if ns.resume and not ns.workdir:
         parser.error("--resume needs --workdir (where the runs are)")
     datasets = ns.datasets or (QUICK_DATASETS if ns.quick else DATASETS)
     here = Path(__file__).resolve().parent
-    out = Path(ns.out) if ns.out else here / "results" / (
-        "ffjord_density_quick.jsonl" if ns.quick else "ffjord_density.jsonl")
+    out = (
+        Path(ns.out)
+        if ns.out
+        else here
+        / "results"
+        / ("ffjord_density_quick.jsonl" if ns.quick else "ffjord_density.jsonl")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(line):

@@ -244,7 +244,8 @@ def test_image_cli_round_trip(pixels, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["fit", "ffjord", "--data", str(csv), "--out", str(out), "--quiet",
                "--epochs", "1", "--batch-size", "16", *TINY,
-               "--option", f"levels={LEVELS}", "--logit-alpha", str(ALPHA)])  # fmt: skip
+               "--option", f"levels={LEVELS}",
+               "--logit-alpha", str(ALPHA)])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -279,8 +280,11 @@ def test_image_cli_round_trip(pixels, tmp_path, capsys):
 def test_image_data_errors(pixels, tmp_path):
     opts = {"levels": LEVELS}
     pixels.assign(p01=pixels.p01 + 1).to_csv(tmp_path / "hi.csv", index=False)
-    with pytest.raises(ValueError, match=r"values run from 0 to 5\. Give --option "
-                       r"levels=N with N > the largest value \(6 here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"values run from 0 to 5\. Give --option "
+        r"levels=N with N > the largest value \(6 here\)",
+    ):
         _points.prepare(tmp_path / "hi.csv", seed=0, model_options=opts)
     pixels.assign(p01=-1).to_csv(tmp_path / "neg.csv", index=False)
     with pytest.raises(ValueError, match="from -1 to"):

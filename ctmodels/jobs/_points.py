@@ -210,9 +210,14 @@ def _from_dataset(ds: xr.Dataset, where: str, columns) -> Points:
         else:
             # an image [sample, row, col] (or any array per sample): row-major columns
             shape = arr.shape[1:] if len(columns) == 1 else None
-            names += [f"{c}_" + "_".join(map(str, i)) for i in np.ndindex(arr.shape[1:])]
-    return Points(np.concatenate(parts, 1), tuple(names), image_shape=shape,
-                  variables=tuple(columns))
+            names += [f"{c}_" + "_".join(map(str, i))
+                      for i in np.ndindex(arr.shape[1:])]  # fmt: skip
+    return Points(
+        np.concatenate(parts, 1),
+        tuple(names),
+        image_shape=shape,
+        variables=tuple(columns),
+    )
 
 
 def open_points(data: str | Path, columns=None) -> tuple[Points, str, int]:
