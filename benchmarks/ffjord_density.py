@@ -125,9 +125,9 @@ class Space:
 def load_splits(name: str, seed: int, max_rows: int | None):
     """The job's split of `name` (the same `prepare` the job runs) and, for images,
     the recipe's `levels` and `logit_alpha` (the baselines use the same)."""
-    recipe = jobs.get_family("ffjord").recipe_for(name)
-    levels = recipe.get("levels")
-    alpha = recipe.get("logit_alpha", 1e-6)
+    options = jobs.get_family("ffjord").recipe_for(name).get("options", {})
+    levels = options.get("levels")
+    alpha = options.get("logit_alpha", 1e-6)
     kw = {"max_series": max_rows} if max_rows else {}
     prep = _points.prepare(name, seed=seed, model_options={"levels": levels}, **kw)
     return prep, levels, alpha

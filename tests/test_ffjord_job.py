@@ -301,11 +301,12 @@ def test_image_data_errors(pixels, tmp_path):
 def test_digits_recipe_is_an_image_model():
     fam = jobs.get_family("ffjord")
     recipe = fam.recipe_for("digits")
-    assert recipe["levels"] == 17  # grey levels 0..16 (datasets/digits.md)
-    model_kw, _ = fam.resolve_options({k: v for k, v in recipe.items()
-                                       if k in fam.options})  # fmt: skip
+    assert recipe["options"]["levels"] == 17  # grey levels 0..16 (datasets/digits.md)
+    model_kw, _ = fam.resolve_options(recipe["options"])
     assert model_kw["levels"] == 17 and model_kw["logit_alpha"] == 0.05
-    assert fam.recipe_for("eight_gaussians").get("levels") is None
+    # the other sets: no model options, and the recipe's step settings (max_steps
+    # is also an FFJORD option) are never read as options
+    assert "options" not in fam.recipe_for("eight_gaussians")
     prep = _points.prepare("digits", seed=0, model_options={"levels": 17})
     assert prep.dim == 64 and prep.state["image_shape"] == [8, 8]
     assert prep.ts.columns[:2] == ("image_0_0", "image_0_1")

@@ -216,7 +216,8 @@ def fit(
       that many series.
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
-      family's defaults.
+      recipe's for `data` where it sets some (its `"options"` entry; digits:
+      `levels`), else the family's defaults.
 
     **Returns:** the metrics dict (also written to `OUT/metrics.json`).
     """
@@ -226,9 +227,9 @@ def fit(
         family, data, epochs=epochs, learning_rate=learning_rate,
         batch_size=batch_size, patience=patience,
     )  # fmt: skip
-    # a dataset's recipe may set model options too (digits: `levels`); the caller's
-    # options win
-    recipe_options = {k: v for k, v in plan.items() if k in family.options}
+    # a dataset's recipe may set model options too, under "options" (digits:
+    # `levels`); the caller's options win
+    recipe_options = dict(plan.get("options") or {})
     model_kw, loss_kw = family.resolve_options({**recipe_options, **options})
     out = check_out_dir(out)
     _check_options(model_kw)  # before anything is written
