@@ -287,7 +287,7 @@ def test_image_data_errors(pixels, tmp_path):
     ):
         _points.prepare(tmp_path / "hi.csv", seed=0, model_options=opts)
     pixels.assign(p01=-1).to_csv(tmp_path / "neg.csv", index=False)
-    with pytest.raises(ValueError, match="from -1 to"):
+    with pytest.raises(ValueError, match="from -1 to 4. Grey levels start at 0"):
         _points.prepare(tmp_path / "neg.csv", seed=0, model_options=opts)
     pixels.assign(p01=pixels.p01 + 0.5).to_csv(tmp_path / "frac.csv", index=False)
     with pytest.raises(ValueError, match="must be an integer grey level"):

@@ -305,11 +305,16 @@ def check_levels(values: np.ndarray, levels: int | None, where: str) -> None:
         return
     lo, hi = float(values.min()), float(values.max())
     if lo < 0 or hi >= levels:
+        todo = (
+            "Grey levels start at 0: shift the data"
+            if lo < 0
+            else f"Give --option levels=N with N > the largest value "
+            f"({math.floor(hi) + 1} here)"
+        )
         raise ValueError(
             f"{where}: with levels={levels} every value must be a grey level in "
             f"[0, {levels}) (0 .. {levels - 1}), but the values run from {lo:g} to "
-            f"{hi:g}. Give --option levels=N with N > the largest value "
-            f"({math.floor(hi) + 1} here), or leave levels out for continuous data."
+            f"{hi:g}. {todo}, or leave levels out for continuous data."
         )
     if not np.all(values == np.floor(values)):
         raise ValueError(
