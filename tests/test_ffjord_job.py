@@ -171,11 +171,146 @@ def test_netcdf_and_bundled_points(points, tmp_path):
         }
     )
     ds.to_netcdf(tmp_path / "p.nc")
-    with pytest.raises(ValueError, match="over one sample dim"):
+    # an array per sample is flattened into columns VAR_i (here constant: refused)
+    with pytest.raises(ValueError, match=r"\['img_0', 'img_1', 'img_2'\] are const"):
         _points.prepare(tmp_path / "p.nc", seed=0)
+    ds.assign(w=("other", np.zeros(5))).to_netcdf(tmp_path / "q.nc")
+    with pytest.raises(ValueError, match="over one sample dim"):
+        _points.prepare(tmp_path / "q.nc", seed=0, channels=["u", "w"])
     prep = _points.prepare(tmp_path / "p.nc", seed=0, channels=["u", "v"])
     np.testing.assert_allclose(np.sort(prep.ts.values[:, 0]), np.sort(points[:, 0]))
     # a bundled set: its own channels (the toy sets' label `component` is left out)
     prep = _points.prepare("eight_gaussians", seed=0)
     assert prep.ts.columns == ("x", "y") and len(prep.ts) == 2000
     assert jobs.get_family("ffjord").recipe_for("eight_gaussians")["monitor"] == "nll"
+
+
+# ------------------------------------------------------------------ images
+
+
+LEVELS, ALPHA = 5, 0.05
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    """60 tiny 2x2 "images" of integer grey levels 0..4 (pixel 0 always 0)."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, LEVELS, size=(60, 4))
+    x[:, 0] = 0
+    return pd.DataFrame(x, columns=["p00", "p01", "p10", "p11"])
+
+
+def _logit_density(v, levels, alpha):
+    """log N(s; 0, I) + log|ds/dv| of v's logit s (numpy, float64): a still flow's
+    log-density of dequantised images."""
+    p = alpha + (1 - 2 * alpha) * v / levels
+    s = np.log(p) - np.log1p(-p)
+    jac = np.log((1 - 2 * alpha) / levels) - np.log(p) - np.log1p(-p)
+    return (stats.norm.logpdf(s) + jac).sum(1)
+
+
+def test_image_nll_against_a_closed_form(pixels, tmp_path):
+    """Images are not standardised; a still flow's NLL is that of N(0, I) in logit
+    space with both log-determinants counted, on the job's fixed dequantisation of
+    the test split; the Gaussian baseline is scipy's on the same points."""
+    csv = tmp_path / "img.csv"
+    pixels.to_csv(csv, index=False)
+    prep = _points.prepare(csv, seed=2, model_options={"levels": LEVELS})
+    assert prep.standardiser.log_scale == 0.0  # constant pixel 0 is allowed
+    np.testing.assert_array_equal(prep.train_n, prep.train.values)
+    assert prep.state["levels"] == LEVELS and prep.state["image_shape"] == [2, 2]
+    alpha = ALPHA
+    # TINY's model (so the round trip below reuses the compiled log-density)
+    model = _still(FFJORD(4, width=4, depth=1, rtol=1e-2, atol=1e-2, solver="bosh3",
+                          kinetic_weight=0.0, levels=LEVELS, logit_alpha=alpha,
+                          key=jax.random.key(0)))  # fmt: skip
+    m = _ffjord.nll_metrics(model, prep.test_n)
+    v = _points.dequantise(prep.test.values, seed=_ffjord.DEQUANTISE_SEED)
+    assert np.all((v >= 0) & (v < LEVELS)) and not np.allclose(v, np.round(v))
+    ref = -_logit_density(v, LEVELS, alpha).mean()
+    assert m["nll"] == pytest.approx(ref, abs=1e-3)
+    assert m["nll"] == m["nll_standardised"] and m["log_scale"] == 0.0
+    assert m["bits_per_dim"] == pytest.approx(ref / (4 * math.log(2)), abs=1e-3)
+    train_v = _points.dequantise(prep.train.values, seed=2)  # prepare's fit draw
+    g = stats.multivariate_normal(train_v.mean(0), np.cov(train_v.T, bias=True))
+    assert m["baselines"]["gaussian"]["nll"] == pytest.approx(
+        -g.logpdf(v).mean(), rel=1e-6
+    )
+
+
+def test_image_cli_round_trip(pixels, tmp_path, capsys):
+    csv = tmp_path / "img.csv"
+    pixels.to_csv(csv, index=False)
+    out = tmp_path / "run"
+    rc = main(["fit", "ffjord", "--data", str(csv), "--out", str(out), "--quiet",
+               "--epochs", "1", "--batch-size", "16", *TINY,
+               "--option", f"levels={LEVELS}",
+               "--logit-alpha", str(ALPHA)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    hyper = metrics["hyperparameters"]
+    assert metrics["levels"] == hyper["levels"] == LEVELS
+    assert hyper["logit_alpha"] == ALPHA
+    assert metrics["test"]["log_scale"] == 0.0 and "dequantised" in metrics["units"]
+    pred = xr.load_dataset(out / "predictions.nc")
+    assert pred["samples"].dims == ("draw", "row", "col")
+    assert pred["samples"].shape == (_ffjord.GRID_IMAGES, 2, 2)
+    assert (out / "plots" / "samples.png").is_file()
+
+    target = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(out), "--data", str(csv),
+                 "--out", str(target)]) == 0  # fmt: skip
+    scored = json.loads(target.read_text())
+    assert scored["nll"] == pytest.approx(-float(pred["log_density"].mean()), rel=1e-5)
+
+    assert main(["sample", "--checkpoint", str(out), "-n", "9",
+                 "--out", str(tmp_path / "s.csv")]) == 0  # fmt: skip
+    drawn = pd.read_csv(tmp_path / "s.csv")
+    assert list(drawn.columns) == list(pixels.columns) and len(drawn) == 9
+    assert all(pd.api.types.is_integer_dtype(drawn[c]) for c in drawn)
+    assert drawn.values.min() >= 0 and drawn.values.max() < LEVELS
+
+    # new data outside the checkpoint's grey levels is refused
+    pixels.assign(p11=LEVELS).to_csv(tmp_path / "hi.csv", index=False)
+    with pytest.raises(ValueError, match=r"grey level in \[0, 5\)"):
+        jobs.evaluate(out, tmp_path / "hi.csv")
+
+
+def test_image_data_errors(pixels, tmp_path):
+    opts = {"levels": LEVELS}
+    pixels.assign(p01=pixels.p01 + 1).to_csv(tmp_path / "hi.csv", index=False)
+    with pytest.raises(
+        ValueError,
+        match=r"values run from 0 to 5\. Give --option "
+        r"levels=N with N > the largest value \(6 here\)",
+    ):
+        _points.prepare(tmp_path / "hi.csv", seed=0, model_options=opts)
+    pixels.assign(p01=-1).to_csv(tmp_path / "neg.csv", index=False)
+    with pytest.raises(ValueError, match="from -1 to 4. Grey levels start at 0"):
+        _points.prepare(tmp_path / "neg.csv", seed=0, model_options=opts)
+    pixels.assign(p01=pixels.p01 + 0.5).to_csv(tmp_path / "frac.csv", index=False)
+    with pytest.raises(ValueError, match="must be an integer grey level"):
+        _points.prepare(tmp_path / "frac.csv", seed=0, model_options=opts)
+    # without levels, the same file is continuous data: its constant pixel refused
+    pixels.to_csv(tmp_path / "ok.csv", index=False)
+    with pytest.raises(ValueError, match=r"\['p00'\] are constant"):
+        _points.prepare(tmp_path / "ok.csv", seed=0)
+
+
+def test_digits_recipe_is_an_image_model():
+    fam = jobs.get_family("ffjord")
+    recipe = fam.recipe_for("digits")
+    assert recipe["options"]["levels"] == 17  # grey levels 0..16 (datasets/digits.md)
+    model_kw, _ = fam.resolve_options(recipe["options"])
+    assert model_kw["levels"] == 17 and model_kw["logit_alpha"] == 0.05
+    # the other sets: no model options, and the recipe's step settings (max_steps
+    # is also an FFJORD option) are never read as options
+    assert "options" not in fam.recipe_for("eight_gaussians")
+    prep = _points.prepare("digits", seed=0, model_options={"levels": 17})
+    assert prep.dim == 64 and prep.state["image_shape"] == [8, 8]
+    assert prep.ts.columns[:2] == ("image_0_0", "image_0_1")
+    assert prep.ts.values.max() == 16 and prep.standardiser.log_scale == 0.0
+    # digits as points (no levels): pixel (0, 0) is always 0, so no density
+    with pytest.raises(ValueError, match="constant"):
+        _points.prepare("digits", seed=0)

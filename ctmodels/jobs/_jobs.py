@@ -216,7 +216,8 @@ def fit(
       that many series.
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
-      family's defaults.
+      recipe's for `data` where it sets some (its `"options"` entry; digits:
+      `levels`), else the family's defaults.
 
     **Returns:** the metrics dict (also written to `OUT/metrics.json`).
     """
@@ -226,7 +227,10 @@ def fit(
         family, data, epochs=epochs, learning_rate=learning_rate,
         batch_size=batch_size, patience=patience,
     )  # fmt: skip
-    model_kw, loss_kw = family.resolve_options(options)
+    # a dataset's recipe may set model options too, under "options" (digits:
+    # `levels`); the caller's options win
+    recipe_options = dict(plan.get("options") or {})
+    model_kw, loss_kw = family.resolve_options({**recipe_options, **options})
     out = check_out_dir(out)
     _check_options(model_kw)  # before anything is written
     if isinstance(channels, str):
@@ -236,6 +240,9 @@ def fit(
     if "batch_size" in inspect.signature(family.data.prepare).parameters:
         # a family whose data can be too small for one batch refuses it up front
         data_kw["batch_size"] = plan["batch_size"]
+    if "model_options" in inspect.signature(family.data.prepare).parameters:
+        # data whose reading depends on the model (images: `levels`)
+        data_kw["model_options"] = model_kw
     prepared = family.data.prepare(data, seed=seed, **data_kw)
     # the recipe's step budget, now that the training split's size is known
     plan = resolve_recipe(

@@ -12,6 +12,15 @@ standardised data gives, in the data's original units,
 `NLL_orig = NLL_std + sum(log scale)`
 
 (`Standardiser.log_scale`); every NLL the jobs report is in original units.
+
+Images (`levels` given, e.g. `--option levels=17` for grey levels 0..16): every value
+must be an integer grey level in `[0, levels)`; the data are not standardised (the
+model's uniform dequantisation and logit transform take its place, with their
+log-determinants counted), constant pixels are allowed, and NLLs are of the
+dequantised data `v = x + u`, `u ~ U[0, 1)^D`, in grey-level units (nats per image,
+and bits per dimension: the usual dequantised bound). A netCDF variable over the
+sample dim and further dims (an image `[sample, row, col]`) is flattened row-major
+into columns `VAR_i_j`.
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ class Points:
     values: np.ndarray
     columns: tuple[str, ...]
     split: np.ndarray | None = None
+    image_shape: tuple[int, ...] | None = None
+    #: the variables (netCDF) the columns were read from, where they differ
+    variables: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -78,6 +90,11 @@ class Standardiser:
     @classmethod
     def fit(cls, values: np.ndarray) -> Standardiser:
         return cls(values.mean(axis=0), values.std(axis=0))
+
+    @classmethod
+    def identity(cls, dim: int) -> Standardiser:
+        """No standardisation (images: the model's logit transform replaces it)."""
+        return cls(np.zeros(dim), np.ones(dim))
 
     @property
     def log_scale(self) -> float:
@@ -109,6 +126,7 @@ class ModelPoints:
     columns: tuple[str, ...]
     log_scale: float
     gaussian: dict[str, Any] | None = None
+    levels: int | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -168,11 +186,12 @@ def _from_dataset(ds: xr.Dataset, where: str, columns) -> Points:
     if not columns:
         raise ValueError(f"{where} has no data variables.")
     dims = {c: ds[c].dims for c in columns}
-    if any(len(d) != 1 for d in dims.values()) or len(set(dims.values())) != 1:
+    first = {d[0] if d else None for d in dims.values()}
+    if any(len(d) < 1 for d in dims.values()) or len(first) != 1:
         raise ValueError(
-            f"{where}: the point variables must all lie over one sample dim, but "
-            f"their dims are {dims}. Choose variables over one dim with --channels "
-            "a,b (images and other arrays per sample are not read by this job yet)."
+            f"{where}: the point variables must all lie over one sample dim (their "
+            f"first dim), but their dims are {dims}. Choose variables over one dim "
+            "with --channels a,b."
         )
     bad = [c for c in columns if not np.issubdtype(ds[c].dtype, np.number)
            or ds[c].dtype == bool]  # fmt: skip
@@ -181,8 +200,24 @@ def _from_dataset(ds: xr.Dataset, where: str, columns) -> Points:
             f"{where}: variable(s) {bad} are not numeric. Choose the numeric ones "
             "with --channels a,b (channels=[...])."
         )
-    values = np.stack([np.asarray(ds[c].values, np.float64) for c in columns], 1)
-    return Points(values, tuple(columns))
+    parts, names = [], []
+    shape = None
+    for c in columns:
+        arr = np.asarray(ds[c].values, np.float64)
+        parts.append(arr.reshape(arr.shape[0], -1))
+        if arr.ndim == 1:
+            names.append(c)
+        else:
+            # an image [sample, row, col] (or any array per sample): row-major columns
+            shape = arr.shape[1:] if len(columns) == 1 else None
+            names += [f"{c}_" + "_".join(map(str, i))
+                      for i in np.ndindex(arr.shape[1:])]  # fmt: skip
+    return Points(
+        np.concatenate(parts, 1),
+        tuple(names),
+        image_shape=shape,
+        variables=tuple(columns),
+    )
 
 
 def open_points(data: str | Path, columns=None) -> tuple[Points, str, int]:
@@ -229,7 +264,7 @@ def open_points(data: str | Path, columns=None) -> tuple[Points, str, int]:
             "value; the rest are used.",
             stacklevel=3,
         )
-        points = Points(points.values[~missing], points.columns)
+        points = dataclasses.replace(points, values=points.values[~missing])
     return points, name, dropped
 
 
@@ -263,6 +298,50 @@ def gaussian_nll(gaussian: dict[str, Any], values: np.ndarray) -> float:
     return float(np.mean(nll))
 
 
+def check_levels(values: np.ndarray, levels: int | None, where: str) -> None:
+    """For images (`levels` not None): every value an integer grey level in
+    `[0, levels)`, else ValueError saying what to do."""
+    if levels is None:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0 or hi >= levels:
+        todo = (
+            "Grey levels start at 0: shift the data"
+            if lo < 0
+            else f"Give --option levels=N with N > the largest value "
+            f"({math.floor(hi) + 1} here)"
+        )
+        raise ValueError(
+            f"{where}: with levels={levels} every value must be a grey level in "
+            f"[0, {levels}) (0 .. {levels - 1}), but the values run from {lo:g} to "
+            f"{hi:g}. {todo}, or leave levels out for continuous data."
+        )
+    if not np.all(values == np.floor(values)):
+        raise ValueError(
+            f"{where}: with levels={levels} every value must be an integer grey "
+            "level (images are dequantised with uniform noise), but some are not. "
+            "Leave levels out for continuous data."
+        )
+
+
+def dequantise(values: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """`values + u`, `u ~ U[0, 1)` per value (a fixed draw by `seed`): the points
+    whose density the image NLLs score."""
+    rng = np.random.default_rng(seed)
+    return values + rng.uniform(size=values.shape)
+
+
+def image_shape(state_or_points, dim: int) -> tuple[int, int] | None:
+    """The 2-D shape of an image (recorded from the data, else square `dim`)."""
+    shape = getattr(state_or_points, "image_shape", None)
+    if shape is None and isinstance(state_or_points, dict):
+        shape = state_or_points.get("image_shape")
+    if shape is not None and len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    side = math.isqrt(dim)
+    return (side, side) if side * side == dim else None
+
+
 # ------------------------------------------------------------------ the data hooks
 
 
@@ -272,7 +351,8 @@ class Prepared:
     (`ts`, with its split), the three splits in data units, the standardiser, the
     standardised training and validation arrays (`train_n`, `valid_n`, what
     `ctmodels.train.fit` trains on) and the test split as `ModelPoints` (`test_n`,
-    scored in the data's units)."""
+    scored in the data's units). Images (`levels`): the standardiser is the
+    identity and the arrays are the grey levels."""
 
     name: str
     ts: Points
@@ -284,6 +364,8 @@ class Prepared:
     valid_n: np.ndarray
     test_n: ModelPoints
     dropped: int
+    levels: int | None = None
+    gaussian: dict[str, Any] | None = None
 
     @property
     def dim(self) -> int:
@@ -291,20 +373,34 @@ class Prepared:
 
     @property
     def state(self) -> dict[str, Any]:
-        return {
+        out = {
             "channels": list(self.ts.columns),
             "standardiser": self.standardiser.to_dict(),
-            "gaussian": gaussian_fit(self.train.values),
+            "gaussian": self.gaussian,
         }
+        if self.ts.variables is not None and list(self.ts.variables) != out["channels"]:
+            out["variables"] = list(self.ts.variables)
+        if self.levels is not None:
+            out["levels"] = int(self.levels)
+            shape = image_shape(self.ts, self.dim)
+            out["image_shape"] = None if shape is None else list(shape)
+        return out
 
     @property
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "channels": list(self.ts.columns),
             "dropped_rows": self.dropped,
             "dropped_rows_why": "a missing (NaN) value" if self.dropped else None,
             "log_scale": self.standardiser.log_scale,
         }
+        if self.levels is not None:
+            out["levels"] = int(self.levels)
+            out["preprocessing"] = (
+                f"images: grey levels 0..{self.levels - 1}, uniformly dequantised, "
+                "logit transform in the model; not standardised"
+            )
+        return out
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -312,17 +408,29 @@ class Prepared:
                 "test": len(self.test)}  # fmt: skip
 
 
+def _levels(model_options) -> int | None:
+    levels = (model_options or {}).get("levels")
+    return None if levels is None else int(levels)
+
+
 def prepare(data: str | Path, *, seed: int, channels=None,
-            max_series: int | None = None,
-            batch_size: int | None = None) -> Prepared:  # fmt: skip
+            max_series: int | None = None, batch_size: int | None = None,
+            model_options: dict[str, Any] | None = None) -> Prepared:  # fmt: skip
     """Open `data` (`open_points`), optionally keep a random `max_series` rows,
     split the rows 80/10/10 by `seed` and standardise with the training split's
     statistics. Constant columns, fewer than `MIN_ROWS` rows and (given
-    `batch_size`) a training split smaller than a batch are refused."""
+    `batch_size`) a training split smaller than a batch are refused.
+
+    With `model_options["levels"]` (images) the values must be integer grey levels
+    in `[0, levels)` (`check_levels`); they are not standardised, constant pixels
+    are allowed, and the Gaussian baseline is fitted to the dequantised training
+    split."""
     from .._errors import is_int
 
+    levels = _levels(model_options)
     points, name, dropped = open_points(data, channels)
     where = f"--data {str(data)!r}"
+    check_levels(points.values, levels, where)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(points))
     if max_series is not None:
@@ -346,38 +454,54 @@ def prepare(data: str | Path, *, seed: int, channels=None,
             f"({batch_size}); give a --batch-size of at most {n_train}, or more "
             "rows."
         )
-    _check_constant(points.values[order], points.columns, where)
+    if levels is None:  # a constant pixel of an image has a density (dequantised)
+        _check_constant(points.values[order], points.columns, where)
     split = np.full(len(points), "", dtype=object)
     idx = np.split(order, [n_train, n_train + n_valid])
     for label, rows in zip(("train", "valid", "test"), idx, strict=True):
         split[rows] = label
     keep = np.sort(order)
-    everything = Points(points.values[keep], points.columns, split[keep])
+    everything = dataclasses.replace(points, values=points.values[keep],
+                                     split=split[keep])  # fmt: skip
     train, valid, test = (Points(points.values[i], points.columns) for i in idx)
-    _check_constant(train.values, points.columns, f"{where} (its training split)")
-    std = Standardiser.fit(train.values)
-    state_gauss = gaussian_fit(train.values)
+    if levels is None:
+        _check_constant(train.values, points.columns, f"{where} (its training split)")
+        std = Standardiser.fit(train.values)
+        gauss = gaussian_fit(train.values)
+    else:
+        std = Standardiser.identity(points.dim)
+        gauss = gaussian_fit(dequantise(train.values, seed=seed))
     return Prepared(
         name, everything, train, valid, test, std,
         std.transform(train.values), std.transform(valid.values),
         ModelPoints(std.transform(test.values), test.values, test.columns,
-                    std.log_scale, state_gauss),
-        dropped,
+                    std.log_scale, gauss, levels),
+        dropped, levels, gauss,
     )  # fmt: skip
 
 
 def reload(data: str | Path, state: dict[str, Any]) -> Points:
     """The rows of `data` on a checkpoint's columns (rows with a missing value
-    dropped, with a warning)."""
-    points, _, _ = open_points(data, list(state["channels"]))
+    dropped, with a warning); images: checked against the checkpoint's `levels`."""
+    points, _, _ = open_points(data, list(state.get("variables", state["channels"])))
+    if points.columns != tuple(state["channels"]):
+        raise ValueError(
+            f"--data {str(data)!r} gives {points.dim} columns "
+            f"({', '.join(points.columns[:4])}, ...), but the checkpoint was "
+            f"trained on {len(state['channels'])} "
+            f"({', '.join(state['channels'][:4])}, ...)."
+        )
+    check_levels(points.values, state.get("levels"), f"--data {str(data)!r}")
     return points
 
 
 def to_model_units(points: Points, state: dict[str, Any]) -> ModelPoints:
-    """`points` standardised as the checkpoint's training data were."""
+    """`points` standardised as the checkpoint's training data were (images: the
+    grey levels as they are)."""
     std = Standardiser.from_dict(state["standardiser"])
     return ModelPoints(std.transform(points.values), points.values, points.columns,
-                       std.log_scale, state.get("gaussian"))  # fmt: skip
+                       std.log_scale, state.get("gaussian"),
+                       state.get("levels"))  # fmt: skip
 
 
 def write_points(values: np.ndarray, columns, out: Path, *, attrs=None) -> None:
