@@ -148,7 +148,7 @@ def main(out: Path):
     ax1.set_title(f"DEQ on 8x8 digits: test accuracy {accuracy:.1%}")
     ax2.plot(iterations)
     ax2.set_xlabel("Adam step")
-    ax2.set_ylabel(f"{solver} iterations (batch max)")
+    ax2.set_ylabel(f"forward iterations ({solver}, batch max)")
     ax2.set_title("forward cost, with the Jacobian penalty")
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def main(out: Path):
     y, dy_dx, dy_dtau = with_derivatives(argmin_layer)(taus)
     y_ref, dy_dx_ref, dy_dtau_ref = with_derivatives(closed_form)(taus)
     # reverse mode too (what a network's training uses): the gradient of one output
-    g = jax.grad(lambda x: argmin_layer(x, 0.5)[0])(x)
+    g = jax.jit(jax.grad(lambda x: argmin_layer(x, 0.5)[0]))(x)
     g_ref = jax.grad(lambda x: closed_form(x, 0.5)[0])(x)
 
     for name, a, b in [
