@@ -57,9 +57,10 @@ Cases (one JSON line each, then a summary line):
 Usage:
   python benchmarks/deq.py [--quick] [--steps N] [--depth L] [--reps N] [--out PATH]
 
---quick: 30 training steps, memory at n = 10 / 100 without deq_unrolled, fewer timings (under 2 minutes on
-2 busy cores). Results are appended to --out (default
-benchmarks/results/deq.jsonl; --quick: benchmarks/results/deq_quick.jsonl).
+--quick: 30 training steps, memory at n = 10 / 100 without deq_unrolled, fewer
+timings (about 80 s of CPU; longer in wall time on a busy machine). Results are
+appended to --out (default benchmarks/results/deq.jsonl; --quick:
+benchmarks/results/deq_quick.jsonl).
 """
 
 from __future__ import annotations
@@ -253,15 +254,13 @@ def train(model, data, steps, seed, name):
     idx = rng.choice(len(ytr), BATCH, replace=False)
     key = jax.random.PRNGKey(seed)
     t0 = time.perf_counter()
-    lowered = jax.jit(step).lower(
-        params, opt_state, xtr[idx], ytr[idx], key
-    )
+    lowered = jax.jit(step).lower(params, opt_state, xtr[idx], ytr[idx], key)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     times, losses = [], []
     with ctmodels.readable_errors():
-        for i in range(steps):
+        for _ in range(steps):
             idx = rng.choice(len(ytr), BATCH, replace=False)
             key, sub = jax.random.split(key)
             s = time.perf_counter()
@@ -362,7 +361,7 @@ def case_solvers(args, trained, data):
         )
         params, static = eqx.partition(model, eqx.is_inexact_array)
 
-        def forward(params):
+        def forward(params, static=static):
             m = eqx.combine(params, static)
             logits, _, n = jax.vmap(lambda xi: m(xi))(x)
             return logits, n
@@ -476,7 +475,8 @@ def case_puromycin(args):
         g_ref = np.asarray(jax.grad(loss_closed)(p_off))
         # the integrate route at the fit
         x_root = velocity(vm, jnp.log(k)) / vm
-        x_int = jax.vmap(lambda c: layer_int((c, jnp.log(k)), jnp.zeros(())))(conc)
+        log_k = jnp.log(k)
+        x_int = jax.vmap(lambda c, lk=log_k: layer_int((c, lk), jnp.zeros(())))(conc)
         line = {
             "case": "puromycin",
             "state": state,
@@ -514,12 +514,13 @@ def main(argv=None):
     summary = {"summary": True, "quick": args.quick, "steps": args.steps}
     if "digits" in cases or "solvers" in cases:
         trained, data = case_digits(args)
-        acc = {
-            line["model"]: line for line in OUT_LINES if line["case"] == "digits"
-        }
+        acc = {line["model"]: line for line in OUT_LINES if line["case"] == "digits"}
         for name in ("unrolled", "explicit"):
             summary[f"deq_over_{name}_step_time"] = (
                 acc["deq"]["median_step_s"] / acc[name]["median_step_s"]
+            )
+            summary[f"deq_over_{name}_step_time_by_min"] = (
+                acc["deq"]["min_step_s"] / acc[name]["min_step_s"]
             )
             summary[f"deq_minus_{name}_accuracy"] = (
                 acc["deq"]["test_accuracy"] - acc[name]["test_accuracy"]

@@ -100,8 +100,7 @@ def pbcseq() -> None:
 
 
 RECIPES = {
-    f.__name__: f
-    for f in (basic_motions, co2, digits, old_faithful, pbcseq, puromycin)
+    f.__name__: f for f in (basic_motions, co2, digits, old_faithful, pbcseq, puromycin)
 }
 
 

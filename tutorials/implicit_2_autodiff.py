@@ -70,7 +70,7 @@ def main(out: Path):
     def loss_of(z):
         return 0.5 * jnp.sum((z - target) ** 2)
 
-    # 1. the IFT by hand, dense: (I - J)^T u = dl/dz, dl/dx = D u with D = diag(1 - z*^2)
+    # 1. the IFT by hand, dense: (I - J)^T u = dl/dz; dl/dx = D u, D = diag(1 - z*^2)
     z_star = reference_solve(W, x)
     d = 1 - z_star**2
     J = d[:, None] * W  # df/dz at z*
@@ -122,7 +122,8 @@ def main(out: Path):
     # iterations instead: the same limit, with memory that grows with the iterations)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.semilogy(np.arange(1, K + 1), errors, label="unrolled (backprop through k steps)")
+    ks = np.arange(1, K + 1)
+    ax.semilogy(ks, errors, label="unrolled (backprop through k steps)")
     ax.axhline(max(rel(grad_ift), 1e-16), color="C1", ls="--", label="implicit (IFT)")
     ax.set_xlabel("unrolled iterations k")
     ax.set_ylabel("relative gradient error")

