@@ -80,7 +80,7 @@ def main(out: Path):
     # 2. the IFT through ctmodels: jax.grad of a fixed-point solve
     def loss(x, adjoint):
         sol = ctmodels.fixed_point(
-            cell, jnp.zeros(n), (jnp.asarray(W), x), solver="anderson",
+            cell, jnp.zeros(n), (jnp.asarray(W), x), solver="newton",
             adjoint=adjoint, rtol=1e-11, atol=1e-12, max_steps=500,
         )  # fmt: skip
         return loss_of(sol.value)
@@ -118,7 +118,7 @@ def main(out: Path):
         print(f"unrolled, {k:2d} iterations vs IFT:     {errors[k - 1]:.1e}")
     assert errors[-1] < 1e-6 and errors[0] > 1e-2
     assert errors[-1] < errors[49] < errors[9]
-    # (through ctmodels, `loss(x, "checkpoint")` backpropagates through the Anderson
+    # (through ctmodels, `loss(x, "checkpoint")` backpropagates through the Newton
     # iterations instead: the same limit, with memory that grows with the iterations)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
