@@ -17,8 +17,9 @@ Cases (one JSON line each, then a summary line):
                           weight-tied network of fixed depth), plain backprop;
                 explicit  tanh(B tanh(A x) + b) -> Linear(64, 10), two untied
                           layers (no bias in the first, as U has none).
-              Reported: test accuracy, time per training step (median of the
-              timed steps, the compiled step; compile time separate), and the
+              Reported: test accuracy, time per training step (median and min of
+              the timed steps of the compiled step, the three models' steps
+              interleaved; compile time separate), and the
               compiled step's memory from XLA (`jax.jit(step).lower(...).compile()
               .memory_analysis()`: `temp_bytes` is the scratch the step reserves,
               the peak training memory beyond parameters and batch; `peak_bytes` =
@@ -246,6 +247,8 @@ def digits_data(seed):
 
 
 def train(model, data, steps, seed, name):
+    """A generator: compiles, then takes one training step per `next` (so that the
+    models' steps interleave), then evaluates, emits the line and returns the model."""
     (xtr, ytr), (xte, yte) = data
     optim = optax.adam(LR)
     params, static, step = make_step(model, optim)
@@ -258,6 +261,7 @@ def train(model, data, steps, seed, name):
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
+    yield
     times, losses = [], []
     with ctmodels.readable_errors():
         for _ in range(steps):
@@ -270,6 +274,7 @@ def train(model, data, steps, seed, name):
             value.block_until_ready()
             times.append(time.perf_counter() - s)
             losses.append(float(value))
+            yield
     model = eqx.combine(params, static)
     logits, _, steps_used = jax.jit(jax.vmap(lambda x: model(x)))(xte)
     acc = float(np.mean(np.argmax(np.asarray(logits), -1) == yte))
@@ -304,9 +309,21 @@ def case_digits(args):
     }
     counts = {name: n_params(m) for name, m in models.items()}
     assert len(set(counts.values())) == 1, counts
+    runners = {
+        name: train(model, data, args.steps, args.seed, name)
+        for name, model in models.items()
+    }
+    for runner in runners.values():  # compile
+        next(runner)
+    for _ in range(args.steps):  # the models' steps interleaved
+        for runner in runners.values():
+            next(runner)
     trained = {}
-    for name, model in models.items():
-        trained[name] = train(model, data, args.steps, args.seed, name)
+    for name, runner in runners.items():
+        try:
+            next(runner)
+        except StopIteration as stop:
+            trained[name] = stop.value
     return trained, data
 
 
