@@ -53,7 +53,7 @@ def kkt(state, args):
     u = log y (so y > 0 always) and the multiplier nu of sum y = 1."""
     u, nu = state
     x, tau = args
-    stationarity = -x + tau * (u + 1.0) + nu  # d/dy of the Lagrangian, times y > 0
+    stationarity = -x + tau * (u + 1.0) + nu  # d/dy of the Lagrangian, in u = log y
     feasibility = jnp.sum(jnp.exp(u)) - 1.0
     return stationarity, feasibility
 
