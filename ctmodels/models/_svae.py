@@ -122,8 +122,8 @@ class SVAE(C.AbstractGaussianSequenceModel):
         - `num_channels`: `C`, the number of observed variables.
         - `latent_size`: `D`, the size of the latent state `x(t)`.
         - `units`: width of the hidden layers of both networks.
-        - `recognition_depth`, `decoder_depth`: their numbers of hidden layers
-          (0: linear).
+        - `recognition_depth`: hidden layers of the recognition network (0: linear).
+        - `decoder_depth`: hidden layers of the decoder (0: linear).
         - `prior_rate`: the prior's initial decay rate per unit time (it starts
           near `A = -prior_rate I` with a unit stationary covariance; the jobs'
           times are scaled to the training span, so 1 decays over about a span).
@@ -287,7 +287,7 @@ class SVAE(C.AbstractGaussianSequenceModel):
 
         - `batch`: a `ctmodels.data.Batch` (`"padded"` or `"union"`).
         - `key`: a JAX PRNG key (the posterior draws).
-        - `n_samples`: `K`.
+        - `n_samples`: `K`, the joint posterior draws per series.
         - `kl_weight`: `β`.
 
         **Returns:** `(loss, metrics)`: scalars `loss`, `bound` (per series), `nll`
