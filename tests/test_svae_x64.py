@@ -160,9 +160,14 @@ def test_a_fully_masked_step_contributes_nothing():
     np.testing.assert_allclose(e2, e1, rtol=1e-10)
     np.testing.assert_allclose(x2, x1, rtol=1e-10)  # the oracle agrees
     keep = np.arange(7) != 3
-    np.testing.assert_allclose(q2.smoothed.means[:, :7][:, keep],
-                               q1.smoothed.means[:, :6], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(q2.smoothed.covs[:, :7][:, keep],
-                               q1.smoothed.covs[:, :6], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        q2.smoothed.means[:, :7][:, keep],
+        q1.smoothed.means[:, :6],
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    np.testing.assert_allclose(
+        q2.smoothed.covs[:, :7][:, keep], q1.smoothed.covs[:, :6], rtol=1e-9, atol=1e-12
+    )
     present = np.asarray(q2.present)[:, :7]
     assert not present[:, 3].any() and present[:, keep].all()
