@@ -96,11 +96,12 @@ def test_predictions_are_laid_out_as_the_latent_odes(fitted):
     path, out = fitted
     fit = load_fitted(out)
     assert isinstance(fit.model, SVAE)
-    src = xr.load_dataset(path)  # all of it: fit's own compiled prediction
+    src = xr.load_dataset(path)  # all of it, in fit's batches: its compiled prediction
     other = LinearInterpolation(2)
     q = np.array([0.0, 1.5, 3.9, 6.0])  # 6 is past every observation
     for times in (None, q):
-        ours = predict(fit, src, times, key=jax.random.key(1), n_samples=SAMPLES)
+        ours = predict(fit, src, times, key=jax.random.key(1), n_samples=SAMPLES,
+                       batch_size=8)  # fmt: skip
         theirs = predict(other, src, times, key=jax.random.key(1),
                          normalizer=fit.normalizer)  # fmt: skip
         names = {"a", "a_std", "b", "b_std"}

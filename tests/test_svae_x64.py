@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 
 import ctmodels.data as cd
 import ctmodels.lgssm as lg
@@ -171,3 +172,26 @@ def test_a_fully_masked_step_contributes_nothing():
     )
     present = np.asarray(q2.present)[:, :7]
     assert not present[:, 3].any() and present[:, keep].all()
+
+
+def test_prior_samples_have_the_stationary_moments():
+    """`sample_prior` through a linear decoder: the covariance of the decoded
+    values at a time is `H P H^T` (`P` the stationary covariance) and across an
+    interval `dt` it is `H expm(A dt) P H^T`, within sampling error."""
+    model = _model(0)
+    times = np.array([0.3, 0.8])
+    n = 4000
+    ys = np.asarray(model.sample_prior(times, key=jax.random.key(5), n_samples=n))
+    A = np.asarray(model.prior.drift())
+    P = np.asarray(model.prior.stationary_cov())
+    F = scipy.linalg.expm(A * 0.5)
+    h = np.diag(H)
+    want_same, want_cross = h @ P @ h.T, h @ F @ P @ h.T
+    got = np.cov(ys.reshape(n, -1).T)  # [y0a, y0b, y1a, y1b]
+    for got_block, want in ((got[:2, :2], want_same), (got[2:, 2:], want_same),
+                            (got[2:, :2], want_cross)):  # fmt: skip
+        # a covariance estimate's std is about sqrt((s_ii s_jj + s_ij^2) / n)
+        d = np.sqrt(np.diag(want_same))
+        se = np.sqrt((np.outer(d, d) ** 2 + want**2) / n)
+        np.testing.assert_array_less(np.abs(got_block - want), 5 * se)
+    assert np.abs(ys.mean(axis=0)).max() < 5 * d.max() / np.sqrt(n)
