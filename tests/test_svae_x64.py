@@ -195,3 +195,17 @@ def test_prior_samples_have_the_stationary_moments():
         se = np.sqrt((np.outer(d, d) ** 2 + want**2) / n)
         np.testing.assert_array_less(np.abs(got_block - want), 5 * se)
     assert np.abs(ys.mean(axis=0)).max() < 5 * d.max() / np.sqrt(n)
+
+
+def test_the_union_layout_gives_the_padded_layouts_bound(batch):
+    """In the union layout each row holds the other series' times too, as steps
+    without potential (and the prior is discretised once for the batch): the same
+    KL and bound as each series on its own times."""
+    union = cd.make_batch(_series(), layout="union")
+    assert union.values.shape[1] > batch.values.shape[1]
+    model = _model(2)
+    (e_pad, q_pad), x_pad = _compare(model, batch)
+    (e_uni, q_uni), x_uni = _compare(model, union)
+    np.testing.assert_allclose(q_uni.kl, q_pad.kl, rtol=1e-9)
+    np.testing.assert_allclose(e_uni, e_pad, rtol=1e-9)
+    np.testing.assert_allclose(x_uni, x_pad, rtol=1e-9)
