@@ -241,6 +241,16 @@ BIBTEX: dict[str, str] = {
     year = {1978},
     doi = {10.1109/TAC.1978.1101743}
 }""",
+    "johnson2016composing": """\
+@inproceedings{johnson2016composing,
+    title = {Composing Graphical Models with Neural Networks for Structured
+             Representations and Fast Inference},
+    author = {Johnson, Matthew J. and Duvenaud, David K. and Wiltschko, Alex and
+              Adams, Ryan P. and Datta, Sandeep R.},
+    booktitle = {Advances in Neural Information Processing Systems},
+    volume = {29},
+    year = {2016}
+}""",
 }
 
 

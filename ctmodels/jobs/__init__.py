@@ -43,7 +43,9 @@ from ._options import (
     parse_assignment as parse_assignment,
 )
 from ._series import EVAL_SAMPLES as EVAL_SAMPLES
+from ._svae import SVAE_FAMILY as SVAE_FAMILY
 
 register_family(LATENT_ODE)
 register_family(NEURAL_ODE)
 register_family(FFJORD_FAMILY)
+register_family(SVAE_FAMILY)

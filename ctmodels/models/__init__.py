@@ -30,6 +30,7 @@ from ._predict import (
     predict_grid as predict_grid,
     with_spread as with_spread,
 )
+from ._svae import SVAE as SVAE, SVAEPosterior as SVAEPosterior
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ from ._ffjord import FFJORD
 from ._latent_ode import LatentODE
 from ._neural_ode import NeuralODE
 from ._odernn import ODERNN
+from ._svae import SVAE
 
 #: ctmodels' own models by class name (the catalogue may hold users' models too:
 #: `ctmodels.models.registered()`).
@@ -19,5 +20,5 @@ MODELS: dict[str, type] = {
     "LOCF": LOCF,
 }
 
-for _cls in (*MODELS.values(), NeuralODE, FFJORD):
+for _cls in (*MODELS.values(), NeuralODE, FFJORD, SVAE):
     register(_cls)

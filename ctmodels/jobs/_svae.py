@@ -1,0 +1,39 @@
+"""The SVAE family (`ctmodels fit svae`): an `SVAE` (structured VAE with a
+continuous-time linear-Gaussian prior) on irregular time series, with the latent
+ODE's data path, training task (`mixed_task`), evaluation (interpolation and
+extrapolation against LOCF and linear interpolation, 90% coverage), calibrated
+predictive spread and plots.
+
+Recipes: every dataset starts on `DEFAULT_RECIPE` (a step budget scaled to the
+training split); per-dataset recipes are added here as they are measured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models import SVAE
+from ._family import DEFAULT_RECIPE, Family
+from ._latent_ode import mixed_task
+
+#: Per-dataset recipes (by bundled dataset name); none measured yet.
+RECIPES: dict[str, dict[str, Any]] = {}
+
+SVAE_FAMILY = Family(
+    name="svae",
+    model=SVAE,
+    title="SVAE",
+    summary="structured VAE with a continuous-time linear-Gaussian prior "
+    "(Johnson et al. 2016) on irregular time series",
+    defaults={"latent_size": 8, "units": 64},
+    loss_options=("n_samples",),
+    recipe=DEFAULT_RECIPE,
+    recipes=RECIPES,
+    task=mixed_task,
+    # each series on its own times: the union grid of a batch makes every row as
+    # long as all of the batch's times together, and the message passing (and the
+    # prior's discretisation) runs over every position of a row; on 32 simulated
+    # series of 30 times a training step took 0.70 s padded (32 positions) against
+    # 1.97 s in the union layout (1024 positions), float32, on a loaded 2-core CPU
+    fit_options={"layout": "padded"},
+)
