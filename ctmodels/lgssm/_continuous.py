@@ -13,7 +13,10 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from .._references import cites
 from ._model import LinearGaussianSSM, symmetrise
 
-_MAX_DOUBLINGS = 64
+# 64 doublings doubled an SVAE training step's time (0.62 s against 0.26 s with 8,
+# measured): each is a masked iteration for every interval. 32 covers
+# |block|_1 dt <= 2^30, far beyond any interval a float32 model resolves.
+_MAX_DOUBLINGS = 32
 _TAYLOR_DEGREE = 12
 
 
@@ -45,9 +48,11 @@ def discretise(
     the block exponential is taken over `h = Δt / 2^s`, with `s` the smallest integer
     making the block's 1-norm times `h` at most `1/4`, and `s` exact doublings
     `F_{2h} = F_h F_h`, `Q_{2h} = F_h Q_h F_h^T + Q_h` (sums of positive
-    semi-definite terms) bring it to `Δt`, at most 64 of them. `Q` is symmetrised at
-    every step. Exact for any `Δt >= 0` (no time grid; `Δt = 0` gives `F = I`,
-    `Q = 0`) and differentiable.
+    semi-definite terms) bring it to `Δt`, at most 32 of them (enough for
+    `‖block‖_1 Δt` up to `2^30`; every interval runs all 32 iterations, masked,
+    since a differentiable loop has a fixed length: the cap is the cost). `Q` is
+    symmetrised at every step. Exact for any `Δt >= 0` up to that bound (no time
+    grid; `Δt = 0` gives `F = I`, `Q = 0`) and differentiable.
 
     **Arguments:**
 
