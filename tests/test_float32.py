@@ -142,7 +142,15 @@ def test_stiff_name_and_value_agree_float32():
         _stiff, jnp.array(0.0), ts, solver=diffrax.Kvaerno5(),
         controller=diffrax.PIDController(rtol=1e-3, atol=1e-6),
     )  # fmt: skip
-    np.testing.assert_allclose(by_name.value, by_value.value, rtol=0, atol=1e-3)
+    # the name's stepper solves its stages with the registry's Newton, the value's
+    # with Diffrax's default chord method: the two agree to the solve's tolerance, not
+    # to roundoff (0.0066 apart at t = 4 when XLA compiles without LLVM's
+    # optimisations, 1e-3 with them), and both are as close to the exact solution
+    rtol, _ = ctmodels.default_tolerances("implicit_ode", "float32")
+    exact = _stiff_exact(np.asarray(ts))
+    for sol in (by_name, by_value):
+        np.testing.assert_allclose(sol.value, exact, rtol=0, atol=100 * rtol)
+    np.testing.assert_allclose(by_name.value, by_value.value, rtol=0, atol=10 * rtol)
     n_name, n_value = int(by_name.stats["num_steps"]), int(by_value.stats["num_steps"])
     assert n_name <= 2 * n_value and n_value <= 30, (n_name, n_value)
 
