@@ -230,15 +230,23 @@ def _default_backward(solver, max_steps: int, dtype=None) -> dict[str, Any]:
 
 
 def resolve_nonlinear_adjoint(
-    adjoint, kind: str = "root", solver=None, max_steps: int = 0, dtype=None
+    adjoint,
+    kind: str = "root",
+    solver=None,
+    max_steps: int = 0,
+    dtype=None,
+    on_backward=None,
 ):
     """Registry name / value -> an Optimistix adjoint. For fixed points the name
     "implicit" means a matrix-free backward solve chosen to match `solver` and its
-    `max_steps` (see `_default_backward`)."""
+    `max_steps` (see `_default_backward`), reporting its statistics to
+    `on_backward` when given."""
     if isinstance(adjoint, str):
         options = {}
         if kind == "fixed_point" and adjoint.strip().lower() == "implicit":
             options = _default_backward(solver, max_steps, dtype)
+            if on_backward is not None:
+                options["on_backward"] = on_backward
         adjoint, _ = _registry.resolve(adjoint, "adjoint", **options)
     if isinstance(adjoint, ImplicitAdjoint):
         return adjoint.to_optimistix()

@@ -214,10 +214,26 @@ def variational_objective(
         bound = jax.nn.logsumexp(log_w, axis=0) - math.log(K)
     else:
         bound = rec.mean(0) - kl_weight * kl
+    return bound_objective(batch, bound=bound, ll=ll.mean(0), kl=kl, pred=pred)
+
+
+def bound_objective(
+    batch: Batch,
+    *,
+    bound: Float[Array, " B"],
+    ll: Float[Array, " B"],
+    kl: Float[Array, " B"],
+    pred: Float[Array, "K B T C"],
+) -> tuple[Array, dict[str, Array]]:
+    """The loss of a variational model from each series' bound `bound`, expected
+    log-likelihood `ll` and KL `kl`: `-Σ_b w_b bound_b / Σ_b w_b n_b` (`w` =
+    `batch.weight`, `n_b` the series' target values), and the metrics `loss`,
+    `bound` and `kl` (per series), `nll` and `mse` (of the mean of the `K` decoded
+    draws `pred`) per target value."""
     w = batch.weight
     wsum = jnp.maximum(jnp.sum(w), 1e-12)
     target = batch.target_mask
-    counts = jnp.sum(target, axis=(1, 2)).astype(mean.dtype)
+    counts = jnp.sum(target, axis=(1, 2)).astype(pred.dtype)
     n = jnp.maximum(weighted_total(counts, w), 1.0)
     loss = -weighted_total(bound, w) / n
     x = clean_values(batch, target)
@@ -225,7 +241,7 @@ def variational_objective(
     metrics = {
         "loss": loss,
         "bound": weighted_total(bound, w) / wsum,
-        "nll": -weighted_total(ll.mean(0), w) / n,
+        "nll": -weighted_total(ll, w) / n,
         "kl": weighted_total(kl, w) / wsum,
         "mse": weighted_total(se, w) / n,
     }

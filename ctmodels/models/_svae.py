@@ -308,22 +308,7 @@ class SVAE(C.AbstractGaussianSequenceModel):
         values).
         """
         bound, ell, kl, pred = self._bound(batch, key, n_samples, kl_weight)
-        w = batch.weight
-        wsum = jnp.maximum(jnp.sum(w), 1e-12)
-        target = batch.target_mask
-        counts = jnp.sum(target, axis=(1, 2)).astype(pred.dtype)
-        n = jnp.maximum(C.weighted_total(counts, w), 1.0)
-        loss = -C.weighted_total(bound, w) / n
-        x = C.clean_values(batch, target)
-        se = jnp.sum(jnp.where(target, (pred.mean(0) - x) ** 2, 0.0), axis=(1, 2))
-        metrics = {
-            "loss": loss,
-            "bound": C.weighted_total(bound, w) / wsum,
-            "nll": -C.weighted_total(ell, w) / n,
-            "kl": C.weighted_total(kl, w) / wsum,
-            "mse": C.weighted_total(se, w) / n,
-        }
-        return loss, metrics
+        return C.bound_objective(batch, bound=bound, ll=ell, kl=kl, pred=pred)
 
     def predict(
         self,

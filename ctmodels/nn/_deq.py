@@ -357,14 +357,8 @@ class DEQ(eqx.Module):
         solver = self.solver
         if isinstance(solver, str):
             solver = solvers.get(solver, kind="fixed_point", rtol=rtol, atol=atol)
-        default = resolve_nonlinear_adjoint(
-            "implicit", "fixed_point", solver, self.max_steps, dtype
-        )
-        checked = default.linear_solver
-        return optx.ImplicitAdjoint(
-            linear_solver=solvers.CheckedLinearSolver(
-                checked.inner, checked.tol, self.on_backward
-            )
+        return resolve_nonlinear_adjoint(
+            "implicit", "fixed_point", solver, self.max_steps, dtype, self.on_backward
         )
 
     def solve(
