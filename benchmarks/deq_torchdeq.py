@@ -28,13 +28,9 @@ from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+from _timing import single_thread, timed
+
+single_thread()  # before jax / torch are imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -137,22 +133,6 @@ def torch_runner(ift, W, U, b, x, target):
         "forward_iterations": int(info["nstep"].max()),
         "relative_residual": float(info["rel_lowest"].max()),
     }
-
-
-def timed(runners, reps, min_s):
-    times = {k: [] for k in runners}
-    inner = {}
-    for k, call in runners.items():  # calls per sample so one sample >= min_s
-        t = time.perf_counter()
-        call()
-        inner[k] = max(1, int(min_s / max(time.perf_counter() - t, 1e-6)))
-    for _ in range(reps):
-        for k, call in runners.items():
-            t = time.perf_counter()
-            for _ in range(inner[k]):
-                call()
-            times[k].append((time.perf_counter() - t) / inner[k])
-    return times
 
 
 def main():

@@ -43,14 +43,9 @@ from __future__ import annotations
 
 import os
 
-# One thread everywhere; must be set before jax / torch are imported.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_v, "1")
+from _timing import single_thread, timed
+
+single_thread()  # before jax / torch are imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -217,23 +212,6 @@ def torch_runner(model, x, case):
 
 
 # ------------------------------------------------------------------------ timing
-
-
-def timed(runners, reps, sample_s):
-    inner = {}
-    for k, call in runners.items():
-        t0 = time.perf_counter()
-        call()
-        dt = time.perf_counter() - t0
-        inner[k] = max(1, int(np.ceil(sample_s / max(dt, 1e-6))))
-    times = {k: [] for k in runners}
-    for _ in range(reps):
-        for k, call in runners.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[k]):
-                call()
-            times[k].append((time.perf_counter() - t0) / inner[k])
-    return times
 
 
 def main():
