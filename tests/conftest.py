@@ -69,8 +69,6 @@ def _cold_compilation_cache(tmp_path_factory):
     set): it neither writes into the user's cache nor runs warm from an earlier
     run, so a local run times like a cold CI run; within the session every file
     shares it."""
-    import os
-
     if "CTMODELS_JAX_CACHE" in os.environ:
         yield
         return

@@ -257,12 +257,19 @@ def _plot_images(points, pred, out_dir, title):
         ax.axis("off")
     title = title.split(",")[0]
     fig.suptitle(f"{title}: samples" if title else "samples")
+    return [_save(fig, out_dir, "samples.png")]
+
+
+def _save(fig, out_dir, name: str) -> Path:
+    """Write `fig` to `out_dir/name` (the folder made if missing) and close it."""
+    import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "samples.png"
+    path = out_dir / name
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return [path]
+    return path
 
 
 def plot(points, pred, out_dir, *, series=None, max_series=6, title=""):
@@ -300,12 +307,7 @@ def plot(points, pred, out_dir, *, series=None, max_series=6, title=""):
     title = title.split(",")[0]
     ax.set_title(f"{title}: learned density" if title else "learned density")
     ax.legend(loc="upper right", markerscale=4, fontsize=8)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "density.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir, "density.png")]
 
 
 def sample(model, state, *, key, n, out, **options):
