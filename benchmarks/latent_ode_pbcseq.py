@@ -102,9 +102,11 @@ from ctmodels.jobs._series import (  # noqa: E402
     log_channels as _log_channels,
     mse as _mse,
 )
+from ctmodels.jobs._svae import SVAE_FAMILY  # noqa: E402
 from ctmodels.models import (  # noqa: E402  # noqa: E402
     ODERNN,
     RNNVAE,
+    SVAE,
     GRUDelta,
     LatentODE,
     evaluation_tasks as _tasks,
@@ -112,7 +114,7 @@ from ctmodels.models import (  # noqa: E402  # noqa: E402
 )
 from ctmodels.train import fit  # noqa: E402
 
-LEARNED = ("LatentODE", "RNNVAE", "ODERNN", "GRUDelta")
+LEARNED = ("LatentODE", "RNNVAE", "ODERNN", "GRUDelta", "SVAE")
 FIXED = ("LinearInterpolation", "LOCF")
 MODELS = LEARNED + FIXED
 TASKS = ("interpolation", "extrapolation")
@@ -173,15 +175,19 @@ def parse_args(argv=None):
     return args
 
 
-def plan_for(args, data):
-    """The job's training recipe for `data` with the command line's overrides."""
+def plan_for(args, data, model="LatentODE", n_train=None):
+    """The job's training recipe for `data` with the command line's overrides: the
+    latent ODE job's for every model but the SVAE, which takes `ctmodels fit svae`'s
+    (its step budget applied for `n_train` training series)."""
+    family = "svae" if model == "SVAE" else "latent-ode"
     return _job_recipe(
-        "latent-ode",
+        family,
         data,
-        epochs=args.epochs if data == "pbcseq" else args.periodic_epochs,
+        epochs=args.periodic_epochs if data == "periodic" else args.epochs,
         learning_rate=args.lr,
         batch_size=args.batch_size,
         patience=FROM_RECIPE if args.patience is None else args.patience,
+        n_train=n_train if family == "svae" else None,
     ) | ({} if args.monitor is None else {"monitor": args.monitor})
 
 
@@ -209,6 +215,8 @@ def make_model(name, num_channels, seed):
         return ODERNN(num_channels, hidden_size=24, units=64, key=key)
     if name == "GRUDelta":
         return GRUDelta(num_channels, hidden_size=24, units=64, key=key)
+    if name == "SVAE":  # the job's (`ctmodels fit svae`) defaults
+        return SVAE(num_channels, **SVAE_FAMILY.defaults, key=key)
     raise ValueError(name)
 
 
@@ -221,14 +229,21 @@ def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epo
     model = make_model(name, train_n.num_channels, seed)
     task = TRAIN_TASK[name][1]
     steps_per_epoch = -(-len(train_n) // batch_size)
+    # the SVAE trains as `ctmodels fit svae` does: the padded layout and the loss's
+    # own sample count (see `ctmodels.jobs._svae`)
+    svae = name == "SVAE"
+    options = (
+        dict(SVAE_FAMILY.fit_options, loss_kwargs={})
+        if svae
+        else {"layout": "union", "loss_kwargs": {"n_samples": N_SAMPLES}}
+    )
     t0 = time.perf_counter()
     model, history = fit(
         model, train_n, valid=valid_n, epochs=epochs, batch_size=batch_size,
         key=jax.random.key(seed + 1), learning_rate=lr, task=task, eval_task=task,
-        layout="union", time_bucket=TIME_BUCKET, patience=patience or None,
+        time_bucket=TIME_BUCKET, patience=patience or None,
         monitor=monitor, progress=False,
-        kl_anneal_steps=int(kl_anneal_epochs * steps_per_epoch),
-        loss_kwargs={"n_samples": N_SAMPLES},
+        kl_anneal_steps=int(kl_anneal_epochs * steps_per_epoch), **options,
     )  # fmt: skip
     info = {
         "train_task": TRAIN_TASK[name][0],
@@ -246,12 +261,14 @@ def train(name, train_n, valid_n, *, seed, epochs, batch_size, lr, kl_anneal_epo
 # ------------------------------------------------------------------------- pbcseq
 
 
-def run_pbcseq(args, results):
-    ds = datasets.load("pbcseq")
+def run_pbcseq(args, results, data="pbcseq"):
+    """Every model on a bundled set of series (`pbcseq`, or another such as
+    `basic_motions`), per seed: split, normalise, train, score both tasks."""
+    ds = datasets.load(data)
     ts = cdata.from_xarray(ds, static=[])
     log_ch = _log_channels(ds, ts.channels)
     tasks = _tasks(0.5, 0.5)
-    plan = plan_for(args, "pbcseq")
+    plan = plan_for(args, data)
     for seed in args.seeds:
         train_s, valid_s, test_s = cdata.split_series(ts, (0.8, 0.1, 0.1), seed=seed)
         norm = cdata.Normalizer.fit(train_s, log=log_ch, time_scale="span")
@@ -261,7 +278,8 @@ def run_pbcseq(args, results):
             info = {}
             model = None
             if name in LEARNED:
-                log(f"pbcseq seed {seed}: training {name}")
+                log(f"{data} seed {seed}: training {name}")
+                plan = plan_for(args, data, name, len(train_n))
                 model, info = train(
                     name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                     batch_size=plan["batch_size"], lr=plan["learning_rate"],
@@ -296,7 +314,7 @@ def run_pbcseq(args, results):
                 else:
                     masks[tname] = (ctx, tgt)
                 row = {
-                    "data": "pbcseq", "model": name, "seed": seed, "task": tname,
+                    "data": data, "model": name, "seed": seed, "task": tname,
                     "mse": mse, "points": int(tgt.sum()),
                     "series": {"train": len(train_s), "valid": len(valid_s),
                                "test": len(test_s)},
@@ -361,6 +379,8 @@ def run_periodic(args, results):
         info, model = {}, None
         if name in LEARNED:
             log(f"periodic: training {name}")
+            plan = plan_for(args, "periodic", name, len(train_n))
+            bs = plan["batch_size"]
             model, info = train(
                 name, train_n, valid_n, seed=seed, epochs=plan["epochs"],
                 batch_size=bs, lr=plan["learning_rate"],
@@ -500,6 +520,7 @@ def main(argv=None):
             "recipe": {
                 "pbcseq": None if args.periodic_only else plan_for(args, "pbcseq"),
                 "periodic": plan_for(args, "periodic") if args.periodic else None,
+                "SVAE": "`ctmodels fit svae`'s recipe for the dataset",
             },
             "periodic_series": args.periodic_series if args.periodic else None,
             "n_samples": N_SAMPLES,
