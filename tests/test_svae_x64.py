@@ -209,3 +209,41 @@ def test_the_union_layout_gives_the_padded_layouts_bound(batch):
     np.testing.assert_allclose(q_uni.kl, q_pad.kl, rtol=1e-9)
     np.testing.assert_allclose(e_uni, e_pad, rtol=1e-9)
     np.testing.assert_allclose(x_uni, x_pad, rtol=1e-9)
+
+
+@eqx.filter_jit
+def _predict(model, batch, key):
+    return model.predict(batch, key=key, n_samples=1000)
+
+
+@pytest.mark.parametrize("task", ["interpolation", "extrapolation"])
+def test_predictive_intervals_cover_data_drawn_from_the_model(task):
+    """On series drawn from the generative model (the prior's paths at shared
+    irregular times, decoded, plus the observation noise), with the likelihood's
+    own potentials, `predict`'s 90% intervals (mean ± 1.645 std) cover the hidden
+    values 90% of the time and their z-scores have unit variance: interpolation
+    hides a random half of the steps, extrapolation every step after the middle."""
+    model = _optimal(_model(0))
+    rng = np.random.default_rng(1)
+    n, T = 300, 10
+    times = np.sort(rng.uniform(0.0, 4.0, T))
+    paths = np.asarray(model.sample_prior(times, key=jax.random.key(3), n_samples=n))
+    values = paths + SIGMA * rng.normal(size=paths.shape)
+    b = cd.make_batch(
+        cd.TimeSeries.from_arrays(np.broadcast_to(times, (n, T)), values),
+        layout="padded",
+    )
+    if task == "interpolation":  # whole steps (the optimal potentials need them)
+        seen = rng.random((n, T)) < 0.5
+    else:
+        seen = np.broadcast_to(np.arange(T) < T // 2, (n, T))
+    seen = np.pad(seen, ((0, 0), (0, b.times.shape[1] - T)))[..., None] & b.mask
+    b = eqx.tree_at(lambda x: x.mask, b, jnp.asarray(seen))
+    mean, std = _predict(model, b, jax.random.key(4))
+    hidden = np.asarray(b.target_mask & ~seen)
+    z = ((np.asarray(b.values) - np.asarray(mean)) / np.asarray(std))[hidden]
+    m = z.size  # about 1500 (interpolation) or 3000 values
+    cover = np.mean(np.abs(z) < 1.645)
+    # values of one series are correlated: a loose binomial band (4 se at m / 4)
+    assert abs(cover - 0.9) < 4 * math.sqrt(0.09 / (m / 4)), (cover, m)
+    assert abs(z.mean()) < 0.1 and abs(z.var() - 1.0) < 0.1, (z.mean(), z.var())
