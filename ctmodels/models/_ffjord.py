@@ -17,7 +17,7 @@ from .. import _errors
 from .._integrate import integrate
 from .._references import cites
 from ..nn import CNFField
-from ..nn._cnf import ACTIVATIONS, exact_divergence, hutchinson_divergence, probe
+from ..nn._cnf import ACTIVATIONS, hutchinson_divergence, probe
 from ..nn._odernn import check_ode_solver
 from . import _common as C
 
@@ -51,7 +51,9 @@ def _augmented_field(s, y, args):
         return end * dyn.field(s * end, v)
 
     if dyn.trace == "exact":
-        dx, trace, frob = exact_divergence(fn, x)
+        # the Jacobian carried through the layers, no nested AD (CNFField.divergence)
+        dx, trace, frob = dyn.field.divergence(s * end, x)
+        dx, trace, frob = end * dx, end * trace, jnp.square(end) * frob
     else:
         dx, trace, frob = hutchinson_divergence(fn, x, eps)
     out = {"x": dx, "logdet": trace}
@@ -84,7 +86,7 @@ class FFJORD(eqx.Module):
     regularisers [B])`, in the rescaled time `s = t / T_k ∈ [0, 1]` (so `T_k` is an
     ordinary parameter for every adjoint), through [`ctmodels.integrate`][] (any
     registered ODE solver and adjoint, by name or value). The divergence is the exact
-    trace (`D` batched forward-mode products) or Hutchinson's estimate `εᵀ(∂f/∂x)ε`
+    trace (the Jacobian carried through the layers, `CNFField.divergence`) or Hutchinson's estimate `εᵀ(∂f/∂x)ε`
     (one vector-Jacobian product per evaluation; the probe `ε`, Gaussian or
     Rademacher, is drawn once per solve and fixed over it). The RNODE terms, the
     kinetic energy `∫‖f‖² dt` and the Jacobian Frobenius norm `∫‖∂f/∂x‖²_F dt`
