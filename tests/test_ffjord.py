@@ -160,8 +160,9 @@ def test_fit_lowers_the_heldout_nll_and_checkpoint_rebuilds(tmp_path):
     assert len(history) == 10
     first, last = history["valid_nll"].iloc[0], history["valid_nll"].iloc[-1]
     assert last < first - 0.5, (first, last)
-    for col in ("train_nll", "train_bits_per_dim", "train_nfe", "train_nfe_backward",
-                "train_kinetic", "valid_nll", "valid_bits_per_dim", "valid_nfe"):  # fmt: skip
+    for col in ("train_nll", "train_bits_per_dim", "train_nfe",
+                "train_nfe_backward", "train_kinetic", "valid_nll",
+                "valid_bits_per_dim", "valid_nfe"):  # fmt: skip
         assert col in history.columns, col
     # a gradient's vector-Jacobian products: every differentiated forward evaluation
     assert np.all(history["train_nfe_backward"] == history["train_nfe"] - 2)

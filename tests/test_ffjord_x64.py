@@ -93,7 +93,11 @@ def test_carried_jacobian_divergence_matches_jacfwd(activation, width, depth):
 
     def oracle(field, t, x):  # per-row Jacobian by jacfwd
         jac = jax.vmap(jax.vmap(jax.jacfwd(lambda r: field(t, r))))(x)
-        return field(t, x), jnp.trace(jac, axis1=-2, axis2=-1), jnp.sum(jac**2, (-2, -1))
+        return (
+            field(t, x),
+            jnp.trace(jac, axis1=-2, axis2=-1),
+            jnp.sum(jac**2, (-2, -1)),
+        )
 
     def fast(field, t, x):
         return field.divergence(t, x)

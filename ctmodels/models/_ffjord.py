@@ -87,9 +87,10 @@ class FFJORD(eqx.Module):
     regularisers [B])`, in the rescaled time `s = t / T_k ∈ [0, 1]` (so `T_k` is an
     ordinary parameter for every adjoint), through [`ctmodels.integrate`][] (any
     registered ODE solver and adjoint, by name or value). The divergence is the exact
-    trace (the Jacobian carried through the layers, `CNFField.divergence`) or Hutchinson's estimate `εᵀ(∂f/∂x)ε`
-    (one vector-Jacobian product per evaluation; the probe `ε`, Gaussian or
-    Rademacher, is drawn once per solve and fixed over it). The RNODE terms, the
+    trace (the Jacobian carried through the layers: `CNFField.divergence`) or
+    Hutchinson's estimate `εᵀ(∂f/∂x)ε` (one vector-Jacobian product per evaluation;
+    the probe `ε`, Gaussian or Rademacher, is drawn once per solve and fixed over
+    it). The RNODE terms, the
     kinetic energy `∫‖f‖² dt` and the Jacobian Frobenius norm `∫‖∂f/∂x‖²_F dt`
     (exact with the exact trace, else Hutchinson's `‖εᵀ ∂f/∂x‖²` from the same
     product), are integrated in the same solve, only when their weight is > 0.
