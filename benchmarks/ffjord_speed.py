@@ -16,8 +16,12 @@ Gradient modes ("case"):
               torchdiffeq.odeint_adjoint.
 
 Implementations ("impl"):
-  ctmodels     FFJORD.loss through eqx.filter_value_and_grad: the exact trace by D
-               batched forward-mode products (jvp vmapped over the basis).
+  ctmodels     FFJORD.loss through eqx.filter_value_and_grad: the exact trace by
+               CNFField.divergence (the per-row Jacobian carried through the layers
+               next to the activations: plain matrix products, no nested AD).
+  jvp          diagnostic, the previous ctmodels path: the same solve, the trace by
+               D batched forward-mode products (ctmodels.nn.exact_divergence: jvp
+               vmapped over the basis), whose reverse mode is AD of forward-mode AD.
   naive        diagnostic: the same solve, but the trace from a per-sample jax.jacfwd
                vmapped over the batch (the "naive Diffrax CNF" of the issue).
   torchdiffeq  torchdiffeq.odeint / odeint_adjoint, method="dopri5": the exact trace
@@ -36,7 +40,8 @@ Sampling throughput: samples per second of FFJORD.sample (the reverse solve, jit
 for 10^5 samples (10^4 with --quick).
 
 Usage:
-  python benchmarks/ffjord_speed.py [--reps N] [--quick] [--no-torch]
+  python benchmarks/ffjord_speed.py [--reps N] [--quick] [--no-torch] [--no-naive]
+                                    [--no-jvp]
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ import numpy as np  # noqa: E402
 
 import ctmodels  # noqa: E402
 from ctmodels.models import FFJORD  # noqa: E402
+from ctmodels.nn import exact_divergence  # noqa: E402
 
 TOL = 1e-5
 END_TIME = 0.5
@@ -73,6 +79,7 @@ def parse():
     p.add_argument("--quick", action="store_true", help="batch 256, few reps")
     p.add_argument("--no-torch", action="store_true", help="skip torchdiffeq")
     p.add_argument("--no-naive", action="store_true", help="skip the naive diagnostic")
+    p.add_argument("--no-jvp", action="store_true", help="skip the jvp diagnostic")
     return p.parse_args()
 
 
@@ -98,18 +105,24 @@ def _naive_field(s, y, args):
     return {"x": dx, "logdet": jnp.trace(jac, axis1=-2, axis2=-1)}
 
 
-def naive_loss(model, x):
+def _jvp_field(s, y, args):
+    """The augmented field with the trace by D batched JVPs (the previous path)."""
+    field, end = args
+    dx, trace, _ = exact_divergence(lambda v: end * field(s * end, v), y["x"])
+    return {"x": dx, "logdet": trace}
+
+
+def naive_loss(model, x, vector_field=_naive_field):
     params, static = eqx.partition(model.field, eqx.is_array)
     field = eqx.combine(jax.tree.map(lambda p: p[0], params), static)
     end = model.end_times[0]
     sol = ctmodels.integrate(
-        _naive_field,
+        vector_field,
         {"x": x, "logdet": jnp.zeros(x.shape[0])},
         jnp.array([0.0, 1.0]),
         (field, end),
-        solver=model.solver, adjoint=model.adjoint, rtol=model.rtol, atol=model.atol,
-        max_steps=model.max_steps,
-    )  # fmt: skip
+        **model._solve_opts(),  # FFJORD's own solver, adjoint and controller
+    )
     z, logdet = sol.ys["x"][-1], sol.ys["logdet"][-1]
     logp = -0.5 * jnp.sum(z**2, -1) - LOG_2PI + logdet
     return -jnp.mean(logp), sol.stats["num_fn_evals"]
@@ -122,6 +135,10 @@ def jax_runner(model, x, kind):
         def loss(m, x):
             value, metrics = m.loss(x, key=jax.random.key(0))
             return value, metrics["nfe"]
+    elif kind == "jvp":
+
+        def loss(m, x):
+            return naive_loss(m, x, _jvp_field)
     else:
         loss = naive_loss
     f = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
@@ -237,6 +254,8 @@ def main():
         )  # fmt: skip
         runners, infos = {}, {}
         runners["ctmodels"], infos["ctmodels"] = jax_runner(model, x, "ctmodels")
+        if not args.no_jvp:
+            runners["jvp"], infos["jvp"] = jax_runner(model, x, "jvp")
         if not args.no_naive:
             runners["naive"], infos["naive"] = jax_runner(model, x, "naive")
         if torch_ok:

@@ -160,9 +160,12 @@ def test_fit_lowers_the_heldout_nll_and_checkpoint_rebuilds(tmp_path):
     assert len(history) == 10
     first, last = history["valid_nll"].iloc[0], history["valid_nll"].iloc[-1]
     assert last < first - 0.5, (first, last)
-    for col in ("train_nll", "train_bits_per_dim", "train_nfe", "train_kinetic",
-                "valid_nll", "valid_bits_per_dim", "valid_nfe"):  # fmt: skip
+    for col in ("train_nll", "train_bits_per_dim", "train_nfe",
+                "train_nfe_backward", "train_kinetic", "valid_nll",
+                "valid_bits_per_dim", "valid_nfe"):  # fmt: skip
         assert col in history.columns, col
+    # a gradient's vector-Jacobian products: every differentiated forward evaluation
+    assert np.all(history["train_nfe_backward"] == history["train_nfe"] - 2)
     # validation scores the exact-trace NLL alone (no regularisers)
     np.testing.assert_allclose(history["valid_loss"], history["valid_nll"], rtol=1e-6)
     assert np.all(history["train_loss"] > history["train_nll"])
@@ -170,6 +173,42 @@ def test_fit_lowers_the_heldout_nll_and_checkpoint_rebuilds(tmp_path):
     loaded, _ = load_checkpoint(tmp_path, model_classes={"FFJORD": FFJORD})
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trained), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_backward_nfe_counts_the_vector_field_vjps(monkeypatch):
+    """`nfe_backward` against a count of the VJPs the gradient really evaluates (a
+    host callback in the backward rule of the augmented field), two blocks."""
+    from ctmodels.models import _ffjord
+
+    inner = _ffjord._augmented_field
+    calls = []
+
+    @jax.custom_vjp
+    def counted(s, y, args):
+        return inner(s, y, args)
+
+    def fwd(s, y, args):
+        return jax.vjp(inner, s, y, args)
+
+    def bwd(pull, ct):
+        jax.debug.callback(lambda: calls.append(1))
+        return pull(ct)
+
+    counted.defvjp(fwd, bwd)
+    monkeypatch.setattr(_ffjord, "_augmented_field", counted)
+    model = FFJORD(2, width=8, depth=1, blocks=2, rtol=1e-4, atol=1e-4, key=KEY)
+    x = jax.random.normal(jax.random.key(3), (16, 2))
+    grad, metrics = eqx.filter_jit(
+        eqx.filter_grad(lambda m: m.loss(x, key=KEY), has_aux=True)
+    )(model)
+    jax.block_until_ready(grad)
+    jax.effects_barrier()
+    assert int(metrics["nfe_backward"]) == len(calls) > 0
+    # blocks × (2 starting-step evaluations, never differentiated)
+    assert int(metrics["nfe_backward"]) == int(metrics["nfe"]) - 4
+    # the continuous adjoint's backward solve is not reported: no metric
+    back = FFJORD(2, width=8, depth=1, adjoint="backsolve", key=KEY)
+    assert back._backward_evals_per_step() is None
 
 
 def test_bad_arguments_say_what_to_do():

@@ -14,11 +14,12 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .. import _errors
-from .._integrate import integrate
+from .._integrate import _evals_per_step, integrate
 from .._references import cites
 from ..nn import CNFField
-from ..nn._cnf import ACTIVATIONS, exact_divergence, hutchinson_divergence, probe
+from ..nn._cnf import ACTIVATIONS, hutchinson_divergence, probe
 from ..nn._odernn import check_ode_solver
+from ..solvers import _registry
 from . import _common as C
 
 #: `trace="auto"` trains with the exact trace up to this many dimensions.
@@ -51,7 +52,9 @@ def _augmented_field(s, y, args):
         return end * dyn.field(s * end, v)
 
     if dyn.trace == "exact":
-        dx, trace, frob = exact_divergence(fn, x)
+        # the Jacobian carried through the layers, no nested AD (CNFField.divergence)
+        dx, trace, frob = dyn.field.divergence(s * end, x)
+        dx, trace, frob = end * dx, end * trace, jnp.square(end) * frob
     else:
         dx, trace, frob = hutchinson_divergence(fn, x, eps)
     out = {"x": dx, "logdet": trace}
@@ -84,9 +87,10 @@ class FFJORD(eqx.Module):
     regularisers [B])`, in the rescaled time `s = t / T_k ∈ [0, 1]` (so `T_k` is an
     ordinary parameter for every adjoint), through [`ctmodels.integrate`][] (any
     registered ODE solver and adjoint, by name or value). The divergence is the exact
-    trace (`D` batched forward-mode products) or Hutchinson's estimate `εᵀ(∂f/∂x)ε`
-    (one vector-Jacobian product per evaluation; the probe `ε`, Gaussian or
-    Rademacher, is drawn once per solve and fixed over it). The RNODE terms, the
+    trace (the Jacobian carried through the layers: `CNFField.divergence`) or
+    Hutchinson's estimate `εᵀ(∂f/∂x)ε` (one vector-Jacobian product per evaluation;
+    the probe `ε`, Gaussian or Rademacher, is drawn once per solve and fixed over
+    it). The RNODE terms, the
     kinetic energy `∫‖f‖² dt` and the Jacobian Frobenius norm `∫‖∂f/∂x‖²_F dt`
     (exact with the exact trace, else Hutchinson's `‖εᵀ ∂f/∂x‖²` from the same
     product), are integrated in the same solve, only when their weight is > 0.
@@ -302,6 +306,21 @@ class FFJORD(eqx.Module):
             max_steps=self.max_steps,
         )
 
+    def _backward_evals_per_step(self) -> tuple[int, int] | None:
+        """`(per attempted step, at the start)`: the vector-field VJPs of a solve's
+        backward pass, where the gradient engine fixes them by the forward solve: the
+        discretise-then-optimise adjoints (`"checkpoint"`, `"direct"`) differentiate
+        every stage of every attempted step once, and the first-same-as-last stage
+        of the start (Hairer's starting-step evaluations are not differentiated).
+        None for the continuous adjoint (`"backsolve"`: Diffrax's backward solve
+        does not report its steps) and for implicit steppers (Newton iterations)."""
+        adjoint, _ = _registry.resolve(self.adjoint, "adjoint")
+        discrete = diffrax.RecursiveCheckpointAdjoint | diffrax.DirectAdjoint
+        if not isinstance(adjoint, discrete):
+            return None
+        solver, _ = _registry.resolve(self.solver, "ode")
+        return _evals_per_step(solver)
+
     def _preprocess(self, v):
         """Image data `v ∈ [0, levels)`: the logit `s` and `log|ds/dv|` per row;
         identity (log-determinant 0) for continuous data."""
@@ -343,8 +362,11 @@ class FFJORD(eqx.Module):
 
         **Returns:** `(z, logdet, extra)`: the base points, `Σ_k ∫ tr(∂f_k/∂x) dt`
         per point (so `log p(x) = log N(z) + logdet`), and a dict with
-        `num_fn_evals` (forward evaluations of all solves) and, where computed, the
-        per-point `kinetic` and `jacobian` integrals.
+        `num_fn_evals` (forward evaluations of all solves), `num_backward_evals`
+        (the vector-field VJPs a reverse-mode gradient of these solves takes, where
+        the adjoint fixes them: `"checkpoint"` and `"direct"`; recomputed forward
+        steps not counted; -1 where unknown, as for `"backsolve"`) and, where
+        computed, the per-point `kinetic` and `jacobian` integrals.
         """
         x = self._check(x)
         if trace not in ("exact", "hutchinson"):
@@ -366,9 +388,10 @@ class FFJORD(eqx.Module):
         keys = jax.random.split(jax.random.key(0) if key is None else key, self.blocks)
         params, static = eqx.partition(self.field, eqx.is_array)
         opts = self._solve_opts()
+        per_step = self._backward_evals_per_step()
 
         def block(carry, inputs):
-            state, nfe = carry
+            state, nfe, nfe_bwd = carry
             p, end, k = inputs
             dyn = _Dynamics(eqx.combine(p, static), trace, kinetic, jacobian)
             eps = None if trace == "exact" else probe(k, x.shape, self.noise, x.dtype)
@@ -378,12 +401,20 @@ class FFJORD(eqx.Module):
             )  # fmt: skip
             state = jax.tree.map(lambda y: y[-1], sol.ys)
             evals = jnp.asarray(sol.stats["num_fn_evals"]).astype(jnp.int32)
-            return (state, nfe + evals), None
+            if per_step is None:
+                back = jnp.asarray(-1, jnp.int32)
+            else:
+                steps = jnp.asarray(sol.stats["num_steps"]).astype(jnp.int32)
+                back = nfe_bwd + steps * per_step[0] + per_step[1]
+            return (state, nfe + evals, back), None
 
         nfe0 = jnp.zeros((), jnp.int32)
-        (state, nfe), _ = jax.lax.scan(block, (state, nfe0), (params, ends, keys))
+        (state, nfe, nfe_bwd), _ = jax.lax.scan(
+            block, (state, nfe0, nfe0), (params, ends, keys)
+        )
         extra = {k: v for k, v in state.items() if k in ("kinetic", "jacobian")}
         extra["num_fn_evals"] = nfe
+        extra["num_backward_evals"] = nfe_bwd
         return state["x"], state["logdet"], extra
 
     def from_base(self, z: Float[Array, "... D"]) -> Float[Array, "... D"]:
@@ -463,7 +494,10 @@ class FFJORD(eqx.Module):
 
         **Returns:** `(loss, metrics)`: `nll` (nats per sample), `bits_per_dim`,
         `nfe` (forward vector-field evaluations of the batch's solves), `end_time`
-        (the blocks' total), and in training, where weighted, `kinetic` and
+        (the blocks' total), and in training `nfe_backward` (the vector-field
+        vector-Jacobian products of the gradient, with the `"checkpoint"` or
+        `"direct"` adjoint and an explicit solver; not with `"backsolve"`, whose
+        backward solve Diffrax does not report) and, where weighted, `kinetic` and
         `jacobian` (means per sample).
         """
         x = self._check(batch, "batch")
@@ -483,6 +517,8 @@ class FFJORD(eqx.Module):
             "nfe": extra["num_fn_evals"].astype(jnp.float32),
             "end_time": jnp.sum(self.end_times),
         }
+        if not self.inference and self._backward_evals_per_step() is not None:
+            metrics["nfe_backward"] = extra["num_backward_evals"].astype(jnp.float32)
         if "kinetic" in extra:
             metrics["kinetic"] = jnp.mean(extra["kinetic"])
             loss = loss + self.kinetic_weight * metrics["kinetic"]

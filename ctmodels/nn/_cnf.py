@@ -27,6 +27,21 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def _swish_derivative(h, a):
+    sig = jax.nn.sigmoid(h)
+    return sig + a * (1 - sig)
+
+
+#: Each activation's derivative in closed form, from the pre-activation `h` and the
+#: activation `a = σ(h)` (for the Jacobian that `CNFField.divergence` carries).
+DERIVATIVES: dict[str, Callable[[Array, Array], Array]] = {
+    "tanh": lambda h, a: 1 - a * a,
+    "softplus": lambda h, a: jax.nn.sigmoid(h),
+    "elu": lambda h, a: jnp.where(h > 0, 1, a + 1),
+    "swish": _swish_derivative,
+}
+
+
 @cites("grathwohl2019ffjord")
 class ConcatSquashLinear(eqx.Module):
     """A linear layer conditioned on time `t` (Grathwohl et al., 2019):
@@ -64,8 +79,11 @@ class ConcatSquashLinear(eqx.Module):
     def __call__(
         self, t: ArrayLike, x: Float[Array, "... in"]
     ) -> Float[Array, "... out"]:
-        gate = jax.nn.sigmoid(self.gate_weight * t + self.gate_bias)
+        gate = self._gate(t)
         return (x @ self.weight.T + self.bias) * gate + self.time_bias * t
+
+    def _gate(self, t: ArrayLike) -> Array:
+        return jax.nn.sigmoid(self.gate_weight * t + self.gate_bias)
 
 
 class CNFField(eqx.Module):
@@ -121,6 +139,52 @@ class CNFField(eqx.Module):
             x = act(layer(t, x))
         return self.layers[-1](t, x)
 
+    def divergence(
+        self, t: ArrayLike, x: Float[Array, "... dim"]
+    ) -> tuple[Array, Array, Array]:
+        """`f(t, x)`, its exact divergence `tr(∂f/∂x)` per row and the squared
+        Frobenius norm `‖∂f/∂x‖²_F` per row, as [`exact_divergence`][] gives them
+        for this field, but cheaper: the per-row Jacobian `J [rows, dim, width]`
+        is carried forward through the layers alongside the activations,
+        `J ← σ'(h_l) ⊙ (J (gate_l ⊙ W_l)ᵀ)` (the activation's derivative in closed
+        form), so each layer costs one more matrix product of the rows' `dim`
+        tangents and the reverse-mode derivative is plain matrix products, with no
+        nested automatic differentiation. `f(t, x)` is computed exactly as by
+        `__call__`.
+
+        **Returns:** `(f(t, x) [..., dim], trace [...], frobenius [...])`.
+        """
+        lead, d = x.shape[:-1], x.shape[-1]
+        act = ACTIVATIONS[self.activation]
+        dact = DERIVATIVES[self.activation]
+        x = x.reshape(-1, d)
+        n = x.shape[0]
+
+        def folded(layer):  # gate_l ⊙ W_l: the layer's Jacobian, the same per row
+            return layer.weight * layer._gate(t)[:, None]
+
+        first, last = self.layers[0], self.layers[-1]
+        if len(self.layers) == 1:
+            fx = first(t, x)
+            jac = folded(first)
+            trace = jnp.broadcast_to(jnp.trace(jac), (n,))
+            frob = jnp.broadcast_to(jnp.sum(jnp.square(jac)), (n,))
+        else:
+            h = first(t, x)
+            a = act(h)
+            # jac[r, i, k] = ∂a_k/∂x_i of row r; rows stacked as (n dim) for the GEMMs
+            jac = dact(h, a)[:, None, :] * folded(first).T[None]
+            for layer in self.layers[1:-1]:
+                h = layer(t, a)
+                a = act(h)
+                jac = jac.reshape(n * d, -1) @ folded(layer).T
+                jac = jac.reshape(n, d, -1) * dact(h, a)[:, None, :]
+            fx = last(t, a)
+            jac = (jac.reshape(n * d, -1) @ folded(last).T).reshape(n, d, d)
+            trace = jnp.trace(jac, axis1=1, axis2=2)
+            frob = jnp.sum(jnp.square(jac), axis=(1, 2))
+        return fx.reshape(lead + (d,)), trace.reshape(lead), frob.reshape(lead)
+
 
 def exact_divergence(
     fn: Callable[[Array], Array], x: Float[Array, "... D"]
@@ -129,7 +193,11 @@ def exact_divergence(
     `‖∂fn/∂x‖²_F` per row, for a batched `fn` whose rows are independent.
 
     `D` forward-mode products (one per input dimension, each for the whole batch,
-    vmapped so that `fn` itself runs once): cheap for small `D`.
+    vmapped so that `fn` itself runs once): cheap for small `D`. For a
+    [`CNFField`][], `CNFField.divergence` gives the same values with a much cheaper
+    reverse-mode derivative (no AD of forward-mode AD: at batch 1024 in 2-D its
+    vector-Jacobian product is 3 to 5 times cheaper;
+    `benchmarks/cnf_divergence_profile.py`).
 
     **Returns:** `(fn(x) [..., D], trace [...], frobenius [...])`.
     """
