@@ -56,6 +56,8 @@ class SavePoints:
             "metadata": self._metadata(s, frame),
         }
         trees = {"model": s.model, "opt_state": s.opt_state, "best_model": s.best_model}
+        if run.placement is not None:  # host arrays: resumable on any device count
+            trees = run.placement.to_host(trees)
         write_checkpoint(run.ckpt_path, trees, header)
         write_text_atomic(
             Path(run.options.checkpoint_dir) / "history.csv",
