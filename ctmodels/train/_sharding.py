@@ -67,16 +67,20 @@ class Placement:
     def batch(self, batch: Any) -> Any:
         """A batch split along its first axis over the devices. An array whose first
         axis does not divide (the short last validation batch of array data) is
-        replicated instead: correct, only not parallel."""
-
-        def place(x):
-            if not eqx.is_array(x):
-                return x
-            if x.ndim >= 1 and x.shape[0] % self.size == 0:
-                return jax.device_put(x, self.split)
-            return jax.device_put(x, self.replicated)
-
-        return jax.tree.map(place, batch)
+        replicated instead: correct, only not parallel. One `device_put` for all
+        the arrays (a call per array cost a millisecond more per step)."""
+        leaves, treedef = jax.tree.flatten(batch)
+        where = [i for i, x in enumerate(leaves) if eqx.is_array(x)]
+        shardings = [
+            self.split
+            if leaves[i].ndim >= 1 and leaves[i].shape[0] % self.size == 0
+            else self.replicated
+            for i in where
+        ]
+        placed = jax.device_put([leaves[i] for i in where], shardings)
+        for i, x in zip(where, placed, strict=True):
+            leaves[i] = x
+        return jax.tree.unflatten(treedef, leaves)
 
     def to_host(self, tree: Any) -> Any:
         """Every array leaf as one NumPy array on the host (what checkpoints hold)."""
