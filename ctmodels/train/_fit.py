@@ -19,7 +19,8 @@ The loop is in pieces, each in a private module of `ctmodels.train`: `_options`
 run description, bound steps, first state), `_step` (the compiled steps), `_resume`
 (whether a checkpoint is of this run), `_loop` (the epoch loop), `_nan` (the NaN
 policy), `_stopping` (validation and early stopping), `_history` (the per-epoch
-rows), `_savepoint` (checkpoints and rollback targets), `_signals` (SIGTERM).
+rows), `_savepoint` (checkpoints and rollback targets), `_signals` (SIGTERM),
+`_sharding` (`devices=`: the mesh, and where batches and parameters are placed).
 """
 
 from __future__ import annotations
