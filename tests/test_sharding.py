@@ -202,6 +202,55 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# two processes on this machine, two CPU devices each, one model over all four:
+# `jax.distributed` with Gloo's CPU collectives
+MULTI = textwrap.dedent(
+    r"""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    import equinox as eqx, jax.numpy as jnp, numpy as np
+    import ctmodels.train._savepoint as savepoint
+    from ctmodels.data import TimeSeries
+    from ctmodels.train import fit, load_checkpoint
+
+    writes = []
+    _write = savepoint.write_checkpoint
+    savepoint.write_checkpoint = lambda *a, **k: (writes.append(1), _write(*a, **k))
+
+    class Curve(eqx.Module):
+        a: jax.Array
+        b: jax.Array
+
+        def loss(self, batch, *, key):
+            pred = self.a + self.b * batch.times[..., None]
+            pred = pred + 0.05 * jax.random.normal(key, pred.shape)
+            w = batch.target_mask * batch.weight[:, None, None]
+            return jnp.sum(w * (pred - batch.values) ** 2) / jnp.maximum(w.sum(), 1), {}
+
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.uniform(0, 2, size=(20, 8)), axis=1)
+    data = TimeSeries.from_arrays(times, np.sin(times)[..., None])
+    run = lambda devices, **kw: fit(
+        Curve(jnp.array([0.1]), jnp.array([-0.2])), data, steps=6, batch_size=4,
+        devices=devices, key=jax.random.key(1), log=False, learning_rate=0.05, **kw)
+    many, _ = run(jax.devices(), checkpoint_dir=folder)
+    one, _ = run(None)  # this process alone, one device: the oracle
+    rel = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.abs(y)))
+              for x, y in zip(jax.tree.leaves(many), jax.tree.leaves(one)))
+    jax.distributed.shutdown()
+    _, meta = load_checkpoint(folder, like=one)
+    print("RESULT " + json.dumps({
+        "pid": pid, "devices": jax.device_count(), "local": jax.local_device_count(),
+        "param_rel": rel, "writes": len(writes),
+        "saved_devices": meta["fit"]["devices"], "saved_step": meta["state"]["step"],
+    }))
+    """
+)
+
+
 @pytest.fixture(scope="module")
 def result():
     env = dict(os.environ)
@@ -304,3 +353,40 @@ def test_one_device_is_the_plain_path():
             resolve_devices(bad, 8)
     x = np.arange(6.0)
     assert np.array_equal(p.to_host({"x": p.replicate(x)})["x"], x)
+
+
+def test_two_processes_train_one_model(tmp_path):
+    """`jax.distributed` on one machine: two processes with two CPU devices each
+    train over all four (`devices=jax.devices()`) and agree with one device; only
+    process 0 writes the checkpoint."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = str(sock.getsockname()[1])
+    env = dict(os.environ)
+    flags = env.get("XLA_FLAGS", "")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
+    env.update(JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(sys.path))  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MULTI, str(i), port, str(tmp_path / "run")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-4000:]
+        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
+        results.append(json.loads(line[len("RESULT ") :]))
+    for r in results:
+        assert (r["devices"], r["local"]) == (4, 2)
+        assert r["param_rel"] < PARAM_RTOL
+        assert (r["saved_devices"], r["saved_step"]) == (4, 6)
+    assert results[0]["writes"] > 0 and results[1]["writes"] == 0

@@ -125,7 +125,9 @@ def fit(
       all-reduce of the gradient, whose result, like the new parameters, comes out
       replicated. So results equal one device's up to the order of floating-point
       sums. Checkpoints hold host arrays: a run resumes on any number of devices.
-      `batch_size` must be a multiple of the device count.
+      `batch_size` must be a multiple of the device count. With several processes
+      (`jax.distributed.initialize`), every process passes `jax.devices()` and the
+      same data and key; only process 0 writes checkpoints.
     - `key`: a JAX PRNG key; all randomness derives from it (see the module docs).
     - `optimizer`: any `optax.GradientTransformation` (its updates are applied as
       they are). Default: Adam after global-norm clipping at `clip_norm`, on the

@@ -25,6 +25,13 @@ is the solver's many steps per series, not their parameter count), so the memory
 sharded optimizer state would save is negligible next to the all-gathers it would add
 to every vector-field evaluation.
 
+Several processes (`jax.distributed.initialize`, one per host) train one model when
+each passes the same list of every process's devices (`devices=jax.devices()`): the
+mesh then spans the processes, XLA's collectives (NCCL on GPUs, Gloo on CPUs) carry
+the all-reduce, and only process 0 writes checkpoints. Every process reads each batch
+in full and keeps its own devices' rows (the same data and key on every process give
+the same batches); reading only a process's own rows is not done yet.
+
 Checkpoints hold host (NumPy) arrays gathered from the replicas (`to_host`), the same
 bytes as a single-device run's, so a run started on 4 devices resumes on 1 and the
 reverse; the model `fit` returns lives on the default device, as after a
@@ -38,6 +45,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -59,10 +67,17 @@ class Placement:
 
     def replicate(self, tree: Any) -> Any:
         """Every array leaf of `tree` copied to every device."""
-        return jax.tree.map(
-            lambda x: jax.device_put(x, self.replicated) if eqx.is_array(x) else x,
-            tree,
-        )
+
+        def put(x):
+            if not eqx.is_array(x):
+                return x
+            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+                # keys move as their raw data (across processes, only that can)
+                data = jax.device_put(jax.random.key_data(x), self.replicated)
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+            return jax.device_put(x, self.replicated)
+
+        return jax.tree.map(put, tree)
 
     def batch(self, batch: Any) -> Any:
         """A batch split along its first axis over the devices. An array whose first
@@ -150,11 +165,11 @@ def _device_sequence(devices: Any) -> list[jax.Device]:
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"devices lists a device twice: {chosen}.")
     here = jax.process_index()
-    remote = [d for d in chosen if d.process_index != here]
-    if remote:
+    if not any(d.process_index == here for d in chosen):
         raise ValueError(
-            f"devices must be this process's own (jax.local_devices()); {remote} "
-            "belong to other processes."
+            f"devices lists none of this process's devices (jax.local_devices() is "
+            f"{jax.local_devices()}): with several processes (jax.distributed), every "
+            "process passes the same list, e.g. jax.devices()."
         )
     return chosen
 
