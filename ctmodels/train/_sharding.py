@@ -1,4 +1,4 @@
-"""Data-parallel `fit` over local devices with JAX's own sharding (`fit(devices=...)`).
+"""Data-parallel `fit` over several devices with JAX's sharding (`fit(devices=...)`).
 
 With several devices, `fit` lays them out as a one-axis `jax.sharding.Mesh` (axis
 `"data"`), and places
@@ -56,7 +56,7 @@ AXIS = "data"
 
 
 class Placement:
-    """Where `fit`'s arrays live when it trains on a mesh of local devices."""
+    """Where `fit`'s arrays live when it trains on a mesh of devices."""
 
     def __init__(self, devices: Sequence[jax.Device]):
         self.devices = tuple(devices)
