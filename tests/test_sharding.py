@@ -6,7 +6,9 @@ machine's cores), appended to the suite's flags (`tests/conftest.py`). The subpr
 runs every check once and prints one JSON line; the tests below assert on it. The
 oracle is the single-device run: a batch split over 2 or 4 devices must give the
 same loss trajectory and parameters up to the order of floating-point sums (float32
-tolerances), and the same checkpoints (a run resumes across device counts).
+tolerances), and the same checkpoints (a run resumes across device counts). A second
+test runs two processes joined by `jax.distributed` (Gloo's CPU collectives), two
+devices each, training one model over all four.
 """
 
 from __future__ import annotations
