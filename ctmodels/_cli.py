@@ -71,7 +71,7 @@ def _fit(ns) -> int:
         given["patience"] = ns.patience
     if ns.overwrite:
         given["overwrite"] = True
-    for name in ("max_plots", "channels", "max_series"):
+    for name in ("max_plots", "channels", "max_series", "devices"):
         if getattr(ns, name) is not None:
             given[name] = getattr(ns, name)
     progress = False if ns.quiet else None
@@ -105,7 +105,8 @@ def _fit(ns) -> int:
 
 
 _JOB_SETTINGS = ("epochs", "learning_rate", "batch_size", "patience", "seed",
-                 "overwrite", "max_plots", "channels", "max_series")  # fmt: skip
+                 "overwrite", "max_plots", "channels", "max_series",
+                 "devices")  # fmt: skip
 
 
 def _parse_assignment(text: str):
@@ -407,6 +408,12 @@ def _add_fit(sub) -> None:
             default=None,
             help="train on a random subset of this many series",
         )
+        q.add_argument(
+            "--devices", type=_positive_int, default=None,
+            help="train data-parallel on this many local devices (GPUs, or CPU "
+            "devices simulated with XLA_FLAGS=--xla_force_host_platform_device_"
+            "count=N); the batch size must be a multiple of it (default: 1)",
+        )  # fmt: skip
         g = q.add_argument_group(
             f"{family.model.__name__} options",
             "(also settable as --option KEY=VALUE)",

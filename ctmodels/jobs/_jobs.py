@@ -29,6 +29,7 @@ from typing import Any
 import jax
 
 from .. import train as _train
+from .._errors import is_int
 from .._integrate import resolve_adjoint
 from .._outputs import check_out_dir, check_out_file
 from ..models import Fitted, calibrate_spread
@@ -175,6 +176,32 @@ def _check_options(model_kw: dict[str, Any]) -> None:
         resolve_adjoint(model_kw["adjoint"], "integrate")
 
 
+def _check_devices(devices: int | None, batch_size: int, given: bool) -> None:
+    """`--devices` against this machine and the batch size (the recipe's, unless
+    given), in the CLI's words, before anything is read or written
+    (`ctmodels.train.fit` checks the same in its own)."""
+    if devices is None:
+        return
+    if not is_int(devices) or devices < 1:
+        raise ValueError(f"devices (--devices) must be an int >= 1, got {devices!r}.")
+    have = jax.local_device_count()
+    if devices > have:
+        raise ValueError(
+            f"--devices {devices}: this machine has {have} {jax.default_backend()} "
+            f"device{'s' * (have != 1)}. Pass --devices {have} or fewer (on CPU, "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} simulates "
+            "more, sharing the cores)."
+        )
+    if batch_size % devices:
+        whose = "--batch-size" if given else "the recipe's batch size"
+        good = -(-batch_size // devices) * devices
+        raise ValueError(
+            f"--devices {devices} does not divide {whose} {batch_size}: every batch "
+            f"is split evenly over the devices. Pass --batch-size {good} (a multiple "
+            f"of {devices}), or fewer devices."
+        )
+
+
 def fit(
     family: str | Family,
     data: str | Path,
@@ -190,6 +217,7 @@ def fit(
     overwrite: bool = False,
     channels: Sequence[str] | str | None = None,
     max_series: int | None = None,
+    devices: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fit a model of `family` to `data` end to end and write the outputs listed in
@@ -214,6 +242,10 @@ def fit(
     - `channels`: the variables to model (names, or one comma-separated string;
       None: every channel of the data); `max_series`: train on a random subset of
       that many series.
+    - `devices`: train data-parallel on this many local devices
+      (`ctmodels.train.fit(devices=...)`; `--devices`); None: one. The batch size
+      must be a multiple of it. `metrics.json` records it; a run resumes on any
+      number of devices.
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
       recipe's for `data` where it sets some (its `"options"` entry; digits:
@@ -233,6 +265,7 @@ def fit(
     model_kw, loss_kw = family.resolve_options({**recipe_options, **options})
     out = check_out_dir(out)
     _check_options(model_kw)  # before anything is written
+    _check_devices(devices, plan["batch_size"], given=batch_size is not None)
     if isinstance(channels, str):
         channels = [c.strip() for c in channels.split(",") if c.strip()]
     data_kw = {k: v for k, v in (("channels", channels), ("max_series", max_series))
@@ -290,6 +323,7 @@ def fit(
             extra_state=extra,
             loss_kwargs=loss_kw,
             resume=not overwrite,
+            devices=devices,
         )
     except _train.ResumeRefused as err:
         raise ValueError(_cli_words(err, out)) from None
@@ -325,6 +359,7 @@ def fit(
     metrics.update({
         "units": family.metric_units,
         "fit_seconds": round(t_fit, 1),
+        "devices": 1 if devices is None else int(devices),
         "compilations": history.attrs.get("compilations"),
     })  # fmt: skip
     if family.predict is not None:

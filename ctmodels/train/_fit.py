@@ -19,16 +19,18 @@ The loop is in pieces, each in a private module of `ctmodels.train`: `_options`
 run description, bound steps, first state), `_step` (the compiled steps), `_resume`
 (whether a checkpoint is of this run), `_loop` (the epoch loop), `_nan` (the NaN
 policy), `_stopping` (validation and early stopping), `_history` (the per-epoch
-rows), `_savepoint` (checkpoints and rollback targets), `_signals` (SIGTERM).
+rows), `_savepoint` (checkpoints and rollback targets), `_signals` (SIGTERM),
+`_sharding` (`devices=`: the mesh, and where batches and parameters are placed).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import equinox as eqx
+import jax
 import optax
 import pandas as pd
 from jaxtyping import PRNGKeyArray
@@ -60,6 +62,7 @@ def fit(
     epochs: int | None = None,
     steps: int | None = None,
     batch_size: int = 32,
+    devices: int | Sequence[jax.Device] | None = None,
     key: PRNGKeyArray,
     optimizer: optax.GradientTransformation | None = None,
     learning_rate: float = 1e-3,
@@ -110,6 +113,21 @@ def fit(
       last (partial) epoch is still validated and recorded.
     - `batch_size`: series (or rows) per batch (default 32, as in the default
       recipe of `ctmodels fit`).
+    - `devices`: train data-parallel on several local devices (`docs/scaling.md`).
+      None or 1 (default): one device, exactly as without the option. An int N > 1:
+      the first N of `jax.local_devices()`; a sequence of devices: those (a
+      one-device sequence runs the sharded path on one device). The devices form a
+      one-axis `jax.sharding.Mesh`; each batch is split along its series (row) axis
+      and the parameters, optimizer state and keys are replicated, by
+      `jax.device_put` of the step's inputs. The compiled step is the same function
+      as on one device (not a second `jit` with explicit in/out shardings): `jit`
+      compiles it once per placement and XLA's SPMD partitioner (GSPMD) inserts the
+      all-reduce of the gradient, whose result, like the new parameters, comes out
+      replicated. So results equal one device's up to the order of floating-point
+      sums. Checkpoints hold host arrays: a run resumes on any number of devices.
+      `batch_size` must be a multiple of the device count. With several processes
+      (`jax.distributed.initialize`), every process passes `jax.devices()` and the
+      same data and key; only process 0 writes checkpoints.
     - `key`: a JAX PRNG key; all randomness derives from it (see the module docs).
     - `optimizer`: any `optax.GradientTransformation` (its updates are applied as
       they are). Default: Adam after global-norm clipping at `clip_norm`, on the

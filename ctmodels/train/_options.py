@@ -35,6 +35,7 @@ class FitOptions:
     epochs: int | None
     steps: int | None
     batch_size: int
+    devices: Any
     optimizer: optax.GradientTransformation | None
     learning_rate: float
     schedule: str | Callable

@@ -19,6 +19,7 @@ from ._data import as_data, auto_min_times, check_same_channels
 from ._options import FitOptions, check_options, describe, json_roundtrip
 from ._progress import resolve_log
 from ._resume import pow2_era, resume
+from ._sharding import Placement, resolve_devices
 from ._state import LoopState, strong
 from ._step import ADAM, StepConfig, Steps
 from ._stopping import check_monitor
@@ -42,6 +43,7 @@ class Run:
     compare: dict[str, Any]  # what a resumed run must match
     config: dict[str, Any]  # `compare` and the other settings, for the checkpoint
     compiled: Steps  # the compiled steps, bound to this run
+    placement: Placement | None  # fit(devices=...)'s mesh (None: one device)
     data_key: Any  # epoch e shuffles with fold_in(data_key, e)
     ckpt_path: Path | None
 
@@ -57,11 +59,13 @@ class Run:
         return s.batch >= self.num_batches or (steps is not None and s.step >= steps)
 
     def returned_model(self, s: LoopState):
-        """The best model (with validation data and `restore_best`) or the last."""
+        """The best model (with validation data and `restore_best`) or the last (on
+        the default device)."""
+        model = s.model
         if self.valid is not None and self.options.restore_best:
             if s.best_model is not None:
-                return s.best_model
-        return s.model
+                model = s.best_model
+        return model if self.placement is None else self.placement.to_default(model)
 
 
 def prepare(model, train, valid, key, options: FitOptions) -> Run:
@@ -69,6 +73,7 @@ def prepare(model, train, valid, key, options: FitOptions) -> Run:
     checked = check_options(model, valid, key, options)
     o = checked.options
     log_fn = resolve_log(o.log)
+    placement = resolve_devices(o.devices, o.batch_size)
     o, train_data, valid_data, min_times = _open_data(o, train, valid, log_fn)
     nb = train_data.num_batches(train=True)
     total_steps = o.steps if o.steps is not None else o.epochs * nb
@@ -80,13 +85,16 @@ def prepare(model, train, valid, key, options: FitOptions) -> Run:
         **{k: getattr(o, k) for k in ("epochs", "steps")},
         "total_steps": total_steps,
         **{k: getattr(o, k) for k in _CONFIG_ONLY},
+        # not in `compare`: a run resumes on any number of devices
+        "devices": 1 if placement is None else placement.size,
     }
     run = Run(
         options=o, train=train_data, valid=valid_data, num_batches=nb,
         total_steps=total_steps, min_times=min_times, pass_kl=checked.pass_kl,
         key_data=checked.key_data, extra_json=checked.extra_json, log=log_fn,
         model_desc=model_desc, compare=compare, config=config,
-        compiled=_bind_steps(o, key, checked.pass_kl, total_steps),
+        compiled=_bind_steps(o, key, checked.pass_kl, total_steps, placement),
+        placement=placement,
         data_key=jax.random.fold_in(key, 0),
         ckpt_path=None if o.checkpoint_dir is None
         else Path(o.checkpoint_dir) / FIT_SUBDIR,
@@ -181,7 +189,8 @@ def _compare(o, key_data, model_desc, train_data, valid_data, min_times, total_s
     })  # fmt: skip
 
 
-def _bind_steps(o: FitOptions, key, pass_kl: bool, total_steps: int) -> Steps:
+def _bind_steps(o: FitOptions, key, pass_kl: bool, total_steps: int,
+                placement: Placement | None) -> Steps:  # fmt: skip
     """The compiled steps for this run: module-level jitted steps with a hashable
     static configuration, so a second `fit` with the same optimizer / task / model
     structure reuses the compiled code."""
@@ -201,26 +210,40 @@ def _bind_steps(o: FitOptions, key, pass_kl: bool, total_steps: int) -> Steps:
         "clip_norm": f32(1.0 if o.clip_norm is None else o.clip_norm),
         "kl_steps": jnp.asarray(o.kl_anneal_steps, jnp.int32),
     }
+    step_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    if placement is not None:  # on every device, as the parameters are
+        hyper, step_key, eval_key = placement.replicate((hyper, step_key, eval_key))
     return Steps(
         cfg=cfg,
         hyper=hyper,
-        step_key=jax.random.fold_in(key, 1),
-        eval_key=jax.random.fold_in(key, 2),
+        step_key=step_key,
+        eval_key=eval_key,
         loss_kwargs=o.loss_kwargs,
+        placement=placement,
     )
 
 
 def first_state(run: Run, model) -> tuple[LoopState, int | None, float]:
     """The state to start from: fresh, or resumed from `checkpoint_dir`; the step
-    it resumed from (None: fresh) and the seconds trained before."""
+    it resumed from (None: fresh) and the seconds trained before. With several
+    devices, its model and optimizer state are replicated over them."""
     opt = ADAM if run.options.optimizer is None else run.options.optimizer
     opt_state0 = opt.init(eqx.filter(model, eqx.is_inexact_array))
     state = LoopState(model=strong(model), opt_state=strong(opt_state0))
     o = run.options
+    resumed_from, elapsed0 = None, 0.0
     if o.checkpoint_dir is not None and o.resume and resolve_checkpoint(run.ckpt_path):
         state, elapsed0 = resume(
             run.ckpt_path, model, opt_state0, run.model_desc, run.compare,
             o.checkpoint_dir,
         )  # fmt: skip
-        return state, state.step, elapsed0
-    return state, None, 0.0
+        resumed_from = state.step
+    if run.placement is not None:
+        p = run.placement
+        state = dataclasses.replace(
+            state,
+            model=p.replicate(state.model),
+            opt_state=p.replicate(state.opt_state),
+            best_model=p.replicate(state.best_model),
+        )
+    return state, resumed_from, elapsed0

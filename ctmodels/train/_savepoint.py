@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import pandas as pd
 
 from ._checkpoint import write_checkpoint, write_text_atomic
@@ -41,7 +42,8 @@ class SavePoints:
         s = dataclasses.replace(s, rollbacks=0)
         token = _token(s)
         if self.run.ckpt_path is not None and self.saved != token:
-            self._write(s)
+            if jax.process_index() == 0:  # with several processes, written once
+                self._write(s)
             self.saved = token
         return s
 
@@ -56,6 +58,8 @@ class SavePoints:
             "metadata": self._metadata(s, frame),
         }
         trees = {"model": s.model, "opt_state": s.opt_state, "best_model": s.best_model}
+        if run.placement is not None:  # host arrays: resumable on any device count
+            trees = run.placement.to_host(trees)
         write_checkpoint(run.ckpt_path, trees, header)
         write_text_atomic(
             Path(run.options.checkpoint_dir) / "history.csv",

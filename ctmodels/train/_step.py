@@ -271,13 +271,18 @@ def _diagnose(model, batch, step, hyper, step_key, loss_kwargs, cfg) -> str | No
 class Steps:
     """The compiled steps bound to one run: the static configuration, the traced
     hyperparameters (`peak_lr`, `total_steps`, `clip_norm`, `kl_steps`), the step and
-    validation keys, and the loss keyword arguments."""
+    validation keys, the loss keyword arguments, and (with `fit(devices=...)`) the
+    `Placement` that splits each batch over the devices (None: one device)."""
 
     cfg: StepConfig
     hyper: dict[str, jax.Array]
     step_key: Any
     eval_key: Any
     loss_kwargs: dict[str, Any]
+    placement: Any = None
+
+    def _place(self, batch):
+        return batch if self.placement is None else self.placement.batch(batch)
 
     def train(self, model, opt_state, batch, step: int, lr_scale: float):
         """Training step `step` on `batch`: `(new_model, new_opt_state, outputs)`."""
@@ -286,7 +291,7 @@ class Steps:
             return _train_step(
                 model,
                 opt_state,
-                batch,
+                self._place(batch),
                 jnp.asarray(step, jnp.int32),
                 hyper,
                 self.step_key,
@@ -298,8 +303,8 @@ class Steps:
         """Loss, metrics and weight of validation batch `index`."""
         with traced_failures("nan"), gc_paused():
             return _eval_step(
-                model, batch, jnp.asarray(index), self.eval_key, self.loss_kwargs,
-                self.cfg,
+                model, self._place(batch), jnp.asarray(index), self.eval_key,
+                self.loss_kwargs, self.cfg,
             )  # fmt: skip
 
     def eval_shapes(self, model, batch):
@@ -313,5 +318,6 @@ class Steps:
     def diagnose(self, model, batch, step: int) -> str | None:
         """Why training step `step` on `batch` was not finite, if a solver failed."""
         return _diagnose(
-            model, batch, step, self.hyper, self.step_key, self.loss_kwargs, self.cfg
-        )
+            model, self._place(batch), step, self.hyper, self.step_key,
+            self.loss_kwargs, self.cfg,
+        )  # fmt: skip
