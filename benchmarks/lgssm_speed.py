@@ -85,6 +85,7 @@ def parse_args(argv=None):
         metavar="OP/CASE",
         help="leave out these lgssm cases, e.g. 'smoother/dynamax par'",
     )
+    p.add_argument("--skip-why", default="--skip", help="recorded with skipped cases")
     p.add_argument(
         "--ops",
         nargs="+",
@@ -210,7 +211,7 @@ def run_lgssm(args, fh):
         for name in [c for c in CASES if f"{kind}/{c}" in args.skip]:
             del fns[name]
             emit({"part": "lgssm", "op": kind, "case": name, "skipped": True,
-                  "why": "--skip"}, fh)  # fmt: skip
+                  "why": args.skip_why}, fh)  # fmt: skip
         compiled, info = {}, {}
         for name, (f, fargs) in fns.items():
             log(f"lgssm {kind}: compiling {name}")
