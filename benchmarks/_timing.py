@@ -1,9 +1,11 @@
 """Shared by the benchmark scripts that time ctmodels against a peer side by side
-(`ffjord_speed.py`, `deq_torchdeq.py`). Imports neither JAX nor torch: call
-`single_thread()` before importing them."""
+(`ffjord_speed.py`, `deq_torchdeq.py`, `lgssm_speed.py`, `lgssm_known_model.py`):
+the one-thread setup, interleaved timing, and their JSON-lines records. Imports
+neither JAX nor torch: call `single_thread()` before importing them."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -38,3 +40,30 @@ def timed(runners: dict, reps: int, sample_s: float) -> dict[str, list[float]]:
                 call()
             times[k].append((time.perf_counter() - t0) / inner[k])
     return times
+
+
+def emit(obj, fh) -> None:
+    """One JSON line to stdout and to the open results file `fh`."""
+    line = json.dumps(obj)
+    print(line, flush=True)
+    fh.write(line + "\n")
+    fh.flush()
+
+
+def read_jsonl(paths) -> list[dict]:
+    """The records of recorded runs (`--summarise FILE.jsonl ...`), in order."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, or None where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None

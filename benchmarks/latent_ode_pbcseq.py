@@ -448,11 +448,9 @@ def _baseline_predictions(name, ts_n, ctx, tgt):
 # ------------------------------------------------------------------------ summary
 
 
-def summarise(results, data):
-    rows = [r for r in results if r["data"] == data]
-    if not rows:
-        return None
-    models = list(dict.fromkeys(r["model"] for r in rows))
+def mse_table(rows, models):
+    """`{"model/task": {mean, std (sample, ddof=1), n_seeds, per_seed}}` of the rows'
+    MSE over seeds (`rows` of one dataset)."""
     table = {}
     for m in models:
         for t in TASKS:
@@ -461,7 +459,17 @@ def summarise(results, data):
                 "mean": statistics.fmean(v),
                 "std": statistics.stdev(v) if len(v) > 1 else 0.0,
                 "n_seeds": len(v),
+                "per_seed": v,
             }
+    return table
+
+
+def summarise(results, data):
+    rows = [r for r in results if r["data"] == data]
+    if not rows:
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    table = mse_table(rows, models)
     out = {"table": table}
     if "LatentODE" in models and len(models) > 1:
         beats, every_seed, rank = {}, {}, {}

@@ -68,13 +68,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import single_thread  # noqa: E402
+from _timing import emit, package_version, read_jsonl, single_thread  # noqa: E402
 
 single_thread()
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -153,13 +152,6 @@ def simulate(rng, n, T, params):
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def emit(obj, fh):
-    line = json.dumps(obj)
-    print(line, flush=True)
-    fh.write(line + "\n")
-    fh.flush()
 
 
 def chol_raw(S):
@@ -428,9 +420,9 @@ def summarise(rows, args=None):
             "seeds": args.seeds, "steps": args.steps, "train": args.train,
             "test": args.test, "length": args.length, "latent": D, "channels": C,
             "mean_gap": MEAN_GAP, "p_missing": P_MISSING, "quick": args.quick,
-            "dtype": "float64", "jax": _jax_version(),
-            "dynamax_version": _version("dynamax"),
-            "cd_dynamax_version": _version("cd_dynamax"),
+            "dtype": "float64", "jax": package_version("jax"),
+            "dynamax_version": package_version("dynamax"),
+            "cd_dynamax_version": package_version("cd_dynamax"),
             "load_avg_1min": os.getloadavg()[0],
         }  # fmt: skip
     return summary
@@ -455,28 +447,10 @@ def print_table(summary):
                   f"{e['fit_s_mean']:.1f} ({e['compile_s_mean']:.1f}) |")  # fmt: skip
 
 
-def _jax_version():
-    import jax
-
-    return jax.__version__
-
-
-def _version(pkg):
-    from importlib.metadata import version
-
-    try:
-        return version(pkg)
-    except Exception:
-        return None
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--summarise":
         # the table of recorded runs: --summarise FILE.jsonl [FILE.jsonl ...]
-        recorded = []
-        for path in sys.argv[2:]:
-            with open(path) as f:
-                recorded += [json.loads(line) for line in f if line.strip()]
+        recorded = read_jsonl(sys.argv[2:])
         print_table(summarise(recorded))
     else:
         main()

@@ -53,7 +53,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import single_thread, timed  # noqa: E402
+from _timing import (  # noqa: E402
+    emit,
+    package_version,
+    read_jsonl,
+    single_thread,
+    timed,
+)
 
 single_thread()
 # compile the training steps as `ctmodels fit` does: runtime checks in NaN mode
@@ -101,13 +107,6 @@ def parse_args(argv=None):
         args.sample_s = 0.02
         args.out = args.out.replace(".jsonl", "_quick.jsonl")
     return args
-
-
-def emit(obj, fh):
-    line = json.dumps(obj)
-    print(line, flush=True)
-    fh.write(line + "\n")
-    fh.flush()
 
 
 def log(msg):
@@ -374,7 +373,8 @@ def main(argv=None):
 
     with open(args.out, "w") as fh:
         tee = Tee(fh)
-        emit({"setup": True, "jax": jax.__version__, "dynamax": _version("dynamax"),
+        emit({"setup": True, "jax": jax.__version__,
+              "dynamax": package_version("dynamax"),
               "device": jax.devices()[0].device_kind, "threads": 1,
               "quick": args.quick}, tee)  # fmt: skip
         if "lgssm" in args.parts:
@@ -410,22 +410,10 @@ def print_tables(rows):
                   f"{r['compile_s']:.1f} |")  # fmt: skip
 
 
-def _version(pkg):
-    from importlib.metadata import version
-
-    try:
-        return version(pkg)
-    except Exception:
-        return None
-
-
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--summarise":
         # the tables of recorded runs: --summarise FILE.jsonl [FILE.jsonl ...]
-        recorded = []
-        for path in sys.argv[2:]:
-            with open(path) as f:
-                recorded += [json.loads(line) for line in f if line.strip()]
+        recorded = read_jsonl(sys.argv[2:])
         print_tables(recorded)
     else:
         main()

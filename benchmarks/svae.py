@@ -94,13 +94,7 @@ def summarise(results, data):
         return None
     models = list(dict.fromkeys(r["model"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    table = {}
-    for m in models:
-        for t in lop.TASKS:
-            v = [r["mse"] for r in rows if r["model"] == m and r["task"] == t]
-            table[f"{m}/{t}"] = {"mean": statistics.fmean(v),
-                                 "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                                 "per_seed": v}  # fmt: skip
+    table = lop.mse_table(rows, models)
     targets = {}
     for task, rival in TARGETS[data]:
         if "SVAE" not in models or rival not in models:
