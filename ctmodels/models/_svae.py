@@ -211,13 +211,6 @@ class SVAE(C.AbstractGaussianSequenceModel):
         precision = jax.nn.softplus(pre + self.precision_shift)
         return mean, precision, batch.mask.any(axis=-1)
 
-    def _ssm(self, times, mean, precision, present):
-        """One series: the prior at `times` [T] observed through the potentials."""
-        D = self.latent_size
-        y, R, keep = lg.pseudo_observations(mean, precision, present)
-        eye = jnp.eye(D, dtype=R.dtype)
-        return self.prior.ssm(times, emission=eye, emission_cov=R), y, keep
-
     def _smooth(self, ssm, y, keep, precision):
         """`q(x)` (the smoother's result) and `KL(q || p)` of one series."""
         post = lg.kalman_smoother(ssm, y, keep, parallel=self.parallel)
@@ -227,11 +220,6 @@ class SVAE(C.AbstractGaussianSequenceModel):
         e_log = 0.5 * (jnp.log(lam) - C.LOG_2PI - lam * ((y - post.means) ** 2 + var))
         kl = jnp.sum(jnp.where(keep, e_log, 0.0)) - post.log_likelihood
         return post, kl
-
-    def _row_posterior(self, times, mean, precision, present):
-        ssm, y, keep = self._ssm(times, mean, precision, present)
-        post, kl = self._smooth(ssm, y, keep, precision)
-        return post, kl, keep
 
     @staticmethod
     def _times(batch: Batch):
@@ -243,8 +231,23 @@ class SVAE(C.AbstractGaussianSequenceModel):
         return batch.times, 0
 
     def _smoothed(self, times, axis, mean, precision, present):
-        return jax.vmap(self._row_posterior, in_axes=(axis, 0, 0, 0))(
-            times, mean, precision, present
+        """Smooth every row: `times` `[T]` shared (`axis` None) or `[B, T]`."""
+        # every interval of the batch discretised in one call, outside the vmap
+        # over rows (under it, discretise's skip of unneeded doublings is lost)
+        F, Q = self.prior.transitions(times)
+        P0 = self.prior.stationary_cov()
+        D = self.latent_size
+
+        def row(F, Q, mean, precision, present):
+            y, R, keep = lg.pseudo_observations(mean, precision, present)
+            eye = jnp.eye(D, dtype=R.dtype)
+            m0 = jnp.zeros(D, R.dtype)
+            ssm = lg.LinearGaussianSSM(m0, P0, F, Q, eye, R)
+            post, kl = self._smooth(ssm, y, keep, precision)
+            return post, kl, keep
+
+        return jax.vmap(row, in_axes=(axis, axis, 0, 0, 0))(
+            F, Q, mean, precision, present
         )
 
     def posterior(self, batch: Batch) -> SVAEPosterior:
