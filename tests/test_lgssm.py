@@ -406,6 +406,43 @@ def test_parametrisation_is_stable():
     np.testing.assert_allclose(prior.stationary_cov(), np.eye(2), atol=1e-10)
 
 
+def test_hurwitz_drift_is_stable_and_reaches_non_normal_drifts():
+    """`drift_form="hurwitz"`: `A = W M` stays stable for any parameters (M^{-1} a
+    Lyapunov matrix), starts equal to the dissipative form, and reaches a stable
+    drift the dissipative form cannot: a level driven by a velocity (Matérn-3/2's
+    `[[0, 1], [-l^2, -2 l]]` with `l = 4`, whose symmetric part is indefinite)."""
+    prior = L.LinearSDE(4, key=jax.random.key(6), scale=3.0, drift_form="hurwitz")
+    prior = eqx.tree_at(
+        lambda p: p.drift_metric, prior, jax.random.normal(jax.random.key(7), (4, 4))
+    )
+    A = np.asarray(prior.drift())
+    assert np.linalg.eigvals(A).real.max() < 0
+    M = np.asarray(prior.drift_metric @ prior.drift_metric.T) + prior.eps * np.eye(4)
+    lyap = A @ np.linalg.inv(M) + np.linalg.inv(M) @ A.T
+    assert np.linalg.eigvalsh(lyap).max() <= -2 * prior.eps + 1e-9
+    same = [L.LinearSDE(3, key=jax.random.key(8), drift_form=f).drift()
+            for f in ("dissipative", "hurwitz")]  # fmt: skip
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-12)
+    # the target drift: W = A P for the Lyapunov solution P of A P + P A^T = -I,
+    # then M = P^{-1}, S S^T = -(W + W^T)/2 - eps, K = upper triangle of the skew part
+    target = np.array([[0.0, 1.0], [-16.0, -8.0]])
+    assert np.linalg.eigvalsh(target + target.T).max() > 0  # not dissipative
+    P = scipy.linalg.solve_continuous_lyapunov(target, -np.eye(2))
+    W = target @ P
+    eps = 1e-3
+    S = np.linalg.cholesky(-(W + W.T) / 2 - eps * np.eye(2))
+    N = np.linalg.cholesky(np.linalg.inv(P) - eps * np.eye(2))
+    hz = L.LinearSDE(2, key=jax.random.key(9), eps=eps, drift_form="hurwitz")
+    hz = eqx.tree_at(
+        lambda p: (p.drift_factor, p.drift_skew, p.drift_metric),
+        hz,
+        (jnp.asarray(S), jnp.asarray(np.triu((W - W.T) / 2)), jnp.asarray(N)),
+    )
+    np.testing.assert_allclose(hz.drift(), target, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="drift_form='x'; expected"):
+        L.LinearSDE(2, key=jax.random.key(0), drift_form="x")
+
+
 def test_discretisation_against_euler_maruyama_moments():
     """4000 paths of a fine Euler-Maruyama simulation over dt = 0.6 from a fixed x0:
     their mean and covariance against F x0 and Q (bias O(h) and sampling error

@@ -174,21 +174,33 @@ class LinearSDE(eqx.Module):
     Parametrisation (every parameter value gives a valid model, so an optimiser can
     move freely):
 
-    - drift `A = -(S S^T + eps I) + (K - K^T)`: its symmetric part is negative
-      definite, so every solution decays (all eigenvalues of `A` have real part at
-      most `-eps`), the stationary covariance exists, and the skew part lets it
-      oscillate;
+    - drift, `drift_form="dissipative"` (default): `A = W = -(S S^T + eps I) +
+      (K - K^T)`. Its symmetric part is negative definite, so every solution
+      decays in the Euclidean norm (all eigenvalues of `A` have real part at most
+      `-eps`), the stationary covariance exists, and the skew part lets it
+      oscillate. This excludes stable dynamics whose solutions first grow
+      (non-normal `A`: a level with a velocity, a Matérn-3/2-like smooth path with
+      most time scales);
+    - drift, `drift_form="hurwitz"`: `A = W M` with `M = N N^T + eps I` positive
+      definite. Still stable (`A M^{-1} + M^{-1} A^T = W + W^T` is negative
+      definite, so `M^{-1}` is a Lyapunov matrix), and every stable matrix has
+      this form (take `M` the inverse of a Lyapunov solution): the whole set of
+      stable drifts, decaying in the norm `M^{-1}` rather than the Euclidean one;
+      `N` starts at the identity, so at initialisation it equals the dissipative
+      form;
     - diffusion `L` lower triangular with a positive diagonal (`softplus` of the
       raw diagonal), so `L L^T` is positive definite.
 
     **Fields:** `drift_factor` (`S`), `drift_skew` (`K`), `diffusion_raw` (the
     strict lower triangle of `L` and its diagonal before `softplus`), all
-    `[D, D]`; `eps` (static).
+    `[D, D]`; `drift_metric` (`N`, `[D, D]`, or None for the dissipative form);
+    `eps` (static).
     """
 
     drift_factor: Float[Array, "D D"]
     drift_skew: Float[Array, "D D"]
     diffusion_raw: Float[Array, "D D"]
+    drift_metric: Float[Array, "D D"] | None
     eps: float = eqx.field(static=True)
 
     def __init__(
@@ -198,6 +210,7 @@ class LinearSDE(eqx.Module):
         rate: float = 1.0,
         eps: float = 1e-3,
         scale: float = 0.1,
+        drift_form: str = "dissipative",
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -208,8 +221,15 @@ class LinearSDE(eqx.Module):
         - `eps`: the smallest decay rate the parametrisation allows (static).
         - `scale`: the size of the random perturbation of `S` and `K` at
           initialisation (breaks the symmetry between latent dimensions).
+        - `drift_form`: `"dissipative"` (default) or `"hurwitz"` (every stable
+          drift; see above).
         - `key`: a JAX PRNG key.
         """
+        if drift_form not in ("dissipative", "hurwitz"):
+            raise ValueError(
+                f"ctmodels.lgssm.LinearSDE: drift_form={drift_form!r}; expected "
+                "'dissipative' or 'hurwitz'."
+            )
         if latent_size < 1:
             raise ValueError(
                 f"ctmodels.lgssm.LinearSDE: latent_size={latent_size}; expected a "
@@ -229,17 +249,29 @@ class LinearSDE(eqx.Module):
         )
         self.drift_skew = noise * jax.random.normal(kk, (D, D))
         self.diffusion_raw = _softplus_inverse(math.sqrt(2 * rate)) * eye
+        self.drift_metric = (
+            math.sqrt(max(1.0 - eps, 0.0)) * eye if drift_form == "hurwitz" else None
+        )
         self.eps = float(eps)
+
+    @property
+    def drift_form(self) -> str:
+        return "dissipative" if self.drift_metric is None else "hurwitz"
 
     @property
     def latent_size(self) -> int:
         return self.drift_factor.shape[0]
 
     def drift(self) -> Float[Array, "D D"]:
-        """`A = -(S S^T + eps I) + (K - K^T)`, `[D, D]`."""
+        """`A = -(S S^T + eps I) + (K - K^T)`, times `N N^T + eps I` in the
+        Hurwitz form, `[D, D]`."""
         S, K = self.drift_factor, self.drift_skew
         eye = jnp.eye(S.shape[0], dtype=S.dtype)
-        return -(S @ S.T + self.eps * eye) + (K - K.T)
+        W = -(S @ S.T + self.eps * eye) + (K - K.T)
+        if self.drift_metric is None:
+            return W
+        N = self.drift_metric
+        return W @ (N @ N.T + self.eps * eye)
 
     def diffusion(self) -> Float[Array, "D D"]:
         """`L`, lower triangular with a positive diagonal, `[D, D]`."""

@@ -57,6 +57,68 @@ def _marginal_draws(means, covs, key, n_samples):
     return means + jnp.einsum("...ij,k...j->k...i", chol, z)
 
 
+class PriorStart(eqx.Module):
+    """Where `SVAE`'s prior starts when `prior_start="origin"`: the latent process
+    starts at time 0 (the origin of the model's time axis) from
+    `N(initial_mean, L L^T)`, and its mean moves from `initial_mean` towards
+    `long_run_mean` as `dm/dt = A (m - long_run_mean)` (the drift `dx = (A (x -
+    long_run_mean)) dt + L dW`): a population trend over time since the origin,
+    which a stationary zero-mean prior cannot express.
+
+    **Fields:** `initial_mean` `[D]`, `initial_factor` `[D, D]` (`L`'s strict lower
+    triangle and its diagonal before `softplus`), `long_run_mean` `[D]`.
+    """
+
+    initial_mean: Float[Array, " D"]
+    initial_factor: Float[Array, "D D"]
+    long_run_mean: Float[Array, " D"]
+
+    def __init__(self, latent_size: int):
+        """Starts as the stationary prior of `ctmodels.lgssm.LinearSDE`'s default
+        initialisation: zero means and a unit initial covariance."""
+        D = latent_size
+        self.initial_mean = jnp.zeros(D)
+        self.initial_factor = _softplus_inverse(1.0) * jnp.eye(D)
+        self.long_run_mean = jnp.zeros(D)
+
+    def initial_cov(self) -> Float[Array, "D D"]:
+        raw = self.initial_factor
+        L = jnp.tril(raw, -1) + jnp.diag(jax.nn.softplus(jnp.diagonal(raw)))
+        return L @ L.T
+
+    def mean_path(self, F: Float[Array, "*B T D D"]) -> Float[Array, "*B T+1 D"]:
+        """The prior mean at the origin and after each transition `F_k`:
+        `m_{k+1} = long_run_mean + F_k (m_k - long_run_mean)`."""
+        D = F.shape[-1]
+        m0 = jnp.broadcast_to(self.initial_mean, F.shape[:-3] + (D,)).astype(F.dtype)
+        mu = self.long_run_mean.astype(F.dtype)
+
+        def step(m, Fk):
+            nxt = mu + jnp.einsum("...ij,...j->...i", Fk, m - mu)
+            return nxt, nxt
+
+        _, ms = jax.lax.scan(step, m0, jnp.moveaxis(F, -3, 0))
+        return jnp.concatenate([m0[..., None, :], jnp.moveaxis(ms, 0, -2)], axis=-2)
+
+
+def _from_origin(post: lg.SmootherResult, path) -> lg.SmootherResult:
+    """A smoother result over `[origin, times...]` of the deviation from the mean
+    path -> the result over `times` of the state itself."""
+
+    def cut(x):
+        return x[:, 1:]
+
+    f = post.filtered
+    filtered = lg.FilterResult(
+        cut(f.means + path), cut(f.covs), cut(f.predicted_means + path),
+        cut(f.predicted_covs), f.log_likelihood,
+    )  # fmt: skip
+    return lg.SmootherResult(
+        cut(post.means + path), cut(post.covs), cut(post.cross_covs), filtered,
+        post.log_likelihood,
+    )  # fmt: skip
+
+
 @cites("johnson2016composing", "vanloan1978computing")
 class SVAE(C.AbstractGaussianSequenceModel):
     """Structured variational autoencoder (Johnson et al., 2016) for irregularly
@@ -115,6 +177,7 @@ class SVAE(C.AbstractGaussianSequenceModel):
     decoder: eqx.nn.MLP
     prior: lg.LinearSDE
     log_std: Array | None
+    start: PriorStart | None
     num_channels: int = eqx.field(static=True)
     latent_size: int = eqx.field(static=True)
     obs_std: float = eqx.field(static=True)
@@ -131,6 +194,8 @@ class SVAE(C.AbstractGaussianSequenceModel):
         recognition_depth: int = 1,
         decoder_depth: int = 1,
         prior_rate: float = 1.0,
+        prior_drift: str = "dissipative",
+        prior_start: str = "stationary",
         potential_std: float = 1.0,
         obs_std: float = 0.1,
         learn_std: bool = True,
@@ -147,6 +212,13 @@ class SVAE(C.AbstractGaussianSequenceModel):
         - `prior_rate`: the prior's initial decay rate per unit time (it starts
           near `A = -prior_rate I` with a unit stationary covariance; the jobs'
           times are scaled to the training span, so 1 decays over about a span).
+        - `prior_drift`: the drift's parametrisation, `"dissipative"` or
+          `"hurwitz"` (every stable drift, including paths that first grow and
+          then decay; `ctmodels.lgssm.LinearSDE`).
+        - `prior_start`: `"stationary"` (each series' first time sees the
+          stationary zero-mean process) or `"origin"` (the process starts at time
+          0 from a learned Gaussian and its mean moves towards a learned long-run
+          mean: a trend over time since the origin; `PriorStart`).
         - `potential_std`: the spread `λ^{-1/2}` of each potential when training
           starts (the precision is `softplus(pre + c)`, `c` set so that `pre = 0`
           gives `1 / potential_std^2`).
@@ -168,6 +240,11 @@ class SVAE(C.AbstractGaussianSequenceModel):
             raise ValueError(
                 f"SVAE: potential_std must be positive, got {potential_std}."
             )
+        if prior_start not in ("stationary", "origin"):
+            raise ValueError(
+                f"SVAE: prior_start={prior_start!r}; expected 'stationary' or "
+                "'origin'."
+            )
         log_std = C.initial_log_std(obs_std, learn_std, num_channels)
         kr, kd, kp = jax.random.split(key, 3)
         self.recognition = mlp(
@@ -177,8 +254,11 @@ class SVAE(C.AbstractGaussianSequenceModel):
         self.decoder = mlp(
             latent_size, num_channels, units=units, depth=decoder_depth, key=kd
         )
-        self.prior = lg.LinearSDE(latent_size, rate=prior_rate, key=kp)
+        self.prior = lg.LinearSDE(
+            latent_size, rate=prior_rate, drift_form=prior_drift, key=kp
+        )
         self.log_std = log_std
+        self.start = PriorStart(latent_size) if prior_start == "origin" else None
         self.num_channels = num_channels
         self.latent_size = latent_size
         self.obs_std = obs_std
@@ -191,6 +271,8 @@ class SVAE(C.AbstractGaussianSequenceModel):
             recognition_depth=recognition_depth,
             decoder_depth=decoder_depth,
             prior_rate=prior_rate,
+            prior_drift=prior_drift,
+            prior_start=prior_start,
             potential_std=potential_std,
             obs_std=obs_std,
             learn_std=learn_std,
@@ -232,23 +314,45 @@ class SVAE(C.AbstractGaussianSequenceModel):
 
     def _smoothed(self, times, axis, mean, precision, present):
         """Smooth every row: `times` `[T]` shared (`axis` None) or `[B, T]`."""
+        D = self.latent_size
+        if self.start is not None:
+            # the process starts at time 0: prepend it as a step without potential
+            # (or the series' first time, for a series that starts before it)
+            origin = jnp.minimum(times[..., :1], 0.0)
+            times = jnp.concatenate([origin, times], axis=-1)
+
+            def pad(x, value):
+                first = jnp.full_like(x[:, :1], value)
+                return jnp.concatenate([first, x], axis=1)
+
+            mean, precision = pad(mean, 0.0), pad(precision, 1.0)
+            present = pad(present, False)
         # every interval of the batch discretised in one call, outside the vmap
         # over rows (under it, discretise's skip of unneeded doublings is lost)
         F, Q = self.prior.transitions(times)
-        P0 = self.prior.stationary_cov()
-        D = self.latent_size
+        if self.start is None:
+            P0 = self.prior.stationary_cov()
+            path = jnp.zeros(F.shape[:-3] + (F.shape[-3] + 1, D), F.dtype)
+        else:
+            P0 = self.start.initial_cov().astype(F.dtype)
+            path = self.start.mean_path(F)
 
-        def row(F, Q, mean, precision, present):
-            y, R, keep = lg.pseudo_observations(mean, precision, present)
+        def row(F, Q, path, mean, precision, present):
+            # the potentials observe the deviation z = x - path of a zero-mean
+            # process: N(mean; x, Λ^{-1}) = N(mean - path; z, Λ^{-1})
+            y, R, keep = lg.pseudo_observations(mean - path, precision, present)
             eye = jnp.eye(D, dtype=R.dtype)
-            m0 = jnp.zeros(D, R.dtype)
-            ssm = lg.LinearGaussianSSM(m0, P0, F, Q, eye, R)
+            ssm = lg.LinearGaussianSSM(jnp.zeros(D, R.dtype), P0, F, Q, eye, R)
             post, kl = self._smooth(ssm, y, keep, precision)
             return post, kl, keep
 
-        return jax.vmap(row, in_axes=(axis, axis, 0, 0, 0))(
-            F, Q, mean, precision, present
+        post, kl, keep = jax.vmap(row, in_axes=(axis, axis, axis, 0, 0, 0))(
+            F, Q, path, mean, precision, present
         )
+        if self.start is not None:
+            path = path if axis == 0 else path[None]
+            post, keep = _from_origin(post, path), keep[:, 1:]
+        return post, kl, keep
 
     def posterior(self, batch: Batch) -> SVAEPosterior:
         """`q(x)` of every series of `batch` given its context (`batch.mask`), on
@@ -372,11 +476,23 @@ class SVAE(C.AbstractGaussianSequenceModel):
         times = jnp.asarray(times)
         if not jnp.issubdtype(times.dtype, jnp.floating):
             times = times.astype(jnp.result_type(float))
-        T, D = times.shape[0], self.latent_size
+        D = self.latent_size
         eye = jnp.eye(D, dtype=times.dtype)
-        ssm = self.prior.ssm(times, emission=eye, emission_cov=eye)
+        if self.start is None:
+            ssm = self.prior.ssm(times, emission=eye, emission_cov=eye)
+            path = jnp.zeros((times.shape[0], D), times.dtype)
+        else:  # from the origin (a step without observation), along the mean path
+            times = jnp.concatenate([jnp.minimum(times[:1], 0.0), times])
+            F, Q = self.prior.transitions(times)
+            P0 = self.start.initial_cov().astype(F.dtype)
+            ssm = lg.LinearGaussianSSM(jnp.zeros(D, F.dtype), P0, F, Q, eye, eye)
+            path = self.start.mean_path(F)
+        T = times.shape[0]
         y = jnp.zeros((T, D), times.dtype)
         none = jnp.zeros(T, bool)
         keys = jax.random.split(key, n_samples)
-        xs = jax.vmap(lambda k: lg.posterior_sample(ssm, y, none, key=k))(keys)
+        zs = jax.vmap(lambda k: lg.posterior_sample(ssm, y, none, key=k))(keys)
+        xs = zs + path
+        if self.start is not None:
+            xs = xs[:, 1:]
         return apply(self.decoder, xs)
