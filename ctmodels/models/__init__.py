@@ -30,7 +30,11 @@ from ._predict import (
     predict_grid as predict_grid,
     with_spread as with_spread,
 )
-from ._svae import SVAE as SVAE, SVAEPosterior as SVAEPosterior
+from ._svae import (
+    SVAE as SVAE,
+    PriorStart as PriorStart,
+    SVAEPosterior as SVAEPosterior,
+)
 
 
 def __getattr__(name: str):

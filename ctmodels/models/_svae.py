@@ -126,7 +126,9 @@ class SVAE(C.AbstractGaussianSequenceModel):
 
     Generative model: a latent path `x(t) ∈ R^D` from the stationary
     Ornstein-Uhlenbeck prior `dx = A x dt + L dW` (`ctmodels.lgssm.LinearSDE`,
-    discretised exactly at each series' own times, so irregular times need no grid);
+    discretised exactly at each series' own times, so irregular times need no grid;
+    with `prior_start="origin"` the process instead starts at time 0 and its mean
+    follows a learned trend, `PriorStart`);
     each channel's value at an observed time is `N(decoder(x(t))_c, σ_c^2)` (an MLP
     decoder; `σ` learned per channel by default).
 
