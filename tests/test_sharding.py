@@ -205,7 +205,10 @@ SCRIPT = textwrap.dedent(
 
 
 # two processes on this machine, two CPU devices each, one model over all four:
-# `jax.distributed` with Gloo's CPU collectives
+# `jax.distributed` with Gloo's CPU collectives. The data are a lazy source that
+# counts the series each process reads: each must read only its own rows of every
+# batch (22 series in batches of 4: the short last batch's real rows are all
+# process 0's, process 1 holds only padding rows of it).
 MULTI = textwrap.dedent(
     r"""
     import json, sys
@@ -232,23 +235,61 @@ MULTI = textwrap.dedent(
             w = batch.target_mask * batch.weight[:, None, None]
             return jnp.sum(w * (pred - batch.values) ** 2) / jnp.maximum(w.sum(), 1), {}
 
-    rng = np.random.default_rng(0)
-    times = np.sort(rng.uniform(0, 2, size=(20, 8)), axis=1)
-    data = TimeSeries.from_arrays(times, np.sin(times)[..., None])
-    run = lambda devices, **kw: fit(
-        Curve(jnp.array([0.1]), jnp.array([-0.2])), data, steps=6, batch_size=4,
-        devices=devices, key=jax.random.key(1), log=False, learning_rate=0.05, **kw)
-    many, _ = run(jax.devices(), checkpoint_dir=folder)
-    one, _ = run(None)  # this process alone, one device: the oracle
-    rel = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.abs(y)))
-              for x, y in zip(jax.tree.leaves(many), jax.tree.leaves(one)))
+    class Counting:
+        # a lazy source (len, source[indices] -> TimeSeries) that counts its reads
+        def __init__(self, ts):
+            self.ts, self.rows = ts, 0
+
+        def __len__(self):
+            return len(self.ts)
+
+        def __getitem__(self, idx):
+            self.rows += len(idx)
+            return self.ts[idx]
+
+    def series(n, seed):
+        rng = np.random.default_rng(seed)
+        times = np.sort(rng.uniform(0, 2, size=(n, 8)), axis=1)  # irregular
+        values = np.sin(times)[..., None]
+        values[rng.uniform(size=values.shape) < 0.3] = np.nan
+        values[:, 0] = 0.0
+        ragged = np.arange(8) >= rng.integers(3, 9, size=(n, 1))  # lengths 3..8
+        times[ragged], values[ragged] = np.nan, np.nan
+        return TimeSeries.from_arrays(times, values)
+
+    train_ts, valid_ts = series(22, 0), series(10, 1)
+
+    def run(devices, layout, **kw):
+        train, valid = Counting(train_ts), Counting(valid_ts)
+        losses = []
+        m, h = fit(Curve(jnp.array([0.1]), jnp.array([-0.2])), train, valid=valid,
+                   steps=6, batch_size=4, devices=devices, key=jax.random.key(1),
+                   log=False, learning_rate=0.05, layout=layout,
+                   callback=lambda i: losses.append(i["loss"]), **kw)
+        return m, losses, h["valid_loss"].tolist(), train.rows, valid.rows
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b) / (1e-6 + np.abs(b))))
+
+    out = {"pid": pid, "devices": jax.device_count(), "local": jax.local_device_count()}
+    for layout in ("union", "padded"):
+        folder_kw = {"checkpoint_dir": folder} if layout == "union" else {}
+        many = run(jax.devices(), layout, **folder_kw)
+        one = run(None, layout)  # this process alone, one device: the oracle
+        out[layout] = {
+            "param_rel": max(rel(x, y) for x, y in zip(jax.tree.leaves(many[0]),
+                                                        jax.tree.leaves(one[0]))),
+            "loss_rel": rel(many[1], one[1]), "valid_rel": rel(many[2], one[2]),
+            "steps": len(many[1]),
+            "rows": many[3], "rows_one": one[3],
+            "valid_rows": many[4], "valid_rows_one": one[4],
+        }
     jax.distributed.shutdown()
-    _, meta = load_checkpoint(folder, like=one)
-    print("RESULT " + json.dumps({
-        "pid": pid, "devices": jax.device_count(), "local": jax.local_device_count(),
-        "param_rel": rel, "writes": len(writes),
-        "saved_devices": meta["fit"]["devices"], "saved_step": meta["state"]["step"],
-    }))
+    _, meta = load_checkpoint(folder, like=many[0])
+    out.update(writes=len(writes), saved_devices=meta["fit"]["devices"],
+               saved_step=meta["state"]["step"])
+    print("RESULT " + json.dumps(out))
     """
 )
 
@@ -359,8 +400,11 @@ def test_one_device_is_the_plain_path():
 
 def test_two_processes_train_one_model(tmp_path):
     """`jax.distributed` on one machine: two processes with two CPU devices each
-    train over all four (`devices=jax.devices()`) and agree with one device; only
-    process 0 writes the checkpoint."""
+    train over all four (`devices=jax.devices()`), each reading only its own rows
+    of every batch (together exactly the series one process reads, each about
+    half), and agree with one device, in both layouts (the processes agree on the
+    union grid, or the padded length, of every batch); only process 0 writes the
+    checkpoint."""
     import socket
 
     with socket.socket() as sock:
@@ -389,6 +433,18 @@ def test_two_processes_train_one_model(tmp_path):
         results.append(json.loads(line[len("RESULT ") :]))
     for r in results:
         assert (r["devices"], r["local"]) == (4, 2)
-        assert r["param_rel"] < PARAM_RTOL
         assert (r["saved_devices"], r["saved_step"]) == (4, 6)
+        for layout in ("union", "padded"):
+            assert r[layout]["steps"] == 6
+            assert r[layout]["param_rel"] < PARAM_RTOL
+            assert r[layout]["loss_rel"] < LOSS_RTOL
+            assert r[layout]["valid_rel"] < LOSS_RTOL
+    for layout in ("union", "padded"):
+        a, b = results[0][layout], results[1][layout]
+        assert a["rows_one"] == b["rows_one"] > 0
+        # every series one process reads, read once by one of the two
+        assert a["rows"] + b["rows"] == a["rows_one"]
+        assert a["valid_rows"] + b["valid_rows"] == a["valid_rows_one"]
+        # process 0 holds the short last batch's 2 series, process 1 none of them
+        assert a["rows"] > b["rows"] > 0.3 * a["rows_one"]
     assert results[0]["writes"] > 0 and results[1]["writes"] == 0

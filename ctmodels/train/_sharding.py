@@ -79,19 +79,70 @@ class Placement:
 
         return jax.tree.map(put, tree)
 
+    @property
+    def processes(self) -> int:
+        """How many processes the mesh's devices belong to (1 without
+        `jax.distributed`)."""
+        return len({d.process_index for d in self.devices})
+
+    def local_rows(self, n: int) -> np.ndarray | None:
+        """The rows (in increasing order) of an `n`-row batch that this process's
+        devices hold when the batch is split along its first axis, or None when `n`
+        does not divide over the devices (such a batch is replicated)."""
+        if n % self.size:
+            return None
+        per = n // self.size
+        here = jax.process_index()
+        mine = [i for i, d in enumerate(self.devices) if d.process_index == here]
+        return np.concatenate([np.arange(i * per, (i + 1) * per) for i in mine])
+
+    def from_local(self, tree: Any, n: int) -> Any:
+        """Global arrays of `n` rows, split over the devices, from this process's
+        rows of them (`tree`'s NumPy leaves, rows as in `local_rows(n)`): every
+        process passes its own rows, none the others' (`jax.make_array_from_process_
+        local_data`)."""
+
+        def make(x):
+            if x is None:
+                return None
+            x = np.asarray(x)
+            x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+            return jax.make_array_from_process_local_data(
+                self.split, x, (n, *x.shape[1:])
+            )
+
+        return jax.tree.map(make, tree, is_leaf=lambda x: x is None)
+
+    def allgather(self, x: np.ndarray) -> np.ndarray:
+        """Every process's `x` (the same shape and dtype in every process), stacked
+        along a new first axis in process order; host arrays in and out. A
+        collective: every process must call it, in the same order."""
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x))
+
     def batch(self, batch: Any) -> Any:
         """A batch split along its first axis over the devices. An array whose first
         axis does not divide (the short last validation batch of array data) is
         replicated instead: correct, only not parallel. One `device_put` for all
-        the arrays (a call per array cost a millisecond more per step)."""
+        the arrays (a call per array cost a millisecond more per step). Arrays
+        already spread over several processes (built by `from_local`) are left as
+        they are."""
         leaves, treedef = jax.tree.flatten(batch)
-        where = [i for i, x in enumerate(leaves) if eqx.is_array(x)]
+        where = [
+            i
+            for i, x in enumerate(leaves)
+            if eqx.is_array(x)
+            and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+        ]
         shardings = [
             self.split
             if leaves[i].ndim >= 1 and leaves[i].shape[0] % self.size == 0
             else self.replicated
             for i in where
         ]
+        if not where:
+            return batch
         placed = jax.device_put([leaves[i] for i in where], shardings)
         for i, x in zip(where, placed, strict=True):
             leaves[i] = x
