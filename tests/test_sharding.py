@@ -214,8 +214,14 @@ MULTI = textwrap.dedent(
     import json, sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from types import SimpleNamespace
+    from ctmodels._cli import _join_distributed, main
+
     pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    # what `ctmodels fit ... --coordinator localhost:PORT --num-processes 2
+    # --process-id PID` does first: jax.distributed.initialize with Gloo
+    _join_distributed(SimpleNamespace(coordinator=f"localhost:{port}",
+                                      num_processes=2, process_id=pid))
     import equinox as eqx, jax.numpy as jnp, numpy as np
     import ctmodels.train._savepoint as savepoint
     from ctmodels.data import TimeSeries
@@ -285,10 +291,29 @@ MULTI = textwrap.dedent(
             "rows": many[3], "rows_one": one[3],
             "valid_rows": many[4], "valid_rows_one": one[4],
         }
-    jax.distributed.shutdown()
     _, meta = load_checkpoint(folder, like=many[0])
     out.update(writes=len(writes), saved_devices=meta["fit"]["devices"],
                saved_step=meta["state"]["step"])
+
+    # the job layer, `ctmodels fit toy-plain --devices all` (test_jobs.py's toy
+    # family) in both processes: one model over all four devices, process 0 writes
+    import contextlib, io, pathlib
+    import ctmodels.data as cd
+    import test_jobs
+    from ctmodels import jobs
+
+    jobs.register_family(test_jobs.TOY_PLAIN, overwrite=True)
+    rng = np.random.default_rng(0)
+    t = np.sort(rng.uniform(0, 10, (20, 6)), axis=1)
+    nc = pathlib.Path(folder + f"-data{pid}.nc")
+    cd.to_xarray(cd.TimeSeries.from_arrays(t, rng.normal(size=(20, 6, 2)),
+                                           channels=["a", "b"])).to_netcdf(nc)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["fit", "toy-plain", "--data", str(nc), "--out", folder + "-cli",
+                   "--quiet", "--devices", "all", "--epochs", "2"])
+    out["cli"] = {"rc": rc, "printed": json.loads(printed.getvalue())}
+    jax.distributed.shutdown()
     print("RESULT " + json.dumps(out))
     """
 )
@@ -413,8 +438,9 @@ def test_two_processes_train_one_model(tmp_path):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
+    here = os.path.dirname(os.path.abspath(__file__))  # test_jobs.py's toy family
     env.update(JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(sys.path))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([here, *sys.path]))  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", MULTI, str(i), port, str(tmp_path / "run")],
@@ -448,3 +474,10 @@ def test_two_processes_train_one_model(tmp_path):
         # process 0 holds the short last batch's 2 series, process 1 none of them
         assert a["rows"] > b["rows"] > 0.3 * a["rows_one"]
     assert results[0]["writes"] > 0 and results[1]["writes"] == 0
+    # `ctmodels fit MODEL --devices all` in a distributed run: process 0 evaluates
+    # and writes --out, recording all four devices; process 1 only trains
+    cli0, cli1 = results[0]["cli"], results[1]["cli"]
+    assert cli0["rc"] == 0 and cli1["rc"] == 0
+    assert cli1["printed"]["process"] == 1 and cli1["printed"]["devices"] == 4
+    metrics = json.loads((tmp_path / "run-cli" / "metrics.json").read_text())
+    assert metrics["devices"] == 4 and cli0["printed"]["out"].endswith("run-cli")

@@ -182,9 +182,13 @@ def _check_devices(devices: int | None, batch_size: int, given: bool) -> None:
     (`ctmodels.train.fit` checks the same in its own)."""
     if devices is None:
         return
-    if not is_int(devices) or devices < 1:
-        raise ValueError(f"devices (--devices) must be an int >= 1, got {devices!r}.")
-    have = jax.local_device_count()
+    if devices == "all":  # every device of every process (jax.distributed)
+        devices = jax.device_count()
+    elif not is_int(devices) or devices < 1:
+        raise ValueError(
+            f"devices (--devices) must be an int >= 1 or 'all', got {devices!r}."
+        )
+    have = jax.local_device_count() if jax.process_count() == 1 else devices
     if devices > have:
         raise ValueError(
             f"--devices {devices}: this machine has {have} {jax.default_backend()} "
@@ -217,7 +221,7 @@ def fit(
     overwrite: bool = False,
     channels: Sequence[str] | str | None = None,
     max_series: int | None = None,
-    devices: int | None = None,
+    devices: int | str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fit a model of `family` to `data` end to end and write the outputs listed in
@@ -243,9 +247,13 @@ def fit(
       None: every channel of the data); `max_series`: train on a random subset of
       that many series.
     - `devices`: train data-parallel on this many local devices
-      (`ctmodels.train.fit(devices=...)`; `--devices`); None: one. The batch size
-      must be a multiple of it. `metrics.json` records it; a run resumes on any
-      number of devices.
+      (`ctmodels.train.fit(devices=...)`; `--devices`); None: one; `"all"`: every
+      device of every process (`jax.devices()`: with `jax.distributed`, one model
+      over every host's devices, `--coordinator`). The batch size must be a
+      multiple of the count. `metrics.json` records it; a run resumes on any number
+      of devices. In a distributed run only process 0 evaluates and writes `out`
+      (the others train with it and return a short summary); `out` must be a
+      folder every process sees (to resume).
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
       recipe's for `data` where it sets some (its `"options"` entry; digits:
@@ -289,11 +297,20 @@ def fit(
     )
     # only now (the data and the settings passed their checks): no empty output
     # directory is left behind by a run that could not start
-    out.mkdir(parents=True, exist_ok=True)
-    # a calibration.json from an earlier run here names the checkpoint it was made
-    # for; once this run writes a checkpoint it no longer matches, and predictions
-    # use the model's own spread until this run calibrates (`read_calibration`)
-    stamp_legacy_calibration(out / "checkpoint")
+    writer = jax.process_index() == 0  # a distributed run writes `out` once
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        # a calibration.json from an earlier run here names the checkpoint it was
+        # made for; once this run writes a checkpoint it no longer matches, and
+        # predictions use the model's own spread until this run calibrates
+        # (`read_calibration`)
+        stamp_legacy_calibration(out / "checkpoint")
+    fit_devices = devices
+    if devices == "all":
+        fit_devices = jax.devices() if jax.device_count() > 1 else None
+    n_devices = (
+        1 if devices is None else jax.device_count() if devices == "all" else devices
+    )
     extra = {
         "job": family.name,
         "job_version": JOB_VERSION,
@@ -323,12 +340,15 @@ def fit(
             extra_state=extra,
             loss_kwargs=loss_kw,
             resume=not overwrite,
-            devices=devices,
+            devices=fit_devices,
         )
     except _train.ResumeRefused as err:
         raise ValueError(_cli_words(err, out)) from None
-    history.to_csv(out / "history.csv", index=False)
     t_fit = _time.perf_counter() - t_start
+    if not writer:  # process 0 evaluates and writes
+        return {"process": jax.process_index(), "epochs_run": int(len(history)),
+                "fit_seconds": round(t_fit, 1), "devices": n_devices}  # fmt: skip
+    history.to_csv(out / "history.csv", index=False)
     scale, calibration = None, None
     if family.calibrate:
         scale = calibrate_spread(
@@ -359,7 +379,7 @@ def fit(
     metrics.update({
         "units": family.metric_units,
         "fit_seconds": round(t_fit, 1),
-        "devices": 1 if devices is None else int(devices),
+        "devices": n_devices,
         "compilations": history.attrs.get("compilations"),
     })  # fmt: skip
     if family.predict is not None:
