@@ -458,10 +458,20 @@ def _add_fit(sub) -> None:
         )
         d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                        help="process 0's host and a free port")  # fmt: skip
-        d.add_argument("--num-processes", type=_positive_int, default=None,
-                       metavar="N", help="how many processes (hosts) take part")
-        d.add_argument("--process-id", type=int, default=None, metavar="I",
-                       help="this process's number, 0 to N-1 (0 writes --out)")
+        d.add_argument(
+            "--num-processes",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="how many processes (hosts) take part",
+        )
+        d.add_argument(
+            "--process-id",
+            type=int,
+            default=None,
+            metavar="I",
+            help="this process's number, 0 to N-1 (0 writes --out)",
+        )
         g = q.add_argument_group(
             f"{family.model.__name__} options",
             "(also settable as --option KEY=VALUE)",

@@ -184,11 +184,11 @@ def host_batch(
 
     The last three arguments let a process build its own rows of a batch whose other
     rows another process builds (`fit` over several processes) so that they fit
-    together, exactly as one process would have built the whole batch: `grid` is the
-    union layout's grid of the whole batch (a superset of `ts`' valid times), `num_times`
-    the padded layout's longest series of the whole batch, and `pad_time` the time
-    that fills the padded layout's padding rows (the whole batch's last series' last
-    time)."""
+    together, exactly as one process would have built the whole batch: `grid` is
+    the union layout's grid of the whole batch (a superset of `ts`' valid times),
+    `num_times` the padded layout's longest series of the whole batch, and
+    `pad_time` the time that fills the padded layout's padding rows (the whole
+    batch's last series' last time)."""
     S, T, C = ts.values.shape
     batch_size = S if batch_size is None else int(batch_size)
     if batch_size < S:

@@ -37,7 +37,7 @@ class Normalizer:
         *,
         log: Sequence[str] = (),
         time_scale: float | str = 1.0,
-        chunk_size: int = 8192,
+        chunk_size: int = 2048,
     ) -> Normalizer:
         """Fit on the observed values of `ts` (pass the training split only).
 

@@ -355,9 +355,7 @@ class LazyTimeSeries:
             if len(self._blocks) >= 2:
                 self._blocks.pop(next(iter(self._blocks)))  # least recently read
             B = self.block_size
-            self._blocks[k] = self._convert(
-                slice(k * B, min(len(self), (k + 1) * B))
-            )
+            self._blocks[k] = self._convert(slice(k * B, min(len(self), (k + 1) * B)))
         return self._blocks[k]
 
     def __getitem__(self, index) -> TimeSeries:

@@ -74,8 +74,9 @@ def prepare(model, train, valid, key, options: FitOptions) -> Run:
     o = checked.options
     log_fn = resolve_log(o.log)
     placement = resolve_devices(o.devices, o.batch_size)
-    o, train_data, valid_data, min_times = _open_data(o, train, valid, log_fn,
-                                                      placement)
+    o, train_data, valid_data, min_times = _open_data(
+        o, train, valid, log_fn, placement
+    )
     nb = train_data.num_batches(train=True)
     total_steps = o.steps if o.steps is not None else o.epochs * nb
     model_desc = _model_desc(model, o)

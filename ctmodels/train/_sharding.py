@@ -28,9 +28,14 @@ to every vector-field evaluation.
 Several processes (`jax.distributed.initialize`, one per host) train one model when
 each passes the same list of every process's devices (`devices=jax.devices()`): the
 mesh then spans the processes, XLA's collectives (NCCL on GPUs, Gloo on CPUs) carry
-the all-reduce, and only process 0 writes checkpoints. Every process reads each batch
-in full and keeps its own devices' rows (the same data and key on every process give
-the same batches); reading only a process's own rows is not done yet.
+the all-reduce, and only process 0 writes checkpoints. Every process draws the same
+order of the series (the same data and key) but reads only its own rows of each
+batch, the rows its devices hold (`local_rows`), from the source (a lazy netCDF /
+zarr source reads just those series); the processes exchange a few numbers per
+time-series batch so that their rows share one time grid (`allgather`, see
+`ctmodels.train._data`), and the global batch is assembled from the processes' rows
+with `jax.make_array_from_process_local_data` (`from_local`). The step is unchanged,
+and the batches are row for row those of one process.
 
 Checkpoints hold host (NumPy) arrays gathered from the replicas (`to_host`), the same
 bytes as a single-device run's, so a run started on 4 devices resumes on 1 and the
