@@ -291,6 +291,26 @@ MULTI = textwrap.dedent(
             "rows": many[3], "rows_one": one[3],
             "valid_rows": many[4], "valid_rows_one": one[4],
         }
+    # array data (flows, DEQs): each process takes its rows of every training
+    # batch; the short last validation batch (2 rows) is replicated
+    class Regressor(eqx.Module):
+        w: jax.Array
+
+        def loss(self, batch, *, key):
+            x, y = batch
+            return jnp.mean((x @ self.w - y) ** 2), {}
+
+    xs = np.random.default_rng(2).normal(size=(20, 3)).astype(np.float32)
+    ys = np.random.default_rng(3).normal(size=(20, 1)).astype(np.float32)
+    arrays = [fit(Regressor(jnp.zeros((3, 1))), (xs, ys), valid=(xs[:10], ys[:10]),
+                  steps=6, batch_size=4, devices=d, key=jax.random.key(1),
+                  log=False, learning_rate=0.05)
+              for d in (jax.devices(), None)]
+    out["arrays"] = {
+        "param_rel": rel(arrays[0][0].w, arrays[1][0].w),
+        "valid_rel": rel(arrays[0][1]["valid_loss"], arrays[1][1]["valid_loss"]),
+    }
+
     _, meta = load_checkpoint(folder, like=many[0])
     out.update(writes=len(writes), saved_devices=meta["fit"]["devices"],
                saved_step=meta["state"]["step"])
@@ -427,7 +447,7 @@ def test_two_processes_train_one_model(tmp_path):
     """`jax.distributed` on one machine: two processes with two CPU devices each
     train over all four (`devices=jax.devices()`), each reading only its own rows
     of every batch (together exactly the series one process reads, each about
-    half), and agree with one device, in both layouts (the processes agree on the
+    half), and agree with one device, in both layouts and on array data (the processes agree on the
     union grid, or the padded length, of every batch); only process 0 writes the
     checkpoint."""
     import socket
@@ -460,6 +480,8 @@ def test_two_processes_train_one_model(tmp_path):
     for r in results:
         assert (r["devices"], r["local"]) == (4, 2)
         assert (r["saved_devices"], r["saved_step"]) == (4, 6)
+        assert r["arrays"]["param_rel"] < PARAM_RTOL
+        assert r["arrays"]["valid_rel"] < LOSS_RTOL
         for layout in ("union", "padded"):
             assert r[layout]["steps"] == 6
             assert r[layout]["param_rel"] < PARAM_RTOL
