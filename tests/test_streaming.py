@@ -110,3 +110,58 @@ def test_streamed_fit_memory_stays_below_the_store(tmp_path):
     assert r["steps"] == 20 and r["finite"] and r["valid_loss"] > 0
     for a, b in (r["mean"], r["std"], r["time_scale"]):
         assert abs(a - b) <= 1e-9 * abs(b)
+
+
+def test_streamed_normalizer_and_lazy_transform_match_the_loaded_data(tmp_path):
+    """`Normalizer.fit` on a lazy source (read in chunks of 7 series, moments merged
+    chunk by chunk) gives the statistics of the loaded data, a log channel
+    included; `transform` of a lazy source is lazy and reads what the in-memory
+    transform gives."""
+    import dataclasses
+
+    import numpy as np
+    import xarray as xr
+
+    import ctmodels.data as cd
+
+    rng = np.random.default_rng(0)
+    n, t = 40, 9
+    times = np.sort(rng.uniform(0, 5, (n, t)), axis=1)
+    times[:, 6:][rng.uniform(size=(n, 3)) < 0.5] = np.nan  # ragged ends
+    times = np.sort(times, axis=1)  # NaN last
+    a = rng.normal(3.0, 2.0, (n, t))
+    b = rng.lognormal(1.0, 0.5, (n, t))
+    for x in (a, b):
+        x[rng.uniform(size=x.shape) < 0.3] = np.nan
+        x[np.isnan(times)] = np.nan
+    a[:, 0] = 1.0
+    ds = xr.Dataset(
+        {"a": (("series", "obs"), a), "b": (("series", "obs"), b),
+         "time": (("series", "obs"), times)}
+    )  # fmt: skip
+    ds.to_netcdf(tmp_path / "d.nc")
+    lazy = cd.from_xarray(
+        xr.open_dataset(tmp_path / "d.nc", cache=False), lazy=True, block_size=8
+    )
+    loaded = lazy.load()
+    streamed = cd.Normalizer.fit(lazy, log=["b"], time_scale="span", chunk_size=7)
+    whole = cd.Normalizer.fit(loaded, log=["b"], time_scale="span")
+    np.testing.assert_allclose(streamed.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(streamed.std, whole.std, rtol=1e-12)
+    assert streamed.log == whole.log == (False, True)
+    assert streamed.time_scale == whole.time_scale
+    # the oracle for the merge: NumPy on every observed value at once
+    b_obs = np.log(b[~np.isnan(b)])
+    np.testing.assert_allclose(streamed.mean[1], b_obs.mean(), rtol=1e-12)
+    np.testing.assert_allclose(streamed.std[1], b_obs.std(), rtol=1e-12)
+
+    norm_lazy = streamed.transform(lazy)
+    assert isinstance(norm_lazy, cd.LazyTimeSeries) and norm_lazy is not lazy
+    idx = np.array([3, 17, 2, 30])
+    got, want = norm_lazy[idx], streamed.transform(loaded)[idx]
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(got.times, want.times)
+    # a second map composes after the first
+    doubled = norm_lazy.map(lambda ts: dataclasses.replace(ts, times=2 * ts.times))
+    np.testing.assert_array_equal(doubled[idx].times, 2 * want.times)
+    np.testing.assert_array_equal(doubled[idx].values, want.values)
