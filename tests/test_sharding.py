@@ -182,7 +182,8 @@ SCRIPT = textwrap.dedent(
             d / "toy.nc")
         cli = {}
         for name, extra in (("one", []), ("four", ["--devices", "4"]),
-                            ("three", ["--devices", "3"])):
+                            ("three", ["--devices", "3"]),
+                            ("no_id", ["--coordinator", "localhost:1"])):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(
                     io.StringIO()):
@@ -333,6 +334,11 @@ MULTI = textwrap.dedent(
         rc = main(["fit", "toy-plain", "--data", str(nc), "--out", folder + "-cli",
                    "--quiet", "--devices", "all", "--epochs", "2"])
     out["cli"] = {"rc": rc, "printed": json.loads(printed.getvalue())}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # a distributed run needs --devices all
+        rc = main(["fit", "toy-plain", "--data", str(nc), "--out", folder + "-two",
+                   "--quiet", "--devices", "2"])
+    out["cli_two"] = {"rc": rc, "stderr": err.getvalue()}
     jax.distributed.shutdown()
     print("RESULT " + json.dumps(out))
     """
@@ -425,6 +431,12 @@ def test_cli_fit_with_devices_records_them(result):
         "ctmodels fit: error: --devices 3 does not divide the recipe's batch size 8"
     )
     assert "--batch-size 9" in three["stderr"]
+    # joining a distributed run needs all three flags (checked before JAX joins)
+    no_id = result["cli"]["no_id"]
+    assert no_id["rc"] == 2 and not no_id["written"]
+    assert no_id["stderr"].startswith(
+        "ctmodels fit: error: --num-processes, --process-id missing"
+    )
 
 
 def test_one_device_is_the_plain_path():
@@ -503,3 +515,8 @@ def test_two_processes_train_one_model(tmp_path):
     assert cli1["printed"]["process"] == 1 and cli1["printed"]["devices"] == 4
     metrics = json.loads((tmp_path / "run-cli" / "metrics.json").read_text())
     assert metrics["devices"] == 4 and cli0["printed"]["out"].endswith("run-cli")
+    for r in results:
+        assert r["cli_two"]["rc"] == 2
+        assert "distributed run of 2 processes" in r["cli_two"]["stderr"]
+        assert "--devices all, not --devices 2" in r["cli_two"]["stderr"]
+    assert not (tmp_path / "run-two").exists()

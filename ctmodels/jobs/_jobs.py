@@ -176,19 +176,34 @@ def _check_options(model_kw: dict[str, Any]) -> None:
         resolve_adjoint(model_kw["adjoint"], "integrate")
 
 
-def _check_devices(devices: int | None, batch_size: int, given: bool) -> None:
+def _check_devices(devices: int | str | None, batch_size: int, given: bool) -> None:
     """`--devices` against this machine and the batch size (the recipe's, unless
     given), in the CLI's words, before anything is read or written
     (`ctmodels.train.fit` checks the same in its own)."""
+    if jax.process_count() > 1 and devices != "all":
+        raise ValueError(
+            f"This is a distributed run of {jax.process_count()} processes "
+            "(--coordinator): train over every process's devices with --devices "
+            f"all, not --devices {devices}."
+        )
     if devices is None:
         return
     if devices == "all":  # every device of every process (jax.distributed)
-        devices = jax.device_count()
-    elif not is_int(devices) or devices < 1:
+        count = jax.device_count()
+        if batch_size % count:
+            whose = "--batch-size" if given else "the recipe's batch size"
+            good = -(-batch_size // count) * count
+            raise ValueError(
+                f"--devices all ({count} devices) does not divide {whose} "
+                f"{batch_size}: every batch is split evenly over the devices. Pass "
+                f"--batch-size {good} (a multiple of {count})."
+            )
+        return
+    if not is_int(devices) or devices < 1:
         raise ValueError(
             f"devices (--devices) must be an int >= 1 or 'all', got {devices!r}."
         )
-    have = jax.local_device_count() if jax.process_count() == 1 else devices
+    have = jax.local_device_count()
     if devices > have:
         raise ValueError(
             f"--devices {devices}: this machine has {have} {jax.default_backend()} "

@@ -189,7 +189,8 @@ class SeriesData:
             last_time = ts.times[-1, last_valid[-1] if last_valid.size else -1]
         p = self.placement
         head = p.allgather(np.asarray([count, last_pos], np.int32))
-        width = 1 + (int(head[:, 0].max()) if union else 0)
+        # a power of two: each new width compiles the gather once more
+        width = bucket_length(1 + (int(head[:, 0].max()) if union else 0), "pow2")
         mine = np.full(width, np.nan)
         mine[0] = last_time
         mine[1 : 1 + len(own)] = own
