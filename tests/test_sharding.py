@@ -459,9 +459,10 @@ def test_two_processes_train_one_model(tmp_path):
     """`jax.distributed` on one machine: two processes with two CPU devices each
     train over all four (`devices=jax.devices()`), each reading only its own rows
     of every batch (together exactly the series one process reads, each about
-    half), and agree with one device, in both layouts and on array data (the processes agree on the
-    union grid, or the padded length, of every batch); only process 0 writes the
-    checkpoint."""
+    half), and agree with one device, in both layouts (the processes agree on the
+    union grid, or the padded length, of every batch) and on array data; only
+    process 0 writes the checkpoint; `ctmodels fit MODEL --devices all` joins the
+    run (process 0 writes --out), and `--devices 2` is refused in it."""
     import socket
 
     with socket.socket() as sock:
