@@ -171,8 +171,9 @@ class SeriesData:
         """What this process's rows need from the others' to fit them: the batch's
         union grid (union layout; else None), its longest series (padded layout)
         and the time of its last series' last position (the padded layout's
-        padding rows). One `allgather` of three numbers, one of each process's
-        distinct times (as float64 bits: exact without `jax_enable_x64`)."""
+        padding rows). Two `allgather`s: of each process's count of distinct
+        times (or longest series) and last real row, then of its distinct times and
+        last time (as float64 bits: exact without `jax_enable_x64`)."""
         ts, union = local.ts, self.layout == "union"
         if ts is None:
             own = np.empty(0)
