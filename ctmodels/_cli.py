@@ -74,11 +74,16 @@ def _fit(ns) -> int:
     for name in ("max_plots", "channels", "max_series", "devices"):
         if getattr(ns, name) is not None:
             given[name] = getattr(ns, name)
+    if any(x is not None for x in (ns.coordinator, ns.num_processes, ns.process_id)):
+        _join_distributed(ns)
     progress = False if ns.quiet else None
     metrics = jobs.fit(
         family.name, ns.data, ns.out, seed=ns.seed, progress=progress, **given,
         **options,
     )  # fmt: skip
+    if "test" not in metrics:  # a process other than 0 of a distributed run
+        print(json.dumps(json_safe(metrics), indent=1, default=str))
+        return 0
     test = metrics["test"]
     summary = {
         "out": str(ns.out),
@@ -102,6 +107,37 @@ def _fit(ns) -> int:
         summary["baselines"] = base
     print(json.dumps(json_safe(summary), indent=1, default=str))
     return 0
+
+
+def _join_distributed(ns) -> None:
+    """`--coordinator HOST:PORT --num-processes N --process-id I`: join a
+    `jax.distributed` run before anything else touches JAX (Gloo's collectives on
+    CPUs)."""
+    given = {"--coordinator": ns.coordinator, "--num-processes": ns.num_processes,
+             "--process-id": ns.process_id}  # fmt: skip
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)} missing: a distributed run needs --coordinator "
+            "HOST:PORT (process 0's host and a free port), --num-processes N and "
+            "--process-id I (0 to N-1, a different one on every host)."
+        )
+    if not 0 <= ns.process_id < ns.num_processes:
+        raise ValueError(
+            f"--process-id {ns.process_id} is not in 0..{ns.num_processes - 1} "
+            f"(--num-processes {ns.num_processes})."
+        )
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        ns.coordinator, num_processes=ns.num_processes, process_id=ns.process_id
+    )
+
+
+def _devices_flag(text: str):
+    """argparse type of --devices: an int >= 1 or `all`."""
+    return "all" if text == "all" else _positive_int(text)
 
 
 _JOB_SETTINGS = ("epochs", "learning_rate", "batch_size", "patience", "seed",
@@ -409,11 +445,33 @@ def _add_fit(sub) -> None:
             help="train on a random subset of this many series",
         )
         q.add_argument(
-            "--devices", type=_positive_int, default=None,
+            "--devices", type=_devices_flag, default=None,
             help="train data-parallel on this many local devices (GPUs, or CPU "
             "devices simulated with XLA_FLAGS=--xla_force_host_platform_device_"
-            "count=N); the batch size must be a multiple of it (default: 1)",
+            "count=N), or 'all': every device of every process of a distributed "
+            "run (--coordinator); the batch size must be a multiple of the count "
+            "(default: 1)",
         )  # fmt: skip
+        d = q.add_argument_group(
+            "several hosts (jax.distributed; docs/scaling.md)",
+            "run the same command on every host, each with its own --process-id",
+        )
+        d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's host and a free port")  # fmt: skip
+        d.add_argument(
+            "--num-processes",
+            type=_positive_int,
+            default=None,
+            metavar="N",
+            help="how many processes (hosts) take part",
+        )
+        d.add_argument(
+            "--process-id",
+            type=int,
+            default=None,
+            metavar="I",
+            help="this process's number, 0 to N-1 (0 writes --out)",
+        )
         g = q.add_argument_group(
             f"{family.model.__name__} options",
             "(also settable as --option KEY=VALUE)",

@@ -182,7 +182,8 @@ SCRIPT = textwrap.dedent(
             d / "toy.nc")
         cli = {}
         for name, extra in (("one", []), ("four", ["--devices", "4"]),
-                            ("three", ["--devices", "3"])):
+                            ("three", ["--devices", "3"]),
+                            ("no_id", ["--coordinator", "localhost:1"])):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(
                     io.StringIO()):
@@ -205,14 +206,23 @@ SCRIPT = textwrap.dedent(
 
 
 # two processes on this machine, two CPU devices each, one model over all four:
-# `jax.distributed` with Gloo's CPU collectives
+# `jax.distributed` with Gloo's CPU collectives. The data are a lazy source that
+# counts the series each process reads: each must read only its own rows of every
+# batch (22 series in batches of 4: the short last batch's real rows are all
+# process 0's, process 1 holds only padding rows of it).
 MULTI = textwrap.dedent(
     r"""
     import json, sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    from types import SimpleNamespace
+    from ctmodels._cli import _join_distributed, main
+
     pid, port, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    # what `ctmodels fit ... --coordinator localhost:PORT --num-processes 2
+    # --process-id PID` does first: jax.distributed.initialize with Gloo
+    _join_distributed(SimpleNamespace(coordinator=f"localhost:{port}",
+                                      num_processes=2, process_id=pid))
     import equinox as eqx, jax.numpy as jnp, numpy as np
     import ctmodels.train._savepoint as savepoint
     from ctmodels.data import TimeSeries
@@ -232,23 +242,105 @@ MULTI = textwrap.dedent(
             w = batch.target_mask * batch.weight[:, None, None]
             return jnp.sum(w * (pred - batch.values) ** 2) / jnp.maximum(w.sum(), 1), {}
 
+    class Counting:
+        # a lazy source (len, source[indices] -> TimeSeries) that counts its reads
+        def __init__(self, ts):
+            self.ts, self.rows = ts, 0
+
+        def __len__(self):
+            return len(self.ts)
+
+        def __getitem__(self, idx):
+            self.rows += len(idx)
+            return self.ts[idx]
+
+    def series(n, seed):
+        rng = np.random.default_rng(seed)
+        times = np.sort(rng.uniform(0, 2, size=(n, 8)), axis=1)  # irregular
+        values = np.sin(times)[..., None]
+        values[rng.uniform(size=values.shape) < 0.3] = np.nan
+        values[:, 0] = 0.0
+        ragged = np.arange(8) >= rng.integers(3, 9, size=(n, 1))  # lengths 3..8
+        times[ragged], values[ragged] = np.nan, np.nan
+        return TimeSeries.from_arrays(times, values)
+
+    train_ts, valid_ts = series(22, 0), series(10, 1)
+
+    def run(devices, layout, **kw):
+        train, valid = Counting(train_ts), Counting(valid_ts)
+        losses = []
+        m, h = fit(Curve(jnp.array([0.1]), jnp.array([-0.2])), train, valid=valid,
+                   steps=6, batch_size=4, devices=devices, key=jax.random.key(1),
+                   log=False, learning_rate=0.05, layout=layout,
+                   callback=lambda i: losses.append(i["loss"]), **kw)
+        return m, losses, h["valid_loss"].tolist(), train.rows, valid.rows
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.max(np.abs(a - b) / (1e-6 + np.abs(b))))
+
+    out = {"pid": pid, "devices": jax.device_count(), "local": jax.local_device_count()}
+    for layout in ("union", "padded"):
+        folder_kw = {"checkpoint_dir": folder} if layout == "union" else {}
+        many = run(jax.devices(), layout, **folder_kw)
+        one = run(None, layout)  # this process alone, one device: the oracle
+        out[layout] = {
+            "param_rel": max(rel(x, y) for x, y in zip(jax.tree.leaves(many[0]),
+                                                        jax.tree.leaves(one[0]))),
+            "loss_rel": rel(many[1], one[1]), "valid_rel": rel(many[2], one[2]),
+            "steps": len(many[1]),
+            "rows": many[3], "rows_one": one[3],
+            "valid_rows": many[4], "valid_rows_one": one[4],
+        }
+    # array data (flows, DEQs): each process takes its rows of every training
+    # batch; the short last validation batch (2 rows) is replicated
+    class Regressor(eqx.Module):
+        w: jax.Array
+
+        def loss(self, batch, *, key):
+            x, y = batch
+            return jnp.mean((x @ self.w - y) ** 2), {}
+
+    xs = np.random.default_rng(2).normal(size=(20, 3)).astype(np.float32)
+    ys = np.random.default_rng(3).normal(size=(20, 1)).astype(np.float32)
+    arrays = [fit(Regressor(jnp.zeros((3, 1))), (xs, ys), valid=(xs[:10], ys[:10]),
+                  steps=6, batch_size=4, devices=d, key=jax.random.key(1),
+                  log=False, learning_rate=0.05)
+              for d in (jax.devices(), None)]
+    out["arrays"] = {
+        "param_rel": rel(arrays[0][0].w, arrays[1][0].w),
+        "valid_rel": rel(arrays[0][1]["valid_loss"], arrays[1][1]["valid_loss"]),
+    }
+
+    _, meta = load_checkpoint(folder, like=many[0])
+    out.update(writes=len(writes), saved_devices=meta["fit"]["devices"],
+               saved_step=meta["state"]["step"])
+
+    # the job layer, `ctmodels fit toy-plain --devices all` (test_jobs.py's toy
+    # family) in both processes: one model over all four devices, process 0 writes
+    import contextlib, io, pathlib
+    import ctmodels.data as cd
+    import test_jobs
+    from ctmodels import jobs
+
+    jobs.register_family(test_jobs.TOY_PLAIN, overwrite=True)
     rng = np.random.default_rng(0)
-    times = np.sort(rng.uniform(0, 2, size=(20, 8)), axis=1)
-    data = TimeSeries.from_arrays(times, np.sin(times)[..., None])
-    run = lambda devices, **kw: fit(
-        Curve(jnp.array([0.1]), jnp.array([-0.2])), data, steps=6, batch_size=4,
-        devices=devices, key=jax.random.key(1), log=False, learning_rate=0.05, **kw)
-    many, _ = run(jax.devices(), checkpoint_dir=folder)
-    one, _ = run(None)  # this process alone, one device: the oracle
-    rel = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.abs(y)))
-              for x, y in zip(jax.tree.leaves(many), jax.tree.leaves(one)))
+    t = np.sort(rng.uniform(0, 10, (20, 6)), axis=1)
+    nc = pathlib.Path(folder + f"-data{pid}.nc")
+    cd.to_xarray(cd.TimeSeries.from_arrays(t, rng.normal(size=(20, 6, 2)),
+                                           channels=["a", "b"])).to_netcdf(nc)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["fit", "toy-plain", "--data", str(nc), "--out", folder + "-cli",
+                   "--quiet", "--devices", "all", "--epochs", "2"])
+    out["cli"] = {"rc": rc, "printed": json.loads(printed.getvalue())}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # a distributed run needs --devices all
+        rc = main(["fit", "toy-plain", "--data", str(nc), "--out", folder + "-two",
+                   "--quiet", "--devices", "2"])
+    out["cli_two"] = {"rc": rc, "stderr": err.getvalue()}
     jax.distributed.shutdown()
-    _, meta = load_checkpoint(folder, like=one)
-    print("RESULT " + json.dumps({
-        "pid": pid, "devices": jax.device_count(), "local": jax.local_device_count(),
-        "param_rel": rel, "writes": len(writes),
-        "saved_devices": meta["fit"]["devices"], "saved_step": meta["state"]["step"],
-    }))
+    print("RESULT " + json.dumps(out))
     """
 )
 
@@ -339,6 +431,12 @@ def test_cli_fit_with_devices_records_them(result):
         "ctmodels fit: error: --devices 3 does not divide the recipe's batch size 8"
     )
     assert "--batch-size 9" in three["stderr"]
+    # joining a distributed run needs all three flags (checked before JAX joins)
+    no_id = result["cli"]["no_id"]
+    assert no_id["rc"] == 2 and not no_id["written"]
+    assert no_id["stderr"].startswith(
+        "ctmodels fit: error: --num-processes, --process-id missing"
+    )
 
 
 def test_one_device_is_the_plain_path():
@@ -359,8 +457,12 @@ def test_one_device_is_the_plain_path():
 
 def test_two_processes_train_one_model(tmp_path):
     """`jax.distributed` on one machine: two processes with two CPU devices each
-    train over all four (`devices=jax.devices()`) and agree with one device; only
-    process 0 writes the checkpoint."""
+    train over all four (`devices=jax.devices()`), each reading only its own rows
+    of every batch (together exactly the series one process reads, each about
+    half), and agree with one device, in both layouts (the processes agree on the
+    union grid, or the padded length, of every batch) and on array data; only
+    process 0 writes the checkpoint; `ctmodels fit MODEL --devices all` joins the
+    run (process 0 writes --out), and `--devices 2` is refused in it."""
     import socket
 
     with socket.socket() as sock:
@@ -369,8 +471,9 @@ def test_two_processes_train_one_model(tmp_path):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=2"
+    here = os.path.dirname(os.path.abspath(__file__))  # test_jobs.py's toy family
     env.update(JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join(sys.path))  # fmt: skip
+               PYTHONPATH=os.pathsep.join([here, *sys.path]))  # fmt: skip
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", MULTI, str(i), port, str(tmp_path / "run")],
@@ -389,6 +492,32 @@ def test_two_processes_train_one_model(tmp_path):
         results.append(json.loads(line[len("RESULT ") :]))
     for r in results:
         assert (r["devices"], r["local"]) == (4, 2)
-        assert r["param_rel"] < PARAM_RTOL
         assert (r["saved_devices"], r["saved_step"]) == (4, 6)
+        assert r["arrays"]["param_rel"] < PARAM_RTOL
+        assert r["arrays"]["valid_rel"] < LOSS_RTOL
+        for layout in ("union", "padded"):
+            assert r[layout]["steps"] == 6
+            assert r[layout]["param_rel"] < PARAM_RTOL
+            assert r[layout]["loss_rel"] < LOSS_RTOL
+            assert r[layout]["valid_rel"] < LOSS_RTOL
+    for layout in ("union", "padded"):
+        a, b = results[0][layout], results[1][layout]
+        assert a["rows_one"] == b["rows_one"] > 0
+        # every series one process reads, read once by one of the two
+        assert a["rows"] + b["rows"] == a["rows_one"]
+        assert a["valid_rows"] + b["valid_rows"] == a["valid_rows_one"]
+        # process 0 holds the short last batch's 2 series, process 1 none of them
+        assert a["rows"] > b["rows"] > 0.3 * a["rows_one"]
     assert results[0]["writes"] > 0 and results[1]["writes"] == 0
+    # `ctmodels fit MODEL --devices all` in a distributed run: process 0 evaluates
+    # and writes --out, recording all four devices; process 1 only trains
+    cli0, cli1 = results[0]["cli"], results[1]["cli"]
+    assert cli0["rc"] == 0 and cli1["rc"] == 0
+    assert cli1["printed"]["process"] == 1 and cli1["printed"]["devices"] == 4
+    metrics = json.loads((tmp_path / "run-cli" / "metrics.json").read_text())
+    assert metrics["devices"] == 4 and cli0["printed"]["out"].endswith("run-cli")
+    for r in results:
+        assert r["cli_two"]["rc"] == 2
+        assert "distributed run of 2 processes" in r["cli_two"]["stderr"]
+        assert "--devices all, not --devices 2" in r["cli_two"]["stderr"]
+    assert not (tmp_path / "run-two").exists()

@@ -149,6 +149,46 @@ def make_batch(
       reuses its compilation; the extra positions are padding, as above). Default 0.
     - `dtype`: float dtype of times/values; default JAX's default float dtype.
     """
+    host = host_batch(
+        ts,
+        index=index,
+        layout=layout,
+        batch_size=batch_size,
+        time_bucket=time_bucket,
+        min_times=min_times,
+        dtype=dtype,
+    )
+    dev = jax.device_put(host)
+    return Batch(
+        **dev,
+        target_mask=dev["mask"],
+        layout=layout,
+    )
+
+
+def host_batch(
+    ts: TimeSeries,
+    *,
+    index=None,
+    layout: str = "padded",
+    batch_size: int | None = None,
+    time_bucket: int | str | None = "pow2",
+    min_times: int = 0,
+    dtype=None,
+    grid: np.ndarray | None = None,
+    num_times: int | None = None,
+    pad_time: float | None = None,
+) -> dict[str, Any]:
+    """`make_batch`'s arrays as NumPy arrays on the host (a dict of `Batch`'s fields
+    without `target_mask` and `layout`).
+
+    The last three arguments let a process build its own rows of a batch whose other
+    rows another process builds (`fit` over several processes) so that they fit
+    together, exactly as one process would have built the whole batch: `grid` is
+    the union layout's grid of the whole batch (a superset of `ts`' valid times),
+    `num_times` the padded layout's longest series of the whole batch, and
+    `pad_time` the time that fills the padded layout's padding rows (the whole
+    batch's last series' last time)."""
     S, T, C = ts.values.shape
     batch_size = S if batch_size is None else int(batch_size)
     if batch_size < S:
@@ -162,7 +202,8 @@ def make_batch(
     dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
     if layout == "padded":
         lengths = ts.time_mask.sum(axis=1)
-        Tb = bucket_length(max(lengths.max(), min_times), time_bucket)
+        longest = lengths.max() if num_times is None else num_times
+        Tb = bucket_length(max(longest, min_times), time_bucket)
         # compact valid positions to the front, keeping their order
         order = np.argsort(~ts.time_mask, axis=1, kind="stable")
         take = order[:, : min(Tb, T)]
@@ -178,7 +219,8 @@ def make_batch(
         time_mask = valid
         position = np.where(valid, take, -1)
     elif layout == "union":
-        grid = np.unique(ts.times[ts.time_mask])
+        if grid is None:
+            grid = np.unique(ts.times[ts.time_mask])
         Tb = bucket_length(max(len(grid), min_times), time_bucket)
         j = np.searchsorted(grid, ts.times)  # [S, T]: grid index of each position
         times = np.full((S, Tb), grid[-1])
@@ -198,7 +240,10 @@ def make_batch(
     weight = np.ones(S)
     if batch_size > S:
         # padding rows: the last row's grid (union) or a constant time (padded)
-        pad_row = times[-1:] if layout == "union" else np.full((1, Tb), times[-1, -1])
+        if layout == "union":
+            pad_row = times[-1:]
+        else:
+            pad_row = np.full((1, Tb), times[-1, -1] if pad_time is None else pad_time)
         times = np.concatenate([times, np.repeat(pad_row, batch_size - S, axis=0)], 0)
     # cast on the host and transfer everything with one call: per-array conversions
     # on the device cost a dispatch each, more than the batch itself
@@ -218,12 +263,7 @@ def make_batch(
         else _pad_rows(ts.labels.astype(np.int32), batch_size, 0),
     }
     _check_resolution(host["times"][:S], time_mask, times[:S], dtype)
-    dev = jax.device_put(host)
-    return Batch(
-        **dev,
-        target_mask=dev["mask"],
-        layout=layout,
-    )
+    return host
 
 
 def _check_resolution(cast, time_mask, times, dtype) -> None:

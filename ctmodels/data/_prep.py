@@ -33,53 +33,67 @@ class Normalizer:
     @classmethod
     def fit(
         cls,
-        ts: TimeSeries,
+        ts: Any,
         *,
         log: Sequence[str] = (),
         time_scale: float | str = 1.0,
+        chunk_size: int = 2048,
     ) -> Normalizer:
         """Fit on the observed values of `ts` (pass the training split only).
 
         **Arguments:**
 
-        - `ts`: training series.
+        - `ts`: training series: a `TimeSeries`, or a lazy source
+          (`from_xarray(..., lazy=True)`, or anything with `len()` and
+          `source[indices] -> TimeSeries`), read in chunks of `chunk_size` series
+          one after the other, so that memory holds one chunk, never the whole
+          source (the statistics are merged chunk by chunk: the same as on the
+          loaded data up to rounding).
         - `log`: channels to log-transform first (their observed values must be > 0).
         - `time_scale`: divide times by this; `"span"` uses the largest time span of
           a training series (so model time runs over about [0, 1]).
+        - `chunk_size`: series per read of a lazy source.
         """
-        unknown = [c for c in log if c not in ts.channels]
+        channels = tuple(ts.channels)
+        unknown = [c for c in log if c not in channels]
         if unknown:
             raise ValueError(
                 f"log channels {unknown} are not channels of the data "
-                f"({list(ts.channels)})."
+                f"({list(channels)})."
             )
-        is_log = tuple(c in set(log) for c in ts.channels)
+        is_log = tuple(c in set(log) for c in channels)
+        stats = _Moments(len(channels))
+        span = 0.0
+        for part in _chunks(ts, chunk_size):
+            for c, name in enumerate(channels):
+                x = part.values[..., c][part.mask[..., c]]
+                if is_log[c] and x.size:
+                    if (x <= 0).any():
+                        raise ValueError(
+                            f"Channel {name!r} has non-positive values "
+                            f"(min {x.min():g}); it cannot be log-transformed."
+                        )
+                    x = np.log(x)
+                stats.add(c, x)
+            if time_scale == "span":
+                t = part.nan_times()
+                span = max(span, float(np.max(np.nanmax(t, 1) - np.nanmin(t, 1))))
         means, stds = [], []
-        for c, name in enumerate(ts.channels):
-            x = ts.values[..., c][ts.mask[..., c]]
-            if x.size == 0:
+        for c, name in enumerate(channels):
+            if stats.n[c] == 0:
                 raise ValueError(
                     f"Channel {name!r} has no observed value in the training data; "
                     "cannot fit its normalisation. Drop the channel."
                 )
-            if is_log[c]:
-                if (x <= 0).any():
-                    raise ValueError(
-                        f"Channel {name!r} has non-positive values "
-                        f"(min {x.min():g}); it cannot be log-transformed."
-                    )
-                x = np.log(x)
-            sd = float(x.std())
-            means.append(float(x.mean()))
+            sd = float(np.sqrt(stats.m2[c] / stats.n[c]))
+            means.append(float(stats.mean[c]))
             stds.append(sd if sd > 0 and np.isfinite(sd) else 1.0)
         if time_scale == "span":
-            t = ts.nan_times()
-            span = np.nanmax(t, axis=1) - np.nanmin(t, axis=1)
-            time_scale = float(span.max()) if span.max() > 0 else 1.0
+            time_scale = span if span > 0 else 1.0
         time_scale = float(time_scale)
         if not (time_scale > 0 and np.isfinite(time_scale)):
             raise ValueError(f"time_scale must be positive, got {time_scale}.")
-        return cls(tuple(ts.channels), tuple(means), tuple(stds), is_log, time_scale)
+        return cls(channels, tuple(means), tuple(stds), is_log, time_scale)
 
     def _check(self, ts: TimeSeries) -> None:
         if tuple(ts.channels) != self.channels:
@@ -90,7 +104,14 @@ class Normalizer:
 
     def transform(self, ts: TimeSeries) -> TimeSeries:
         """Data units -> model units (values and times). The observed values of log
-        channels must be > 0 (as in `fit`)."""
+        channels must be > 0 (as in `fit`). A lazy source
+        (`ctmodels.data.LazyTimeSeries`) gives a lazy source that transforms each
+        batch as it is read (`LazyTimeSeries.map`): nothing is read now."""
+        from ._xarray import LazyTimeSeries
+
+        if isinstance(ts, LazyTimeSeries):
+            self._check(ts)
+            return ts.map(self.transform)
         self._check(ts)
         for c, lg in enumerate(self.log):
             bad = ts.mask[..., c] & ~(ts.values[..., c] > 0) if lg else None
@@ -149,6 +170,46 @@ class Normalizer:
             log=tuple(bool(x) for x in d["log"]),
             time_scale=float(d.get("time_scale", 1.0)),
         )
+
+
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations, merged chunk by chunk
+    (Chan, Golub & LeVeque's pairwise update: stable where sums of squares are
+    not)."""
+
+    def __init__(self, channels: int):
+        self.n = np.zeros(channels, np.int64)
+        self.mean = np.zeros(channels)
+        self.m2 = np.zeros(channels)
+
+    def add(self, c: int, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        n_b, mean_b = x.size, float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n_a = self.n[c]
+        n = n_a + n_b
+        delta = mean_b - self.mean[c]
+        self.mean[c] += delta * n_b / n
+        self.m2[c] += m2_b + delta**2 * n_a * n_b / n
+        self.n[c] = n
+
+
+def _chunks(ts: Any, size: int):
+    """`ts` (a `TimeSeries` or a lazy source) in chunks of `size` series, in order;
+    a `TimeSeries` in one piece (it is in memory already)."""
+    if isinstance(ts, TimeSeries):
+        yield ts
+        return
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {size}.")
+    n = len(ts)
+    if n == 0:
+        raise ValueError("The training data have no series.")
+    read = getattr(ts, "read", None)
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        yield read(start, stop) if read else ts[np.arange(start, stop)]
 
 
 def split_series(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -302,15 +302,42 @@ class LazyTimeSeries:
       training data. `cache=False` keeps xarray from holding whole variables.
     """
 
-    def __init__(self, ds: xr.Dataset, layout: _Layout, *, block_size: int = 256):
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        layout: _Layout,
+        *,
+        block_size: int = 256,
+        transform: Callable[[TimeSeries], TimeSeries] | None = None,
+    ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
         self.ds = ds
         self.layout = layout
         self.meta = layout.meta
         self.block_size = int(block_size)
+        self.transform = transform
         self._blocks: dict[int, TimeSeries] = {}  # the two most recently read
         self._lock = threading.Lock()  # batches may be read by a prefetch thread
+
+    def map(self, fn: Callable[[TimeSeries], TimeSeries]) -> LazyTimeSeries:
+        """The same source with `fn` applied to every `TimeSeries` it reads (after
+        any earlier `map`): e.g. `Normalizer.transform`, which calls this for a lazy
+        source. Nothing is read now."""
+        before = self.transform
+        fn_all = fn if before is None else (lambda ts: fn(before(ts)))
+        return LazyTimeSeries(
+            self.ds, self.layout, block_size=self.block_size, transform=fn_all
+        )
+
+    def _convert(self, index) -> TimeSeries:
+        ts = self.layout.convert(self.ds, index)
+        return ts if self.transform is None else self.transform(ts)
+
+    def read(self, start: int, stop: int) -> TimeSeries:
+        """Series `start` to `stop - 1` with one contiguous read (not cached): what
+        a pass over the whole source in chunks uses (`Normalizer.fit`)."""
+        return self._convert(slice(int(start), min(int(stop), len(self))))
 
     def __len__(self) -> int:
         return self.layout.num_series
@@ -328,9 +355,7 @@ class LazyTimeSeries:
             if len(self._blocks) >= 2:
                 self._blocks.pop(next(iter(self._blocks)))  # least recently read
             B = self.block_size
-            self._blocks[k] = self.layout.convert(
-                self.ds, slice(k * B, min(len(self), (k + 1) * B))
-            )
+            self._blocks[k] = self._convert(slice(k * B, min(len(self), (k + 1) * B)))
         return self._blocks[k]
 
     def __getitem__(self, index) -> TimeSeries:
@@ -348,7 +373,7 @@ class LazyTimeSeries:
         B = self.block_size
         ks = np.unique(index // B)
         if ks.size > 2:
-            return self.layout.convert(self.ds, index)
+            return self._convert(index)
         with self._lock:
             parts = [self._block(int(k)) for k in ks]
         if len(parts) == 1:
@@ -363,7 +388,7 @@ class LazyTimeSeries:
         return got if np.array_equal(pos, np.arange(len(pos))) else got[np.argsort(pos)]
 
     def load(self) -> TimeSeries:
-        return self.layout.convert(self.ds)
+        return self._convert(None)
 
     def __repr__(self) -> str:
         return (

@@ -176,14 +176,33 @@ def _check_options(model_kw: dict[str, Any]) -> None:
         resolve_adjoint(model_kw["adjoint"], "integrate")
 
 
-def _check_devices(devices: int | None, batch_size: int, given: bool) -> None:
+def _check_devices(devices: int | str | None, batch_size: int, given: bool) -> None:
     """`--devices` against this machine and the batch size (the recipe's, unless
     given), in the CLI's words, before anything is read or written
     (`ctmodels.train.fit` checks the same in its own)."""
+    if jax.process_count() > 1 and devices != "all":
+        raise ValueError(
+            f"This is a distributed run of {jax.process_count()} processes "
+            "(--coordinator): train over every process's devices with --devices "
+            f"all, not --devices {devices}."
+        )
     if devices is None:
         return
+    if devices == "all":  # every device of every process (jax.distributed)
+        count = jax.device_count()
+        if batch_size % count:
+            whose = "--batch-size" if given else "the recipe's batch size"
+            good = -(-batch_size // count) * count
+            raise ValueError(
+                f"--devices all ({count} devices) does not divide {whose} "
+                f"{batch_size}: every batch is split evenly over the devices. Pass "
+                f"--batch-size {good} (a multiple of {count})."
+            )
+        return
     if not is_int(devices) or devices < 1:
-        raise ValueError(f"devices (--devices) must be an int >= 1, got {devices!r}.")
+        raise ValueError(
+            f"devices (--devices) must be an int >= 1 or 'all', got {devices!r}."
+        )
     have = jax.local_device_count()
     if devices > have:
         raise ValueError(
@@ -217,7 +236,7 @@ def fit(
     overwrite: bool = False,
     channels: Sequence[str] | str | None = None,
     max_series: int | None = None,
-    devices: int | None = None,
+    devices: int | str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fit a model of `family` to `data` end to end and write the outputs listed in
@@ -243,9 +262,13 @@ def fit(
       None: every channel of the data); `max_series`: train on a random subset of
       that many series.
     - `devices`: train data-parallel on this many local devices
-      (`ctmodels.train.fit(devices=...)`; `--devices`); None: one. The batch size
-      must be a multiple of it. `metrics.json` records it; a run resumes on any
-      number of devices.
+      (`ctmodels.train.fit(devices=...)`; `--devices`); None: one; `"all"`: every
+      device of every process (`jax.devices()`: with `jax.distributed`, one model
+      over every host's devices, `--coordinator`). The batch size must be a
+      multiple of the count. `metrics.json` records it; a run resumes on any number
+      of devices. In a distributed run only process 0 evaluates and writes `out`
+      (the others train with it and return a short summary); `out` must be a
+      folder every process sees (to resume).
     - `**options`: the family's options (`Family.options`: its model constructor's
       keyword arguments and the loss options it exposes); unset ones take the
       recipe's for `data` where it sets some (its `"options"` entry; digits:
@@ -289,11 +312,20 @@ def fit(
     )
     # only now (the data and the settings passed their checks): no empty output
     # directory is left behind by a run that could not start
-    out.mkdir(parents=True, exist_ok=True)
-    # a calibration.json from an earlier run here names the checkpoint it was made
-    # for; once this run writes a checkpoint it no longer matches, and predictions
-    # use the model's own spread until this run calibrates (`read_calibration`)
-    stamp_legacy_calibration(out / "checkpoint")
+    writer = jax.process_index() == 0  # a distributed run writes `out` once
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        # a calibration.json from an earlier run here names the checkpoint it was
+        # made for; once this run writes a checkpoint it no longer matches, and
+        # predictions use the model's own spread until this run calibrates
+        # (`read_calibration`)
+        stamp_legacy_calibration(out / "checkpoint")
+    fit_devices = devices
+    if devices == "all":
+        fit_devices = jax.devices() if jax.device_count() > 1 else None
+    n_devices = (
+        1 if devices is None else jax.device_count() if devices == "all" else devices
+    )
     extra = {
         "job": family.name,
         "job_version": JOB_VERSION,
@@ -323,12 +355,15 @@ def fit(
             extra_state=extra,
             loss_kwargs=loss_kw,
             resume=not overwrite,
-            devices=devices,
+            devices=fit_devices,
         )
     except _train.ResumeRefused as err:
         raise ValueError(_cli_words(err, out)) from None
-    history.to_csv(out / "history.csv", index=False)
     t_fit = _time.perf_counter() - t_start
+    if not writer:  # process 0 evaluates and writes
+        return {"process": jax.process_index(), "epochs_run": int(len(history)),
+                "fit_seconds": round(t_fit, 1), "devices": n_devices}  # fmt: skip
+    history.to_csv(out / "history.csv", index=False)
     scale, calibration = None, None
     if family.calibrate:
         scale = calibrate_spread(
@@ -359,7 +394,7 @@ def fit(
     metrics.update({
         "units": family.metric_units,
         "fit_seconds": round(t_fit, 1),
-        "devices": 1 if devices is None else int(devices),
+        "devices": n_devices,
         "compilations": history.attrs.get("compilations"),
     })  # fmt: skip
     if family.predict is not None:

@@ -102,7 +102,9 @@ def fit(
       their constructor arguments in a static `hyperparameters` field can be rebuilt
       from checkpoints by `load_checkpoint`.
     - `train`: a `ctmodels.data.TimeSeries`, a lazy source (`len()` and
-      `source[indices] -> TimeSeries`), batched as `ctmodels.data.batches` does; or
+      `source[indices] -> TimeSeries`, e.g. `from_xarray(ds, lazy=True)` on a
+      netCDF file or zarr store: streamed, memory holds a few blocks of series,
+      `docs/scaling.md`), batched as `ctmodels.data.batches` does; or
       an array / pytree of arrays with a leading example axis (for flows, DEQs, ...),
       batched by rows (the short last batch of an epoch is filled up with the
       epoch's first rows, so every training batch has one shape).
@@ -127,7 +129,8 @@ def fit(
       sums. Checkpoints hold host arrays: a run resumes on any number of devices.
       `batch_size` must be a multiple of the device count. With several processes
       (`jax.distributed.initialize`), every process passes `jax.devices()` and the
-      same data and key; only process 0 writes checkpoints.
+      same data and key; each reads only its own rows of every batch (from a lazy
+      source: only those series) and only process 0 writes checkpoints.
     - `key`: a JAX PRNG key; all randomness derives from it (see the module docs).
     - `optimizer`: any `optax.GradientTransformation` (its updates are applied as
       they are). Default: Adam after global-norm clipping at `clip_norm`, on the

@@ -74,7 +74,9 @@ def prepare(model, train, valid, key, options: FitOptions) -> Run:
     o = checked.options
     log_fn = resolve_log(o.log)
     placement = resolve_devices(o.devices, o.batch_size)
-    o, train_data, valid_data, min_times = _open_data(o, train, valid, log_fn)
+    o, train_data, valid_data, min_times = _open_data(
+        o, train, valid, log_fn, placement
+    )
     nb = train_data.num_batches(train=True)
     total_steps = o.steps if o.steps is not None else o.epochs * nb
     model_desc = _model_desc(model, o)
@@ -108,9 +110,10 @@ _CONFIG_ONLY = ("patience", "restore_best", "nan_policy", "max_nan_skips",
                 "checkpoint_every")  # fmt: skip
 
 
-def _open_data(o: FitOptions, train, valid, log_fn):
+def _open_data(o: FitOptions, train, valid, log_fn, placement=None):
     """The training and validation data as batch sources, and the `time_bucket` and
-    `min_times` they are padded with."""
+    `min_times` they are padded with. With a `placement` over several processes,
+    each process reads only its own rows of every batch."""
     auto = isinstance(o.time_bucket, str) and o.time_bucket == "auto"
     if (
         auto
@@ -133,6 +136,9 @@ def _open_data(o: FitOptions, train, valid, log_fn):
     )
     train_data = opened(train, name="train")
     valid_data = None if valid is None else opened(valid, name="valid")
+    for d in (train_data, valid_data):
+        if d is not None:
+            d.place(placement)
     if valid_data is not None:
         check_same_channels(train_data, valid_data)
     min_times = 0

@@ -28,9 +28,14 @@ to every vector-field evaluation.
 Several processes (`jax.distributed.initialize`, one per host) train one model when
 each passes the same list of every process's devices (`devices=jax.devices()`): the
 mesh then spans the processes, XLA's collectives (NCCL on GPUs, Gloo on CPUs) carry
-the all-reduce, and only process 0 writes checkpoints. Every process reads each batch
-in full and keeps its own devices' rows (the same data and key on every process give
-the same batches); reading only a process's own rows is not done yet.
+the all-reduce, and only process 0 writes checkpoints. Every process draws the same
+order of the series (the same data and key) but reads only its own rows of each
+batch, the rows its devices hold (`local_rows`), from the source (a lazy netCDF /
+zarr source reads just those series); the processes exchange a few numbers per
+time-series batch so that their rows share one time grid (`allgather`, see
+`ctmodels.train._data`), and the global batch is assembled from the processes' rows
+with `jax.make_array_from_process_local_data` (`from_local`). The step is unchanged,
+and the batches are row for row those of one process.
 
 Checkpoints hold host (NumPy) arrays gathered from the replicas (`to_host`), the same
 bytes as a single-device run's, so a run started on 4 devices resumes on 1 and the
@@ -79,19 +84,70 @@ class Placement:
 
         return jax.tree.map(put, tree)
 
+    @property
+    def processes(self) -> int:
+        """How many processes the mesh's devices belong to (1 without
+        `jax.distributed`)."""
+        return len({d.process_index for d in self.devices})
+
+    def local_rows(self, n: int) -> np.ndarray | None:
+        """The rows (in increasing order) of an `n`-row batch that this process's
+        devices hold when the batch is split along its first axis, or None when `n`
+        does not divide over the devices (such a batch is replicated)."""
+        if n % self.size:
+            return None
+        per = n // self.size
+        here = jax.process_index()
+        mine = [i for i, d in enumerate(self.devices) if d.process_index == here]
+        return np.concatenate([np.arange(i * per, (i + 1) * per) for i in mine])
+
+    def from_local(self, tree: Any, n: int) -> Any:
+        """Global arrays of `n` rows, split over the devices, from this process's
+        rows of them (`tree`'s NumPy leaves, rows as in `local_rows(n)`): every
+        process passes its own rows, none the others' (`jax.make_array_from_process_
+        local_data`)."""
+
+        def make(x):
+            if x is None:
+                return None
+            x = np.asarray(x)
+            x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+            return jax.make_array_from_process_local_data(
+                self.split, x, (n, *x.shape[1:])
+            )
+
+        return jax.tree.map(make, tree, is_leaf=lambda x: x is None)
+
+    def allgather(self, x: np.ndarray) -> np.ndarray:
+        """Every process's `x` (the same shape and dtype in every process), stacked
+        along a new first axis in process order; host arrays in and out. A
+        collective: every process must call it, in the same order."""
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x))
+
     def batch(self, batch: Any) -> Any:
         """A batch split along its first axis over the devices. An array whose first
         axis does not divide (the short last validation batch of array data) is
         replicated instead: correct, only not parallel. One `device_put` for all
-        the arrays (a call per array cost a millisecond more per step)."""
+        the arrays (a call per array cost a millisecond more per step). Arrays
+        already spread over several processes (built by `from_local`) are left as
+        they are."""
         leaves, treedef = jax.tree.flatten(batch)
-        where = [i for i, x in enumerate(leaves) if eqx.is_array(x)]
+        where = [
+            i
+            for i, x in enumerate(leaves)
+            if eqx.is_array(x)
+            and not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+        ]
         shardings = [
             self.split
             if leaves[i].ndim >= 1 and leaves[i].shape[0] % self.size == 0
             else self.replicated
             for i in where
         ]
+        if not where:
+            return batch
         placed = jax.device_put([leaves[i] for i in where], shardings)
         for i, x in zip(where, placed, strict=True):
             leaves[i] = x
