@@ -75,8 +75,9 @@ def draw(model, key, n: int, devices=None) -> np.ndarray:
         np.asarray(
             _draw(model, jax.random.fold_in(key, i), PLOT_SAMPLES)
             if place is None
-            else model.sample(PLOT_SAMPLES, key=jax.random.fold_in(key, i),
-                              devices=place)  # fmt: skip
+            else model.sample(
+                PLOT_SAMPLES, key=jax.random.fold_in(key, i), devices=place
+            )  # fmt: skip
         )
         for i in range(-(-n // PLOT_SAMPLES))
     ]
@@ -185,8 +186,10 @@ def predict(model, points, state, *, key, n_samples=None, spread=None,
     std = _points.Standardiser.from_dict(state["standardiser"])
     cols = list(state["channels"])
     data = {c: (_points.SAMPLE_DIM, points.values[:, i]) for i, c in enumerate(cols)}
-    data["log_density"] = (_points.SAMPLE_DIM,
-                           log_prob_data(model, points.values, std, devices))
+    data["log_density"] = (
+        _points.SAMPLE_DIM,
+        log_prob_data(model, points.values, std, devices),
+    )
     if points.split is not None:
         data["split"] = (_points.SAMPLE_DIM, points.split.astype(str))
     coords: dict[str, Any] = {_points.SAMPLE_DIM: np.arange(len(points))}

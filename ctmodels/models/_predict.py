@@ -14,8 +14,7 @@ import numpy as np
 import xarray as xr
 from jaxtyping import PRNGKeyArray
 
-from .. import _devices
-from .. import data as cdata
+from .. import _devices, data as cdata
 from .._errors import (
     CODES,
     RESULTS,
