@@ -146,8 +146,12 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--sample-s", type=float, default=0.5)
     p.add_argument("--quick", action="store_true", help="3 reps, short samples")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: one thread each; gpu: JAX and torch on the first GPU")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
+    )
     args = p.parse_args()
     torch_device, sync = check_device(DEVICE)
     reps, sample_s = (3, 0.2) if args.quick else (args.reps, args.sample_s)

@@ -87,10 +87,17 @@ def parse():
     p.add_argument("--no-torch", action="store_true", help="skip torchdiffeq")
     p.add_argument("--no-naive", action="store_true", help="skip the naive diagnostic")
     p.add_argument("--no-jvp", action="store_true", help="skip the jvp diagnostic")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                   help="cpu: one thread each; gpu: JAX and torch on the first GPU")
-    p.add_argument("--cases", default="checkpoint,backsolve",
-                   help="gradient modes, comma-separated (checkpoint, backsolve)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
+    )
+    p.add_argument(
+        "--cases",
+        default="checkpoint,backsolve",
+        help="gradient modes, comma-separated (checkpoint, backsolve)",
+    )
     return p.parse_args()
 
 

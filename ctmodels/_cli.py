@@ -279,17 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", action="append", metavar="KEY=VALUE",
         help="a sampling option of the family (VALUE: a JSON literal or a name)",
     )  # fmt: skip
-    _add_inference_devices(p, "sampling (the same samples)")
+    _add_inference_devices(p, "sampling", " (the same samples as on one device)")
     p.set_defaults(func=_sample)
     return parser
 
 
-def _add_inference_devices(p, what: str) -> None:
+def _add_inference_devices(p, what: str, same: str = "") -> None:
     p.add_argument(
         "--devices", type=_positive_int, default=None,
-        help=f"split the {what} over this many local devices (GPUs, or CPU devices "
-        "simulated with XLA_FLAGS=--xla_force_host_platform_device_count=N); any "
-        "count works: batches are padded to a multiple of it (default: 1)",
+        help=f"split the {what} over this many local devices{same} (GPUs, or CPU "
+        "devices simulated with XLA_FLAGS=--xla_force_host_platform_device_count="
+        "N); any count works: batches are padded to a multiple of it (default: 1)",
     )  # fmt: skip
 
 
