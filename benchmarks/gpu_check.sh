@@ -19,7 +19,7 @@
 #                 Diffrax and torchdiffeq, all on the GPU; its stderr in step_gpu.err)
 #   gpu_steps.jsonl the training-step part: ONE JSON line per case, ctmodels against
 #                 its PyTorch peer on the same GPU at short settings (--quick), each
-#                 case under its own `timeout` (110 + 110 + 60 s at most):
+#                 case under its own `timeout` (130 + 110 + 55 s at most):
 #                   latent_ode  benchmarks/latent_ode_step.py (torchdiffeq, plain Diffrax)
 #                   ffjord      benchmarks/ffjord_speed.py --cases checkpoint (torchdiffeq)
 #                   deq         benchmarks/deq_torchdeq.py (torchdeq: IFT and one-step)
@@ -82,12 +82,12 @@ steps_part() {
     echo "== training steps on the same device: latent ODE, FFJORD, DEQ against" \
         "torchdiffeq / torchdeq"
     : >"$out/gpu_steps.jsonl"
-    steps_case latent_ode "${GPU_CHECK_LATENT_S:-110}" python3 \
+    steps_case latent_ode "${GPU_CHECK_LATENT_S:-130}" python3 \
         benchmarks/latent_ode_step.py --device "$device" --quick --reps 3 --steps 3
     steps_case ffjord "${GPU_CHECK_FFJORD_S:-110}" python3 \
         benchmarks/ffjord_speed.py --device "$device" --quick --cases checkpoint \
         --no-naive --no-jvp
-    steps_case deq "${GPU_CHECK_DEQ_S:-60}" python3 benchmarks/deq_torchdeq.py \
+    steps_case deq "${GPU_CHECK_DEQ_S:-55}" python3 benchmarks/deq_torchdeq.py \
         --device "$device" --quick
     python3 benchmarks/_gpu_steps.py check "$out/gpu_steps.jsonl" 3
 }
