@@ -74,9 +74,10 @@ SCRIPT = textwrap.dedent(
         one = pred()
         r = {"d4": rel_ds(pred(devices=4), one)}
         if name == "latent_ode":
-            r["d2"] = rel_ds(pred(devices=2), one)
             r["times"] = rel_ds(pred(times=Q, devices=4), pred(times=Q))
             r["times_per_series"] = rel_ds(pred(times=QS, devices=2), pred(times=QS))
+        else:  # the SVAE compiles faster
+            r["d2"] = rel_ds(pred(devices=2), one)
             # a batch size that does not divide: rounded up to a multiple (8)
             six = pred(batch_size=6, devices=4)
             r["round_up"] = rel_ds(six, pred(batch_size=8))
@@ -97,15 +98,17 @@ SCRIPT = textwrap.dedent(
         got = flow.log_prob(x, devices=devices)
         ffj["log_prob"][f"d{devices}"] = rel(got, lp)
         ffj["log_prob"][f"d{devices}_default"] = on_default(got)
-    got = flow.sample(12, key=KEY, devices=4)
-    ffj["sample"]["d4"] = rel(got, s)
-    ffj["sample"]["d4_default"] = on_default(got)
+        got = flow.sample(12, key=KEY, devices=devices)
+        ffj["sample"][f"d{devices}"] = rel(got, s)
+        ffj["sample"][f"d{devices}_default"] = on_default(got)
     ffj["log_prob"]["shape"] = rel(flow.log_prob(x.reshape(3, 4, 2), devices=4),
                                    np.asarray(lp).reshape(3, 4))
+    # Hutchinson's probes for 10 points padded to 12: the first 10 rows of the
+    # probes drawn for 12 are those drawn for 10 (else O(1) apart, not 1e-3)
     hk = jax.random.key(5)
-    ffj["log_prob"]["hutchinson"] = rel(
-        flow.log_prob(x, trace="hutchinson", key=hk, devices=4),
-        flow.log_prob(x, trace="hutchinson", key=hk))
+    ffj["log_prob"]["hutchinson_pad"] = rel(
+        flow.log_prob(x[:10], trace="hutchinson", key=hk, devices=4),
+        flow.log_prob(x[:10], trace="hutchinson", key=hk))
     # 10 points on 4 devices: padded to 12 with copies of the last point
     ffj["log_prob"]["pad"] = rel(flow.log_prob(x[:10], devices=4),
                                  flow.log_prob(x[:10]))
@@ -187,8 +190,7 @@ SCRIPT = textwrap.dedent(
             "job": "ffjord", "channels": ["u", "v"], "gaussian": None,
             "standardiser": {"mean": [0.5, -1.0], "scale": [2.0, 0.5]}}})
         import pandas as pd
-        for name, extra in (("one", []), ("four", ["--devices", "4"]),
-                            ("three", ["--devices", "3"])):
+        for name, extra in (("one", []), ("four", ["--devices", "4"])):
             rc, err = cli("sample", "--checkpoint", flow_run, "--out",
                           str(d / f"s_{name}.csv"), "-n", "10", *extra)
             c[f"sample_{name}"] = {"rc": rc, "err": err}
@@ -196,8 +198,6 @@ SCRIPT = textwrap.dedent(
                 c[f"sample_{name}"]["rel"] = rel(
                     pd.read_csv(d / f"s_{name}.csv").to_numpy(),
                     pd.read_csv(d / "s_one.csv").to_numpy())
-            if name == "three":
-                continue
             m = d / f"nll_{name}.json"
             rc, err = cli("evaluate", "--checkpoint", flow_run, "--data",
                           str(d / "pts.csv"), "--out", str(m), *extra)
@@ -240,8 +240,8 @@ SOLVER_RTOL = 1e-3
 
 @pytest.mark.parametrize(
     "model, case",
-    [("latent_ode", c) for c in ("d2", "d4", "times", "times_per_series")]
-    + [("svae", "d4")],
+    [("latent_ode", c) for c in ("d4", "times", "times_per_series")]
+    + [("svae", "d2"), ("svae", "d4")],
 )
 def test_sharded_predict_agrees_with_one_device(result, model, case):
     """Mean and std, on the series' own grid, at shared query times and at
@@ -253,8 +253,8 @@ def test_sharded_predict_agrees_with_one_device(result, model, case):
 def test_batch_size_rounds_up_to_the_devices(result):
     """batch_size=6 on 4 devices predicts in batches of 8: one device's batch_size=8
     predictions, not batch_size=4's (the oracle can tell groupings apart: the
-    batch's posterior draws and the latent ODE's start time depend on them)."""
-    r = result["latent_ode"]
+    batch's posterior draws depend on them)."""
+    r = result["svae"]
     assert r["round_up"] < RTOL
     assert r["round_up_differs_from_4"] > 100 * RTOL
 
@@ -263,9 +263,8 @@ def test_calibrate_spread_sharded(result):
     assert result["calibrate"] < RTOL
 
 
-@pytest.mark.parametrize(
-    "what, devices", [("log_prob", 2), ("log_prob", 4), ("sample", 4)]
-)
+@pytest.mark.parametrize("what", ["log_prob", "sample"])
+@pytest.mark.parametrize("devices", [2, 4])
 def test_ffjord_sharded_agrees_with_one_device(result, what, devices):
     """`sample` draws the base points first, so the same key gives the same samples
     on any number of devices; both come back on the default device."""
@@ -275,10 +274,10 @@ def test_ffjord_sharded_agrees_with_one_device(result, what, devices):
 
 
 def test_ffjord_log_prob_shapes_and_hutchinson(result):
-    """Leading dims are flattened and restored; Hutchinson's probes (drawn for the
-    padded points) are the unsharded ones."""
+    """Leading dims are flattened and restored; Hutchinson's probes, drawn for the
+    padded points, are the unsharded ones for the real points."""
     r = result["ffjord"]["log_prob"]
-    assert r["shape"] < RTOL and r["hutchinson"] < RTOL
+    assert r["shape"] < RTOL and r["hutchinson_pad"] < SOLVER_RTOL
 
 
 @pytest.mark.parametrize("what", ["log_prob", "sample"])
@@ -319,13 +318,11 @@ def test_cli_devices_flag(result):
 
 
 def test_cli_ffjord_sample_and_evaluate_devices(result):
-    """`ctmodels sample --devices N`: the same samples as on one device (to the
-    order of sums when the 1000-point draw divides, to the solver's tolerance
-    with 3 devices); `evaluate --devices 4`: the same NLL."""
+    """`ctmodels sample --devices 4`: the same samples as on one device;
+    `evaluate --devices 4`: the same NLL."""
     c = result["cli"]
     assert c["sample_four"]["rc"] == 0, c["sample_four"]["err"]
     assert c["sample_four"]["rel"] < RTOL
-    assert c["sample_three"]["rc"] == 0 and c["sample_three"]["rel"] < SOLVER_RTOL
     r = c["evaluate_ffjord_four"]
     assert r["rc"] == 0, r["err"]
     assert r["rel"] < RTOL
