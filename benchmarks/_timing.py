@@ -23,6 +23,51 @@ def single_thread() -> None:
         os.environ.setdefault(name, "1")
 
 
+def device_from_argv(argv) -> str:
+    """`--device cpu|gpu` read from the command line before JAX or torch is imported
+    (it decides their settings); `"cpu"` when absent."""
+    for i, a in enumerate(argv):
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+    return "cpu"
+
+
+def setup_device(device: str) -> None:
+    """Before JAX and torch are imported: `"cpu"`, one thread each
+    (`single_thread`); `"gpu"`, both on the first GPU (no thread limits, no
+    up-front grab of most of its memory by JAX)."""
+    if device == "cpu":
+        single_thread()
+    elif device == "gpu":
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    else:
+        raise SystemExit(f"--device must be cpu or gpu, got {device!r}.")
+
+
+def check_device(device: str):
+    """After the imports: refuse `--device gpu` where JAX or torch sees no GPU, and
+    return `(torch device, sync)`, where `sync()` waits for torch's queued GPU work
+    (a torch step's time must include its backward pass, which runs
+    asynchronously on a GPU; JAX's runners block on their outputs already)."""
+    import jax
+    import torch
+
+    if device == "gpu":
+        if jax.default_backend() != "gpu":
+            raise SystemExit(
+                f"--device gpu, but JAX runs on {jax.default_backend()!r}: install a "
+                "JAX with CUDA (e.g. pip install 'jax[cuda13]') or leave --device "
+                "out."
+            )
+        if not torch.cuda.is_available():
+            raise SystemExit("--device gpu, but torch sees no CUDA device.")
+        return torch.device("cuda"), torch.cuda.synchronize
+    torch.set_num_threads(1)
+    return torch.device("cpu"), lambda: None
+
+
 def timed(runners: dict, reps: int, sample_s: float) -> dict[str, list[float]]:
     """Seconds per call of each runner: `reps` interleaved rounds, each sample
     repeating a call as often as fills `sample_s` (counted from one warm call)."""

@@ -21,16 +21,21 @@ Reported per case: median and min seconds per training step (forward + backward)
 forward iterations, the final relative residual, and ctmodels' trace/compile times
 (never timed in the step). Ratios: torchdeq / ctmodels (> 1: ctmodels faster).
 
-Usage:  python benchmarks/deq_torchdeq.py [--reps N] [--quick]
+`--device gpu` runs JAX and torch both on the first GPU instead (no thread limits;
+everything else as above; `benchmarks/gpu_check.sh` runs it with `--quick`).
+
+Usage:  python benchmarks/deq_torchdeq.py [--reps N] [--quick] [--device cpu|gpu]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-from _timing import single_thread, timed
+from _timing import check_device, device_from_argv, setup_device, timed
 
-single_thread()  # before jax / torch are imported
+DEVICE = device_from_argv(sys.argv[1:])
+setup_device(DEVICE)  # before jax / torch are imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -101,13 +106,13 @@ def jax_runner(backward, W, U, b, x, target):
     }
 
 
-def torch_runner(ift, W, U, b, x, target):
+def torch_runner(ift, W, U, b, x, target, device="cpu", sync=lambda: None):
     import torch
     from torchdeq import get_deq
 
-    torch.set_num_threads(1)
-    Wt, Ut, bt = (torch.tensor(a, requires_grad=True) for a in (W, U, b))
-    xt, tt = torch.tensor(x), torch.tensor(target)
+    Wt, Ut, bt = (torch.tensor(a, requires_grad=True, device=device)
+                  for a in (W, U, b))  # fmt: skip
+    xt, tt = torch.tensor(x, device=device), torch.tensor(target, device=device)
     kw = dict(f_solver="anderson", f_tol=1e-5, f_max_iter=256, f_stop_mode="rel")
     if ift:
         kw.update(ift=True, b_solver="anderson", b_tol=1e-6, b_max_iter=256,
@@ -123,6 +128,7 @@ def torch_runner(ift, W, U, b, x, target):
         z_out, info = deq(f, torch.zeros_like(xt))
         loss = torch.mean((z_out[-1] - tt) ** 2)
         loss.backward()
+        sync()  # the backward pass runs asynchronously on a GPU
         info_box.update(loss=float(loss.detach()), info=info)
         return loss
 
@@ -140,11 +146,21 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--sample-s", type=float, default=0.5)
     p.add_argument("--quick", action="store_true", help="3 reps, short samples")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
+    )
     args = p.parse_args()
+    torch_device, sync = check_device(DEVICE)
     reps, sample_s = (3, 0.2) if args.quick else (args.reps, args.sample_s)
     W, U, b, x, target = weights()
     summary = {"summary": True, "dim": DIM, "batch": BATCH, "spectral_norm": RHO,
-               "threads": 1}  # fmt: skip
+               "device": DEVICE,
+               "jax_device": str(jax.devices()[0])}  # fmt: skip
+    if DEVICE == "cpu":
+        summary["threads"] = 1
     for case, jax_backward, ift in (
         ("implicit", "implicit", True),
         ("one_step", "jacobian_free", False),
@@ -153,7 +169,9 @@ def main():
         runners["ctmodels"], infos["ctmodels"] = jax_runner(
             jax_backward, W, U, b, x, target
         )
-        runners["torchdeq"], infos["torchdeq"] = torch_runner(ift, W, U, b, x, target)
+        runners["torchdeq"], infos["torchdeq"] = torch_runner(
+            ift, W, U, b, x, target, torch_device, sync
+        )
         times = timed(runners, reps, sample_s)
         for impl, ts in times.items():
             print(json.dumps({

@@ -39,18 +39,25 @@ vector-field evaluations (ctmodels: stats["num_fn_evals"]; torch: counted).
 Sampling throughput: samples per second of FFJORD.sample (the reverse solve, jitted)
 for 10^5 samples (10^4 with --quick).
 
+`--device gpu` runs JAX and torch both on the first GPU instead (no thread limits;
+everything else as above; `benchmarks/gpu_check.sh` runs it with `--quick --cases
+checkpoint --no-naive --no-jvp`). `--cases` picks the gradient modes.
+
 Usage:
   python benchmarks/ffjord_speed.py [--reps N] [--quick] [--no-torch] [--no-naive]
-                                    [--no-jvp]
+                                    [--no-jvp] [--device cpu|gpu]
+                                    [--cases checkpoint,backsolve]
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-from _timing import single_thread, timed
+from _timing import check_device, device_from_argv, setup_device, timed
 
-single_thread()  # before jax / torch are imported
+DEVICE = device_from_argv(sys.argv[1:])
+setup_device(DEVICE)  # before jax / torch are imported
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -80,6 +87,17 @@ def parse():
     p.add_argument("--no-torch", action="store_true", help="skip torchdiffeq")
     p.add_argument("--no-naive", action="store_true", help="skip the naive diagnostic")
     p.add_argument("--no-jvp", action="store_true", help="skip the jvp diagnostic")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
+    )
+    p.add_argument(
+        "--cases",
+        default="checkpoint,backsolve",
+        help="gradient modes, comma-separated (checkpoint, backsolve)",
+    )
     return p.parse_args()
 
 
@@ -165,14 +183,13 @@ def jax_runner(model, x, kind):
 # ------------------------------------------------------------------------- torch
 
 
-def torch_runner(model, x, case):
+def torch_runner(model, x, case, device="cpu", sync=lambda: None):
     import torch
     import torchdiffeq
 
-    torch.set_num_threads(1)
     params, _ = eqx.partition(model.field, eqx.is_array)
     layers = [
-        {k: torch.tensor(np.asarray(getattr(layer, k))[0]) for k in
+        {k: torch.tensor(np.asarray(getattr(layer, k))[0], device=device) for k in
          ("weight", "bias", "gate_weight", "gate_bias", "time_bias")}
         for layer in params.layers
     ]  # fmt: skip
@@ -207,21 +224,22 @@ def torch_runner(model, x, case):
             return dx, div
 
     cnf = CNF()
-    xt = torch.tensor(np.asarray(x))
-    ts = torch.tensor([0.0, 1.0])
+    xt = torch.tensor(np.asarray(x), device=device)
+    ts = torch.tensor([0.0, 1.0], device=device)
     solve = torchdiffeq.odeint if case == "checkpoint" else torchdiffeq.odeint_adjoint
     kw = {} if case == "checkpoint" else {"adjoint_params": tuple(cnf.parameters())}
 
     def call():
         cnf.zero_grad()
         cnf.nfe = 0
-        state = (xt, torch.zeros(xt.shape[0]))
+        state = (xt, torch.zeros(xt.shape[0], device=device))
         zs, logdets = solve(cnf, state, ts, rtol=TOL, atol=TOL, method="dopri5", **kw)
         z, logdet = zs[-1], logdets[-1]
         logp = -0.5 * (z**2).sum(-1) - LOG_2PI + logdet
         loss = -logp.mean()
         nfe_fwd = cnf.nfe
         loss.backward()
+        sync()  # the backward pass runs asynchronously on a GPU
         return float(loss.detach()), nfe_fwd, cnf.nfe
 
     value, nfe_fwd, nfe_all = call()
@@ -237,8 +255,15 @@ def main():
     reps = min(args.reps, 3) if args.quick else args.reps
     x = jnp.asarray(data(batch))
     summary = {"summary": True, "batch": batch, "dim": 2, "width": 64, "depth": 3,
-               "rtol": TOL, "atol": TOL, "solver": "dopri5", "threads": 1}  # fmt: skip
+               "rtol": TOL, "atol": TOL, "solver": "dopri5",
+               "device": DEVICE, "jax_device": str(x.devices().pop())}  # fmt: skip
+    if DEVICE == "cpu":
+        summary["threads"] = 1
     torch_ok = not args.no_torch
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = sorted(set(cases) - {"checkpoint", "backsolve"})
+    if bad or not cases:
+        raise SystemExit(f"--cases: checkpoint and/or backsolve, got {args.cases!r}")
     if torch_ok:
         try:
             import torchdiffeq  # noqa: F401
@@ -247,7 +272,11 @@ def main():
             summary["torch"] = (
                 "torchdiffeq not installed: pip install torch torchdiffeq"
             )
-    for case in ("checkpoint", "backsolve"):
+    if torch_ok:
+        torch_device, sync = check_device(DEVICE)
+    elif DEVICE == "gpu" and jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu, but JAX runs on {jax.default_backend()!r}.")
+    for case in cases:
         model = FFJORD(
             2, width=64, depth=3, end_time=END_TIME, trace="exact", solver="dopri5",
             rtol=TOL, atol=TOL, adjoint=case, key=jax.random.key(0),
@@ -259,7 +288,9 @@ def main():
         if not args.no_naive:
             runners["naive"], infos["naive"] = jax_runner(model, x, "naive")
         if torch_ok:
-            runners["torchdiffeq"], infos["torchdiffeq"] = torch_runner(model, x, case)
+            runners["torchdiffeq"], infos["torchdiffeq"] = torch_runner(
+                model, x, case, torch_device, sync
+            )
         times = timed(runners, reps, args.sample_s)
         med = {k: statistics.median(v) for k, v in times.items()}
         best = {k: min(v) for k, v in times.items()}

@@ -166,6 +166,7 @@ def _predict(ns) -> int:
         n_samples=ns.samples,
         seed=ns.seed,
         plots=ns.plots,
+        devices=ns.devices,
     )
     print(f"wrote {ns.out}: variables {sorted(map(str, pred.data_vars))}")
     return 0
@@ -178,8 +179,9 @@ def _evaluate(ns) -> int:
     from ._outputs import json_safe
 
     metrics = jobs.evaluate(
-        ns.checkpoint, ns.data, task=ns.task, out=ns.out, seed=ns.seed
-    )
+        ns.checkpoint, ns.data, task=ns.task, out=ns.out, seed=ns.seed,
+        devices=ns.devices,
+    )  # fmt: skip
     print(json.dumps(json_safe(metrics), indent=1, default=str))
     return 0
 
@@ -188,7 +190,8 @@ def _sample(ns) -> int:
     from . import jobs
 
     options = dict(_parse_assignment(text) for text in ns.option or ())
-    jobs.sample(ns.checkpoint, ns.out, n=ns.n, seed=ns.seed, **options)
+    jobs.sample(ns.checkpoint, ns.out, n=ns.n, seed=ns.seed, devices=ns.devices,
+                **options)  # fmt: skip
     print(f"wrote {ns.out}")
     return 0
 
@@ -266,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=argparse.SUPPRESS)  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--plots", default=None, help="directory for per-series PNGs")
+    _add_inference_devices(p, "predictions")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser(
@@ -289,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    _add_inference_devices(p, "model's predictions")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser(
@@ -310,8 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--option", action="append", metavar="KEY=VALUE",
         help="a sampling option of the family (VALUE: a JSON literal or a name)",
     )  # fmt: skip
+    _add_inference_devices(p, "sampling", " (the same samples as on one device)")
     p.set_defaults(func=_sample)
     return parser
+
+
+def _add_inference_devices(p, what: str, same: str = "") -> None:
+    p.add_argument(
+        "--devices", type=_positive_int, default=None,
+        help=f"split the {what} over this many local devices{same} (GPUs, or CPU "
+        "devices simulated with XLA_FLAGS=--xla_force_host_platform_device_count="
+        "N); any count works: batches are padded to a multiple of it (default: 1)",
+    )  # fmt: skip
 
 
 def _eval_tasks() -> list[str]:

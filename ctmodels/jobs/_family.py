@@ -98,6 +98,10 @@ class Family:
       coordinates, netCDF).
     - `sample`: `sample(model, state, *, key, n, out, **options)` writing samples
       (None: the family has no `sample` job).
+    - `predict`, `evaluate` and `sample` may take `devices=None` (an int or a
+      `ctmodels.models.predict`-style device list): `--devices N` of those jobs is
+      passed on to a hook that names it and refused for one that does not; `fit`
+      passes its training devices to the hooks that take them.
     - `plot(data, predictions, out_dir, *, series=None, max_series=6, title="")`:
       per-series plots after `fit` and with `predict --plots` (None: none).
     """

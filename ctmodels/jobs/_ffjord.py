@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
+from .. import _devices
 from ..models import FFJORD
 from . import _points
 from ._family import Family
@@ -64,44 +65,61 @@ def _draw(model, key, n):
     return model.sample(n, key=key)  # `n`, a Python int, is static
 
 
-def draw(model, key, n: int) -> np.ndarray:
+def draw(model, key, n: int, devices=None) -> np.ndarray:
     """`n` samples (standardised units) in chunks of `PLOT_SAMPLES` (one
-    compilation whatever `n`; chunk `i` draws from `fold_in(key, i)`)."""
+    compilation whatever `n`; chunk `i` draws from `fold_in(key, i)`); `devices`:
+    each chunk's reverse solve split over them (`FFJORD.sample`), the same
+    samples."""
+    place = _devices.resolve(devices, "sample")
     parts = [
-        np.asarray(_draw(model, jax.random.fold_in(key, i), PLOT_SAMPLES))
+        np.asarray(
+            _draw(model, jax.random.fold_in(key, i), PLOT_SAMPLES)
+            if place is None
+            else model.sample(
+                PLOT_SAMPLES, key=jax.random.fold_in(key, i), devices=place
+            )  # fmt: skip
+        )
         for i in range(-(-n // PLOT_SAMPLES))
     ]
     return np.concatenate(parts)[:n]
 
 
-def log_prob_std(model, x: np.ndarray) -> np.ndarray:
+def log_prob_std(model, x: np.ndarray, devices=None) -> np.ndarray:
     """`log p(x)` (nats) of standardised points `x [n, D]`, exact trace, in fixed
-    chunks of `CHUNK` rows (the last padded), so any `n` reuses one compilation."""
+    chunks of `CHUNK` rows (the last padded), so any `n` reuses one compilation.
+    `devices`: each chunk split over them (`FFJORD.log_prob`); a device count that
+    does not divide `CHUNK` rounds the chunk up to a multiple of it."""
+    place = _devices.resolve(devices, "log_prob")
+    chunk = CHUNK if place is None else place.round_up(CHUNK)
     x = np.asarray(x, np.float32)
     n = x.shape[0]
     out = np.empty(n, np.float64)
-    for start in range(0, n, CHUNK):
-        part = x[start : start + CHUNK]
+    for start in range(0, n, chunk):
+        part = x[start : start + chunk]
         m = part.shape[0]
-        if m < CHUNK:
-            part = np.concatenate([part, np.zeros((CHUNK - m, x.shape[1]), x.dtype)])
-        lp = _log_prob_chunk(model, jnp.asarray(part))
+        if m < chunk:
+            part = np.concatenate([part, np.zeros((chunk - m, x.shape[1]), x.dtype)])
+        if place is None:
+            lp = _log_prob_chunk(model, jnp.asarray(part))
+        else:
+            lp = model.log_prob(part, devices=place)
         out[start : start + m] = np.asarray(lp)[:m]
     return out
 
 
-def log_prob_data(model, values: np.ndarray, standardiser) -> np.ndarray:
+def log_prob_data(model, values: np.ndarray, standardiser, devices=None) -> np.ndarray:
     """`log p(x)` (nats) of points in the data's units: the flow's log-density of
     the standardised points minus `sum(log scale)` (the standardisation's
     log-determinant)."""
-    return log_prob_std(model, standardiser.transform(values)) - standardiser.log_scale
+    return (log_prob_std(model, standardiser.transform(values), devices)
+            - standardiser.log_scale)  # fmt: skip
 
 
 #: The seed of the one uniform dequantisation draw with which image NLLs are scored.
 DEQUANTISE_SEED = 0
 
 
-def nll_metrics(model, points: _points.ModelPoints) -> dict[str, Any]:
+def nll_metrics(model, points: _points.ModelPoints, devices=None) -> dict[str, Any]:
     """`nll` (nats per sample, the data's units), `bits_per_dim`, the standardised
     NLL and the log-determinant between them, and the Gaussian baseline.
 
@@ -112,7 +130,7 @@ def nll_metrics(model, points: _points.ModelPoints) -> dict[str, Any]:
     if points.levels is not None:
         values = _points.dequantise(values, seed=DEQUANTISE_SEED)
         x = values.astype(np.float32)
-    lp = log_prob_std(model, x)
+    lp = log_prob_std(model, x, devices)
     nll_std = float(-np.mean(lp))
     nll = nll_std + points.log_scale
     dim = points.x.shape[1]
@@ -139,10 +157,12 @@ def nll_metrics(model, points: _points.ModelPoints) -> dict[str, Any]:
     return out
 
 
-def evaluate(model, data_n, *, batch_size=None, **_: Any) -> dict[str, Any]:
-    """The family's metrics (`Family.evaluate`): `nll_metrics` on `data_n`."""
+def evaluate(model, data_n, *, batch_size=None, devices=None,
+             **_: Any) -> dict[str, Any]:  # fmt: skip
+    """The family's metrics (`Family.evaluate`): `nll_metrics` on `data_n`
+    (`devices`: the log-densities split over them)."""
     del batch_size
-    return nll_metrics(model, data_n)
+    return nll_metrics(model, data_n, devices)
 
 
 def _grid(values: np.ndarray, g: int = GRID):
@@ -154,17 +174,22 @@ def _grid(values: np.ndarray, g: int = GRID):
 
 
 def predict(model, points, state, *, key, n_samples=None, spread=None,
-            batch_size=None, time_units=None) -> xr.Dataset:  # fmt: skip
+            batch_size=None, time_units=None, devices=None) -> xr.Dataset:  # fmt: skip
     """The log-density (nats, the data's units) of every row of `points`; for 2-D
     data also the density on a grid over their range (`density`, on `grid_x`,
-    `grid_y`) and `PLOT_SAMPLES` samples (`sample_<column>`, on `draw`)."""
+    `grid_y`) and `PLOT_SAMPLES` samples (`sample_<column>`, on `draw`).
+    `devices`: the log-densities and samples split over them."""
     del n_samples, spread, batch_size, time_units
+    devices = _devices.resolve(devices, "predict")
     if state.get("levels") is not None:
-        return _predict_images(model, points, state, key=key)
+        return _predict_images(model, points, state, key=key, devices=devices)
     std = _points.Standardiser.from_dict(state["standardiser"])
     cols = list(state["channels"])
     data = {c: (_points.SAMPLE_DIM, points.values[:, i]) for i, c in enumerate(cols)}
-    data["log_density"] = (_points.SAMPLE_DIM, log_prob_data(model, points.values, std))
+    data["log_density"] = (
+        _points.SAMPLE_DIM,
+        log_prob_data(model, points.values, std, devices),
+    )
     if points.split is not None:
         data["split"] = (_points.SAMPLE_DIM, points.split.astype(str))
     coords: dict[str, Any] = {_points.SAMPLE_DIM: np.arange(len(points))}
@@ -172,10 +197,10 @@ def predict(model, points, state, *, key, n_samples=None, spread=None,
         gx, gy = _grid(points.values)
         mx, my = np.meshgrid(gx, gy)
         grid = np.stack([mx.ravel(), my.ravel()], 1)
-        dens = np.exp(log_prob_data(model, grid, std)).reshape(my.shape)
+        dens = np.exp(log_prob_data(model, grid, std, devices)).reshape(my.shape)
         data["density"] = (("grid_y", "grid_x"), dens)
         coords.update(grid_x=gx, grid_y=gy)
-        draws = std.inverse(draw(model, key, PLOT_SAMPLES))
+        draws = std.inverse(draw(model, key, PLOT_SAMPLES, devices))
         for i, c in enumerate(cols):
             data[f"sample_{c}"] = ("draw", draws[:, i])
     ds = xr.Dataset(data, coords=coords)
@@ -193,7 +218,7 @@ def to_grey_levels(v: np.ndarray, levels: int) -> np.ndarray:
     return np.clip(np.floor(v), 0, levels - 1).astype(np.int64)
 
 
-def _predict_images(model, points, state, *, key) -> xr.Dataset:
+def _predict_images(model, points, state, *, key, devices=None) -> xr.Dataset:
     """Images: the log-density (nats, grey-level units) of every row dequantised
     once, the images themselves (`image`, `[sample, row, col]`) and `GRID_IMAGES`
     samples in grey levels (`samples`, `[draw, row, col]`)."""
@@ -206,11 +231,11 @@ def _predict_images(model, points, state, *, key) -> xr.Dataset:
     data: dict[str, Any] = {
         "image": ((_points.SAMPLE_DIM, *dims),
                   points.values.reshape(-1, *shape).astype(np.int64)),
-        "log_density": (_points.SAMPLE_DIM, log_prob_std(model, v)),
+        "log_density": (_points.SAMPLE_DIM, log_prob_std(model, v, devices)),
     }  # fmt: skip
     if points.split is not None:
         data["split"] = (_points.SAMPLE_DIM, points.split.astype(str))
-    drawn = to_grey_levels(draw(model, key, GRID_IMAGES), levels)
+    drawn = to_grey_levels(draw(model, key, GRID_IMAGES, devices), levels)
     data["samples"] = (("draw", *dims), drawn.reshape(-1, *shape))
     ds = xr.Dataset(data, coords={_points.SAMPLE_DIM: np.arange(len(points))})
     ds["log_density"].attrs["units"] = (
@@ -310,17 +335,18 @@ def plot(points, pred, out_dir, *, series=None, max_series=6, title=""):
     return [_save(fig, out_dir, "density.png")]
 
 
-def sample(model, state, *, key, n, out, **options):
+def sample(model, state, *, key, n, out, devices=None, **options):
     """`n` samples by the reverse solve, in the data's units with its column names,
     written as CSV or netCDF by `out`'s suffix; returns them `[n, D]`. Images:
-    integer grey levels `0 .. levels - 1` (the continuous sample floored)."""
+    integer grey levels `0 .. levels - 1` (the continuous sample floored).
+    `devices`: the reverse solves split over them, the same samples."""
     if options:
         raise ValueError(
             f"The ffjord sample job takes no options, got {sorted(options)}."
         )
     out = _points.check_points_out(out)
     std = _points.Standardiser.from_dict(state["standardiser"])
-    values = std.inverse(draw(model, key, int(n)))
+    values = std.inverse(draw(model, key, int(n), devices))
     if state.get("levels") is not None:
         values = to_grey_levels(values, int(state["levels"]))
     _points.write_points(values, state["channels"], out,

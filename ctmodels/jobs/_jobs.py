@@ -221,6 +221,38 @@ def _check_devices(devices: int | str | None, batch_size: int, given: bool) -> N
         )
 
 
+def _check_inference_devices(devices: int | None) -> None:
+    """`--devices` of `predict`, `evaluate` and `sample` against this machine, in
+    the CLI's words, before anything is read or written. Inference pads what does
+    not divide, so any count up to the machine's works."""
+    if devices is not None:
+        _check_devices(devices, batch_size=int(devices) if is_int(devices) else 1,
+                       given=True)  # fmt: skip
+
+
+def _accepts_devices(hook) -> bool:
+    """Whether a family hook takes `devices=` (by name: a hook's `**kwargs` may be
+    options of its own)."""
+    try:
+        return "devices" in inspect.signature(hook).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _devices_kw(fam: Family, hook, what: str, devices) -> dict[str, Any]:
+    """`{"devices": devices}` for a family hook that takes them (nothing for None);
+    a hook that does not is refused with what to do."""
+    if devices is None:
+        return {}
+    if not _accepts_devices(hook):
+        raise ValueError(
+            f"The {fam.name} family's {what} does not take devices (its hook has no "
+            "`devices` argument), so it runs on one device: leave out --devices "
+            "(devices=None)."
+        )
+    return {"devices": devices}
+
+
 def fit(
     family: str | Family,
     data: str | Path,
@@ -368,9 +400,17 @@ def fit(
     if family.calibrate:
         scale = calibrate_spread(
             model, prepared.valid_n, key=jax.random.key(seed + 3000),
-            n_samples=EVAL_SAMPLES, batch_size=batch_size,
+            n_samples=EVAL_SAMPLES, batch_size=batch_size, devices=devices,
         )  # fmt: skip
         calibration = write_calibration(out / "checkpoint", prepared.ts.channels, scale)
+    # the evaluations and predictions run on the training devices too, where the
+    # family's hooks take them (a hook without `devices` runs on one device)
+    eval_kw = {"devices": devices} if _accepts_devices(family.evaluate) else {}
+    pred_kw = (
+        {"devices": devices}
+        if family.predict is not None and _accepts_devices(family.predict)
+        else {}
+    )
     metrics = {
         "data": prepared.name,
         "model": type(model).__name__,
@@ -387,6 +427,7 @@ def fit(
             batch_size=batch_size,
             tasks=family.eval_tasks,
             scale=scale,
+            **eval_kw,
         ),  # fmt: skip
     }
     if calibration is not None:
@@ -401,7 +442,7 @@ def fit(
         # predictions for every series, conditioned on all its observations
         pred = family.predict(
             model, prepared.ts, prepared.state, key=jax.random.key(seed + 2),
-            n_samples=EVAL_SAMPLES, spread=scale, batch_size=batch_size,
+            n_samples=EVAL_SAMPLES, spread=scale, batch_size=batch_size, **pred_kw,
         )  # fmt: skip
         pred.attrs.update({
             "model": f"ctmodels {type(model).__name__}",
@@ -473,11 +514,15 @@ def predict(
     plots: str | Path | None = None,
     max_plots: int = 6,
     family: str | None = None,
+    devices: int | None = None,
 ):
     """Condition on the observed values of `data` and write the family's
     predictions (time series: at every position with a valid time) to `out`
-    (netCDF, same dims and coordinates). `family`: refuse a checkpoint of another."""
+    (netCDF, same dims and coordinates). `family`: refuse a checkpoint of another.
+    `devices` (`--devices`): split the predictions over this many local devices
+    (`ctmodels.models.predict(devices=...)`; None: one)."""
     out = check_out_file(out, "--out", example="predictions.nc")
+    _check_inference_devices(devices)
     if plots is not None:
         check_out_dir(plots, "--plots")
     fam, model, state, ts = load(checkpoint, data, family=family)
@@ -487,6 +532,7 @@ def predict(
         model, ts, state, key=jax.random.key(seed), n_samples=n_samples,
         spread=state["scale"], time_units=state.get("time_units"),
         batch_size=int(state.get("batch_size", 32)),
+        **_devices_kw(fam, fam.predict, "predict", devices),
     )  # fmt: skip
     pred.attrs.update(
         {"model": f"ctmodels {type(model).__name__}", "checkpoint": str(checkpoint)}
@@ -520,13 +566,16 @@ def evaluate(
     fraction: float = 0.5,
     split: float = 0.5,
     family: str | None = None,
+    devices: int | None = None,
 ) -> dict[str, Any]:
     """The family's metrics of a checkpoint on `data` (time series: interpolation /
     extrapolation MSE in normalised units, with LOCF and linear-interpolation
     baselines on the same points); `task`: one of the family's evaluation tasks or
-    `"both"` (all)."""
+    `"both"` (all); `devices` (`--devices`): the model's predictions split over
+    this many local devices (None: one)."""
     if out is not None:
         out = check_out_file(out, "--out", example="metrics.json")
+    _check_inference_devices(devices)
     fam, model, state, ts = load(checkpoint, data, family=family)
     if task in ("both", "all"):
         tasks = fam.eval_tasks
@@ -540,6 +589,7 @@ def evaluate(
         model, fam.data.to_model_units(ts, state), seed=seed, n_samples=n_samples,
         batch_size=int(state.get("batch_size", 32)), fraction=fraction, split=split,
         tasks=tasks, scale=state["scale"],
+        **_devices_kw(fam, fam.evaluate, "evaluate", devices),
     )  # fmt: skip
     metrics = {"data": str(data), "checkpoint": str(checkpoint), **metrics}
     if out is not None:
@@ -555,10 +605,14 @@ def sample(
     n: int = 16,
     seed: int = 0,
     family: str | None = None,
+    devices: int | None = None,
     **options: Any,
 ) -> Any:
     """Draw `n` samples from a checkpoint's model and write them to `out` (what and
-    how: the family's `sample`); a family without one is refused."""
+    how: the family's `sample`); a family without one is refused. `devices`
+    (`--devices`): the sampling split over this many local devices, the same
+    samples (None: one)."""
+    _check_inference_devices(devices)
     name, model, state = load_job_checkpoint(checkpoint, family)
     fam = get_family(name)
     if fam.sample is None:
@@ -570,7 +624,9 @@ def sample(
         )
     out = check_out_file(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return fam.sample(model, state, key=jax.random.key(seed), n=n, out=out, **options)
+    return fam.sample(model, state, key=jax.random.key(seed), n=n, out=out,
+                      **_devices_kw(fam, fam.sample, "sample", devices),
+                      **options)  # fmt: skip
 
 
 def _sample_families() -> dict[str, bool]:

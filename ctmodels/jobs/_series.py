@@ -247,13 +247,17 @@ TASKS = ("interpolation", "extrapolation")
 
 def evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.5,
              tasks=TASKS, baselines=BASELINES, scale=None,
-             extra_tasks=None) -> dict[str, Any]:  # fmt: skip
+             extra_tasks=None, devices=None) -> dict[str, Any]:  # fmt: skip
     """The evaluation protocol on normalised series `ts_n`: per task (`interpolation`:
     a random `fraction` of the observed values hidden; `extrapolation`: the values
     after `split` of each series' span hidden; a family's own in `extra_tasks`,
     name -> `task(batch, *, key)`) the MSE of the predictive mean on the hidden
     values, overall and per channel, the coverage of the 90% interval (with the
-    calibrated `scale`), and the `baselines`' MSE on the same points."""
+    calibrated `scale`), and the `baselines`' MSE on the same points. `devices`:
+    the model's predictions split over them (`ctmodels.models.predict`)."""
+    from .. import _devices
+
+    devices = _devices.resolve(devices, "evaluate")
     metrics: dict[str, Any] = {}
     all_tasks = {**evaluation_tasks(fraction, split), **(extra_tasks or {})}
     for name in tasks:
@@ -264,6 +268,7 @@ def evaluate(model, ts_n, *, seed, n_samples, batch_size, fraction=0.5, split=0.
             n_samples=n_samples,
             batch_size=batch_size,
             task=all_tasks[name],
+            devices=devices,
         )
         std = with_spread(model, std, scale)
         entry = {
@@ -294,13 +299,15 @@ def to_model_units(ts: cdata.TimeSeries, state: dict[str, Any]) -> cdata.TimeSer
     return norm.transform(in_time_units(ts, state.get("time_units")))
 
 
-def predict(model, ts, state, *, key, n_samples, spread, batch_size, time_units=None):
+def predict(model, ts, state, *, key, n_samples, spread, batch_size, time_units=None,
+            devices=None):  # fmt: skip
     """Predictions at every position with a valid time, conditioned on the observed
-    values of `ts` (data units), as xarray in data units (`V`, `V_std`)."""
+    values of `ts` (data units), as xarray in data units (`V`, `V_std`); `devices`:
+    split over them (`ctmodels.models.predict`)."""
     norm = cdata.Normalizer.from_dict(state["normalizer"])
     return model_predict(
         model, ts, key=key, n_samples=n_samples, normalizer=norm, spread=spread,
-        time_units=time_units, batch_size=batch_size,
+        time_units=time_units, batch_size=batch_size, devices=devices,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .. import _errors
+from .. import _devices, _errors
 from .._integrate import _evals_per_step, integrate
 from .._references import cites
 from ..nn import CNFField
@@ -446,6 +446,7 @@ class FFJORD(eqx.Module):
         *,
         trace: Literal["exact", "hutchinson"] = "exact",
         key: PRNGKeyArray | None = None,
+        devices: Any = None,
     ) -> Float[Array, "..."]:
         """The log-density of points `x` (nats), by the change of variables through
         every block (one batched solve per block).
@@ -457,22 +458,54 @@ class FFJORD(eqx.Module):
         - `trace`: `"exact"` (default) or `"hutchinson"` (an unbiased estimate;
           needs `key`).
         - `key`: a JAX PRNG key for Hutchinson's probes.
+        - `devices`: None or 1 (one device), an int `N` (the first `N` of
+          `jax.local_devices()`) or a sequence of devices, as for
+          `ctmodels.train.fit`: the points are split over the devices and the model
+          replicated; one solve per block still, its step-size control shared by all
+          the points. Called outside `jax.jit`. A point count that does not divide
+          over the devices is padded with copies of the last point (cut from the
+          result): then the padding takes part in the step-size control, and the
+          log-densities agree with `devices=None`'s to the solver's tolerance
+          instead of to the order of floating-point sums. The result is returned on
+          the default device.
 
         **Returns:** `log p(x)`, shape `x.shape[:-1]`.
         """
         x = self._check(x)
+        place = _devices.resolve(devices, "FFJORD.log_prob")
+        if place is not None and x.size:
+            flat = x.reshape(-1, self.dim)
+            out = _devices.map_rows(
+                _log_prob_rows, self, flat, place, trace, key, entry="FFJORD.log_prob"
+            )
+            return out.reshape(x.shape[:-1])
         s, pre = self._preprocess(x)
         z, logdet, _ = self.to_base(s, trace=trace, key=key)
         return self._base_log_prob(z) + logdet + pre
 
-    def sample(self, n: int, *, key: PRNGKeyArray) -> Float[Array, "n D"]:
+    def sample(
+        self, n: int, *, key: PRNGKeyArray, devices: Any = None
+    ) -> Float[Array, "n D"]:
         """`n` samples by the reverse solve from `z = jax.random.normal(key, (n, D))`
         (images: continuous grey levels, clipped to `[0, levels]`; floor them for
-        integer levels)."""
+        integer levels).
+
+        `devices` (None, an int or a sequence of devices, as for `log_prob`): the
+        base points are drawn first, exactly as on one device, and then split over
+        the devices for the reverse solve, so the same `key` gives the same samples
+        (to the order of floating-point sums; when `n` does not divide over the
+        devices, the padding copies of the last point join the shared step-size
+        control and the samples agree to the solver's tolerance). Called outside
+        `jax.jit`; the samples are returned on the default device.
+        """
         if not _errors.is_int(n) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}.")
+        place = _devices.resolve(devices, "FFJORD.sample")
         dtype = self.sqrt_end_times.dtype
         z = jax.random.normal(key, (int(n), self.dim), dtype)
+        if place is not None:
+            return _devices.map_rows(_sample_rows, self, z, place,
+                                     entry="FFJORD.sample")  # fmt: skip
         return self._postprocess(self.from_base(z))
 
     def loss(
@@ -527,3 +560,16 @@ class FFJORD(eqx.Module):
             loss = loss + self.jacobian_weight * metrics["jacobian"]
         metrics["loss"] = loss
         return loss, metrics
+
+
+@eqx.filter_jit
+def _log_prob_rows(model, x, trace, key):
+    """`log_prob` of points already placed on a mesh (`log_prob(devices=...)`):
+    module level, so every call with the same shapes and placement reuses it."""
+    return model.log_prob(x, trace=trace, key=key)
+
+
+@eqx.filter_jit
+def _sample_rows(model, z):
+    """The reverse solve of base points placed on a mesh (`sample(devices=...)`)."""
+    return model._postprocess(model.from_base(z))

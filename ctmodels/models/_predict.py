@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 from jaxtyping import PRNGKeyArray
 
-from .. import data as cdata
+from .. import _devices, data as cdata
 from .._errors import (
     CODES,
     RESULTS,
@@ -94,19 +94,34 @@ def _batches(ts: cdata.TimeSeries, batch_size: int):
     )
 
 
-def predict_grid(model, ts, *, key, n_samples, batch_size, task=None):
+def sharded_batch_size(batch_size: int, place) -> int:
+    """The series per compiled prediction on the devices of `place` (a
+    `ctmodels._devices.Rows`, or None for one device): `batch_size` rounded up to a
+    multiple of the device count, so that every batch splits evenly."""
+    return batch_size if place is None else place.round_up(batch_size)
+
+
+def predict_grid(model, ts, *, key, n_samples, batch_size, task=None, devices=None):
     """Predict every position of `ts` (model units) batch by batch, each batch's
     context set by `task` (None: every observed value); returns (mean, std, context
-    mask, target mask) on ts' grid, as NumPy arrays."""
+    mask, target mask) on ts' grid, as NumPy arrays. `devices` as in `predict`: each
+    batch is split over them along its series axis."""
+    place = _devices.resolve(devices, "predict_grid")
+    batch_size = sharded_batch_size(batch_size, place)
     shape = ts.values.shape
     mean = np.full(shape, np.nan)
     std = np.full(shape, np.nan)
     ctx = np.zeros(shape, bool)
     tgt = np.zeros(shape, bool)
+    if place is not None:
+        _devices.check_concrete(model, "predict")
+        model = place.replicate(model)
     for i, batch in enumerate(_batches(ts, batch_size)):
         k = jax.random.fold_in(key, i)
         if task is not None:
             batch = _apply_task(task, batch, jax.random.fold_in(k, 1))
+        if place is not None:  # the task ran on one device: a small program
+            batch, k = place.split_rows(batch), place.replicate(k)
         mu, sd = _run_step(model, batch, k, n_samples, ts)
         cdata.unbatch(batch, mu, mean)
         cdata.unbatch(batch, sd, std)
@@ -204,6 +219,7 @@ def calibrate_spread(
     batch_size: int = 64,
     fraction: float = 0.5,
     split: float = 0.5,
+    devices: Any = None,
 ) -> list[float]:
     """A residual std per channel (model units) that makes a model's predictive
     spread match its errors on held-out `series` (the validation split): the
@@ -218,21 +234,24 @@ def calibrate_spread(
     channel never scored). `predict(..., spread=s)` then gives `sqrt(Var_k + s_c^2)`.
 
     **Arguments:** `model`, `series`, `normalizer`, `time_units`, `n_samples`,
-    `batch_size` as in `predict` (series in data units with `normalizer`); `key`: a
-    JAX PRNG key (posterior samples, hidden values); `fraction`, `split`: the tasks.
+    `batch_size`, `devices` as in `predict` (series in data units with
+    `normalizer`); `key`: a JAX PRNG key (posterior samples, hidden values);
+    `fraction`, `split`: the tasks.
 
     **Returns:** a list of `C` floats.
     """
     n_samples = C.check_samples(n_samples)
     C.check_sizes("calibrate_spread", batch_size=(batch_size, 1))
+    place = _devices.resolve(devices, "calibrate_spread")
     ts = in_time_units(as_series(series, normalizer), time_units)
     ts = ts if normalizer is None else normalizer.transform(ts)
     noise = np.broadcast_to(np.sqrt(_noise2(model)), (ts.num_channels,))
     sq, spread, count = (np.zeros(ts.num_channels) for _ in range(3))
     for task in evaluation_tasks(fraction, split).values():
         mean, std, _, tgt = predict_grid(
-            model, ts, key=key, n_samples=n_samples, batch_size=batch_size, task=task
-        )
+            model, ts, key=key, n_samples=n_samples, batch_size=batch_size, task=task,
+            devices=place,
+        )  # fmt: skip
         sq += np.where(tgt, (mean - ts.values) ** 2, 0.0).sum(axis=(0, 1))
         spread += np.where(tgt, model_spread(model, std), 0.0).sum(axis=(0, 1))
         count += tgt.sum(axis=(0, 1))
@@ -312,6 +331,7 @@ def predict(
     spread: Any = None,
     time_units: str | None = None,
     batch_size: int = 64,
+    devices: Any = None,
 ) -> xr.Dataset:
     """Predictive mean and standard deviation of a trained model for every series,
     conditioned on all of its observed values, at any times: interpolation inside a
@@ -343,6 +363,17 @@ def predict(
     - `time_units`: the time unit the model was trained in; series (and `times`) in
       another known unit are converted (`time_factor`). None: taken as they are.
     - `batch_size`: series per compiled prediction.
+    - `devices`: where to predict. None or 1: one device (the default device). An
+      int `N`: the first `N` of `jax.local_devices()`; a sequence of devices: those
+      (the same meaning and checks as `ctmodels.train.fit(devices=...)`). Each batch
+      is split along its series axis over the devices and the model is replicated
+      (one compiled prediction, partitioned by XLA); the predictions equal one
+      device's up to the order of floating-point sums (with the same `batch_size`
+      and `key`). A `batch_size` that is not a multiple of `N` is rounded up to one
+      (the predictions then equal one device's with that batch size: the batch
+      grouping matters for models that start from the batch's earliest time, see
+      below); a number of series that does not fill the last batch is padded, as
+      on one device. Call it outside `jax.jit`.
 
     Models that start from the earliest time of their batch (`LatentODE` with its
     default `anchor="first"` and no fixed `t0`, `RNNVAE`, `ODERNN`, `GRUDelta`)
@@ -369,6 +400,7 @@ def predict(
         model = model.model
     n_samples = C.check_samples(n_samples)
     C.check_sizes("predict", batch_size=(batch_size, 1))
+    place = _devices.resolve(devices, "predict")
     if spread is not None:
         spread = np.asarray(spread, np.float64)
     ts = as_series(series, normalizer)
@@ -387,8 +419,9 @@ def predict(
     per_series = False
     if times is None:  # the series' own grid
         mean, std, _, _ = predict_grid(
-            model, ts_m, key=key, n_samples=n_samples, batch_size=batch_size
-        )
+            model, ts_m, key=key, n_samples=n_samples, batch_size=batch_size,
+            devices=place,
+        )  # fmt: skip
     else:
         floats, given = _query_floats(ts.meta, times)
         if floats.ndim == 2 and floats.shape[0] == S:
@@ -401,6 +434,10 @@ def predict(
         query = floats / scale
         mean = np.full((S, floats.shape[-1], C_), np.nan)
         std = np.full((S, floats.shape[-1], C_), np.nan)
+        if place is not None:
+            _devices.check_concrete(model, "predict")
+            model = place.replicate(model)
+        batch_size = sharded_batch_size(batch_size, place)
         for i, batch in enumerate(_batches(ts_m, batch_size)):
             idx = np.asarray(batch.index)
             rows = idx >= 0
@@ -411,6 +448,9 @@ def predict(
                 q = query
             q = jnp.asarray(q, batch.times.dtype)
             k = jax.random.fold_in(key, i)
+            if place is not None:
+                batch, k = place.split_rows(batch), place.replicate(k)
+                q = place.split_rows(q) if per_series else place.replicate(q)
             mu, sd = _run_step(model, batch, k, n_samples, ts_m, q)
             mean[idx[rows]] = mu[rows]
             std[idx[rows]] = sd[rows]
