@@ -84,18 +84,18 @@ class Rows:
         return jax.tree.unflatten(treedef, leaves)
 
 
-def resolve(devices: Any, entry: str) -> Rows | None:
-    """`devices=` of the inference function `entry` as a `Rows` mesh, or None for the
-    single-device path.
+def choose(devices: Any, entry: str, *, local_only: bool) -> list[jax.Device] | None:
+    """The devices `devices=` names for `entry` (`"fit"`, `"predict"`, ...), or None
+    for the single-device path; the checks and messages `fit` and the inference
+    functions share.
 
     None and 1 are the single-device path (no mesh); an int N > 1 takes the first N
     of `jax.local_devices()`; a sequence of devices takes those, always on a mesh (a
-    one-device sequence runs the sharded path on one device); a `Rows` is used as it
-    is (a caller that resolved the devices once passes them on). The same meaning and
-    checks as `ctmodels.train.fit(devices=...)`, less the batch size's: inference
-    pads what does not divide."""
-    if devices is None or isinstance(devices, Rows):
-        return devices
+    one-device sequence runs the sharded path on one device). `local_only`: every
+    device must be this process's (inference); otherwise at least one must (`fit`
+    across processes, where every process passes `jax.devices()`)."""
+    if devices is None:
+        return None
     if is_int(devices):
         n = int(devices)
         if n < 1:
@@ -115,7 +115,7 @@ def resolve(devices: Any, entry: str) -> Rows | None:
                 f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX "
                 "starts (they share the CPU's cores)."
             )
-        return Rows(jax.local_devices()[:n])
+        return list(jax.local_devices()[:n])
     if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
         raise ValueError(
             f"devices must be None, an int >= 1 or a sequence of JAX devices (e.g. "
@@ -130,13 +130,31 @@ def resolve(devices: Any, entry: str) -> Rows | None:
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"devices lists a device twice: {chosen}.")
     here = jax.process_index()
-    if not all(d.process_index == here for d in chosen):
+    if local_only and not all(d.process_index == here for d in chosen):
         raise ValueError(
             f"{entry}(devices=...) runs on this process's devices only (jax."
             f"local_devices() is {jax.local_devices()}), got {chosen}: with several "
             "processes, let each predict its own share of the data."
         )
-    return Rows(chosen)
+    if not any(d.process_index == here for d in chosen):
+        raise ValueError(
+            f"devices lists none of this process's devices (jax.local_devices() is "
+            f"{jax.local_devices()}): with several processes (jax.distributed), every "
+            "process passes the same list, e.g. jax.devices()."
+        )
+    return chosen
+
+
+def resolve(devices: Any, entry: str) -> Rows | None:
+    """`devices=` of the inference function `entry` as a `Rows` mesh, or None for the
+    single-device path (`choose`, with every device this process's); a `Rows` is
+    used as it is (a caller that resolved the devices once passes them on). The same
+    meaning and checks as `ctmodels.train.fit(devices=...)`, less the batch size's:
+    inference pads what does not divide."""
+    if isinstance(devices, Rows):
+        return devices
+    chosen = choose(devices, entry, local_only=True)
+    return None if chosen is None else Rows(chosen)
 
 
 def pad_rows(x: Any, rows: int) -> Any:

@@ -397,14 +397,17 @@ def fit(
                 "fit_seconds": round(t_fit, 1), "devices": n_devices}  # fmt: skip
     history.to_csv(out / "history.csv", index=False)
     scale, calibration = None, None
+    # the evaluations and predictions run on the training devices too, where the
+    # family's hooks take them (a hook without `devices` runs on one device); after
+    # a distributed run ("all"), process 0 evaluates on its own devices
+    if devices == "all":
+        devices = jax.local_device_count() if jax.local_device_count() > 1 else None
     if family.calibrate:
         scale = calibrate_spread(
             model, prepared.valid_n, key=jax.random.key(seed + 3000),
             n_samples=EVAL_SAMPLES, batch_size=batch_size, devices=devices,
         )  # fmt: skip
         calibration = write_calibration(out / "checkpoint", prepared.ts.channels, scale)
-    # the evaluations and predictions run on the training devices too, where the
-    # family's hooks take them (a hook without `devices` runs on one device)
     eval_kw = {"devices": devices} if _accepts_devices(family.evaluate) else {}
     pred_kw = (
         {"devices": devices}

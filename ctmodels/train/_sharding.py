@@ -45,44 +45,20 @@ single-device run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .._errors import is_int
+from .._devices import Rows, choose
 from ._state import strong
 
-AXIS = "data"
 
-
-class Placement:
-    """Where `fit`'s arrays live when it trains on a mesh of devices."""
-
-    def __init__(self, devices: Sequence[jax.Device]):
-        self.devices = tuple(devices)
-        self.size = len(self.devices)
-        self.mesh = Mesh(np.asarray(self.devices, dtype=object), (AXIS,))
-        self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.split = NamedSharding(self.mesh, PartitionSpec(AXIS))
-
-    def replicate(self, tree: Any) -> Any:
-        """Every array leaf of `tree` copied to every device."""
-
-        def put(x):
-            if not eqx.is_array(x):
-                return x
-            if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-                # keys move as their raw data (across processes, only that can)
-                data = jax.device_put(jax.random.key_data(x), self.replicated)
-                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-            return jax.device_put(x, self.replicated)
-
-        return jax.tree.map(put, tree)
+class Placement(Rows):
+    """Where `fit`'s arrays live when it trains on a mesh of devices: the inference
+    mesh (`ctmodels._devices.Rows`: `mesh`, `split`, `replicated`, `replicate`),
+    with what training across processes adds."""
 
     @property
     def processes(self) -> int:
@@ -171,30 +147,9 @@ def resolve_devices(devices: Any, batch_size: int) -> Placement | None:
     of `jax.local_devices()`; a sequence of devices takes those, always on a mesh
     (a one-device sequence runs the sharded path on one device, which is how
     `benchmarks/scale.py` measures its overhead)."""
-    if devices is None:
+    chosen = choose(devices, "fit", local_only=False)
+    if chosen is None:
         return None
-    if is_int(devices):
-        n = int(devices)
-        if n < 1:
-            raise ValueError(
-                f"devices must be None, an int >= 1 or a sequence of JAX devices; "
-                f"got {devices!r}."
-            )
-        if n == 1:
-            return None
-        available = jax.local_device_count()
-        if n > available:
-            raise ValueError(
-                f"fit(devices={n}) asks for more devices than this process has: "
-                f"jax.local_device_count() is {available} "
-                f"({jax.default_backend()}). Pass devices={available} or fewer. "
-                "On CPU, more devices can be simulated by setting "
-                f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX "
-                "starts (they share the CPU's cores)."
-            )
-        chosen = jax.local_devices()[:n]
-    else:
-        chosen = _device_sequence(devices)
     n = len(chosen)
     if batch_size % n:
         raise ValueError(
@@ -204,30 +159,6 @@ def resolve_devices(devices: Any, batch_size: int) -> Placement | None:
             f"devices={_divisor(batch_size, n)}."
         )
     return Placement(chosen)
-
-
-def _device_sequence(devices: Any) -> list[jax.Device]:
-    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
-        raise ValueError(
-            f"devices must be None, an int >= 1 or a sequence of JAX devices (e.g. "
-            f"jax.local_devices()[:2]); got {devices!r}."
-        )
-    chosen = list(devices)
-    if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
-        raise ValueError(
-            f"devices must be a non-empty sequence of JAX devices (e.g. "
-            f"jax.local_devices()[:2]); got {devices!r}."
-        )
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"devices lists a device twice: {chosen}.")
-    here = jax.process_index()
-    if not any(d.process_index == here for d in chosen):
-        raise ValueError(
-            f"devices lists none of this process's devices (jax.local_devices() is "
-            f"{jax.local_devices()}): with several processes (jax.distributed), every "
-            "process passes the same list, e.g. jax.devices()."
-        )
-    return chosen
 
 
 def _multiple(batch_size: int, n: int) -> int:
