@@ -34,6 +34,16 @@ def device_from_argv(argv) -> str:
     return "cpu"
 
 
+def add_device_argument(parser) -> None:
+    """`--device cpu|gpu` on an argparse parser (read early by `device_from_argv`)."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
+    )
+
+
 def setup_device(device: str) -> None:
     """Before JAX and torch are imported: `"cpu"`, one thread each
     (`single_thread`); `"gpu"`, both on the first GPU (no thread limits, no

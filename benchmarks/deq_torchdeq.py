@@ -32,7 +32,13 @@ from __future__ import annotations
 import os
 import sys
 
-from _timing import check_device, device_from_argv, setup_device, timed
+from _timing import (
+    add_device_argument,
+    check_device,
+    device_from_argv,
+    setup_device,
+    timed,
+)
 
 DEVICE = device_from_argv(sys.argv[1:])
 setup_device(DEVICE)  # before jax / torch are imported
@@ -146,12 +152,7 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--sample-s", type=float, default=0.5)
     p.add_argument("--quick", action="store_true", help="3 reps, short samples")
-    p.add_argument(
-        "--device",
-        choices=("cpu", "gpu"),
-        default="cpu",
-        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
-    )
+    add_device_argument(p)
     args = p.parse_args()
     torch_device, sync = check_device(DEVICE)
     reps, sample_s = (3, 0.2) if args.quick else (args.reps, args.sample_s)

@@ -54,7 +54,13 @@ from __future__ import annotations
 import os
 import sys
 
-from _timing import check_device, device_from_argv, setup_device, timed
+from _timing import (
+    add_device_argument,
+    check_device,
+    device_from_argv,
+    setup_device,
+    timed,
+)
 
 DEVICE = device_from_argv(sys.argv[1:])
 setup_device(DEVICE)  # before jax / torch are imported
@@ -87,12 +93,7 @@ def parse():
     p.add_argument("--no-torch", action="store_true", help="skip torchdiffeq")
     p.add_argument("--no-naive", action="store_true", help="skip the naive diagnostic")
     p.add_argument("--no-jvp", action="store_true", help="skip the jvp diagnostic")
-    p.add_argument(
-        "--device",
-        choices=("cpu", "gpu"),
-        default="cpu",
-        help="cpu: one thread each; gpu: JAX and torch on the first GPU",
-    )
+    add_device_argument(p)
     p.add_argument(
         "--cases",
         default="checkpoint,backsolve",

@@ -66,29 +66,10 @@ from __future__ import annotations
 import os
 import sys
 
+from _timing import device_from_argv, setup_device
 
-def _device_from_argv(argv):
-    """`--device` read before jax / torch are imported (it decides their settings)."""
-    for i, a in enumerate(argv):
-        if a == "--device" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--device="):
-            return a.split("=", 1)[1]
-    return "cpu"
-
-
-DEVICE = _device_from_argv(sys.argv[1:])
-if DEVICE == "cpu":
-    # One thread everywhere; must be set before jax / torch are imported.
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    ).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_v, "1")
-else:  # one GPU each; no up-front grab of most of its memory
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+DEVICE = device_from_argv(sys.argv[1:])
+setup_device(DEVICE)  # before jax / torch are imported: one thread each on a CPU
 # compile the step as `ctmodels fit` does: runtime checks in NaN mode, no host callbacks
 os.environ.setdefault("EQX_ON_ERROR", "nan")
 

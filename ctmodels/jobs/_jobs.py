@@ -190,14 +190,7 @@ def _check_devices(devices: int | str | None, batch_size: int, given: bool) -> N
         return
     if devices == "all":  # every device of every process (jax.distributed)
         count = jax.device_count()
-        if batch_size % count:
-            whose = "--batch-size" if given else "the recipe's batch size"
-            good = -(-batch_size // count) * count
-            raise ValueError(
-                f"--devices all ({count} devices) does not divide {whose} "
-                f"{batch_size}: every batch is split evenly over the devices. Pass "
-                f"--batch-size {good} (a multiple of {count})."
-            )
+        _check_divides(f"--devices all ({count} devices)", count, batch_size, given)
         return
     if not is_int(devices) or devices < 1:
         raise ValueError(
@@ -211,13 +204,22 @@ def _check_devices(devices: int | str | None, batch_size: int, given: bool) -> N
             f"XLA_FLAGS=--xla_force_host_platform_device_count={devices} simulates "
             "more, sharing the cores)."
         )
-    if batch_size % devices:
+    _check_divides(f"--devices {devices}", devices, batch_size, given,
+                   or_else=", or fewer devices")  # fmt: skip
+
+
+def _check_divides(
+    what: str, count: int, batch_size: int, given: bool, or_else: str = ""
+) -> None:
+    """A batch size that does not split evenly over `count` devices, refused in the
+    CLI's words (`what`: how the devices were asked for)."""
+    if batch_size % count:
         whose = "--batch-size" if given else "the recipe's batch size"
-        good = -(-batch_size // devices) * devices
+        good = -(-batch_size // count) * count
         raise ValueError(
-            f"--devices {devices} does not divide {whose} {batch_size}: every batch "
-            f"is split evenly over the devices. Pass --batch-size {good} (a multiple "
-            f"of {devices}), or fewer devices."
+            f"{what} does not divide {whose} {batch_size}: every batch is split "
+            f"evenly over the devices. Pass --batch-size {good} (a multiple of "
+            f"{count}){or_else}."
         )
 
 
